@@ -1,0 +1,103 @@
+"""grain pipelines: shuffled, per-process-sharded, checkpointable training batches; eval batches.
+
+Every process reads its own shard of the records and yields its rows of each global batch
+(`global_batch / process_count` of them); `sharding.host_to_global_batch` stitches them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import json
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  return (
+      jax.process_index() if process_index is None else process_index,
+      jax.process_count() if process_count is None else process_count,
+  )
+
+
+class GrainBatches:
+  """An endless, epoch-reshuffled stream of this process's rows of each global batch.
+
+  `iterator` is grain's checkpointable iterator (saved with the train state); `seek(step)`
+  positions the stream at the batch of `step` without a saved state (used when a checkpoint was
+  written by a different number of processes).
+  """
+
+  def __init__(
+      self,
+      source: Any,
+      global_batch: int,
+      seed: int,
+      *,
+      transform: Callable[[dict], dict] | None = None,
+      process_index: int | None = None,
+      process_count: int | None = None,
+  ):
+    index, count = _process_layout(process_index, process_count)
+    if global_batch % count:
+      raise ValueError(f"batch_size={global_batch} is not divisible by the {count} processes")
+    self.local_batch = global_batch // count
+    if len(source) // count < self.local_batch:
+      raise ValueError(
+          f"{len(source)} records split over {count} processes cannot fill a batch of {self.local_batch}"
+      )
+    self._shard = (index, count)
+    sampler = grain.samplers.IndexSampler(
+        len(source),
+        shard_options=grain.sharding.ShardOptions(index, count, drop_remainder=True),
+        shuffle=True,
+        num_epochs=None,
+        seed=seed,
+    )
+    operations = [grain.transforms.Map(transform)] if transform is not None else []
+    operations.append(grain.transforms.Batch(self.local_batch, drop_remainder=True))
+    self._loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations, worker_count=0)
+    self.iterator = iter(self._loader)
+
+  def __iter__(self) -> Iterator[dict]:
+    return self
+
+  def __next__(self) -> dict:
+    return next(self.iterator)
+
+  def seek(self, step: int) -> None:
+    """Positions the stream so that the next batch is the one of training step `step`."""
+    index, count = self._shard
+    state = json.loads(self.iterator.get_state())
+    next_record = step * self.local_batch  # records of this shard consumed before `step`
+    state["last_seen_indices"] = {"0": next_record * count + index - count}
+    state["last_worker_index"] = -1
+    self.iterator.set_state(json.dumps(state).encode())
+
+
+def eval_batches(
+    source: Any,
+    global_batch: int,
+    *,
+    transform: Callable[[dict], dict] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict]:
+  """One ordered pass over `source`, this process's rows of each global batch.
+
+  The last batch is padded by repeating records; `mask` (float32 `[local_batch]`) is 1 for real
+  records, so metrics are exact whatever the dataset size.
+  """
+  index, count = _process_layout(process_index, process_count)
+  local = global_batch // count
+  n = len(source)
+  for start in range(0, n, global_batch):
+    rows = [start + index * local + i for i in range(local)]
+    records = [source[min(r, n - 1)] for r in rows]
+    if transform is not None:
+      records = [transform(r) for r in records]
+    batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
+    batch["mask"] = np.asarray([r < n for r in rows], np.float32)
+    yield batch

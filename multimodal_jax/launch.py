@@ -1,0 +1,24 @@
+"""Process start-up for experiment launches (imports nothing heavy: runs before JAX loads)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+def maybe_reexec_with_tcmalloc() -> None:
+  """Restarts `python -m ...` with tcmalloc preloaded when it is installed and not yet in use.
+
+  XLA's CPU runtime frees and re-touches its large buffers every step; with glibc malloc that
+  costs page faults and about a third of the step time (see shared/PERFORMANCE.md), which is why
+  TPU VM images preload tcmalloc too. Set MMJ_NO_TCMALLOC=1 to keep the default allocator.
+  """
+  if os.environ.get("MMJ_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+    return
+  if not os.path.exists(TCMALLOC) or "jax" in sys.modules:
+    return
+  env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [TCMALLOC, os.environ.get("LD_PRELOAD")])))
+  sys.stdout.flush()
+  os.execve(sys.executable, list(sys.orig_argv), env)

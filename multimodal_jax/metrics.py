@@ -1,0 +1,133 @@
+"""Where training metrics go: a JSONL file, TensorBoard event files and a progress bar.
+
+Only process 0 writes. Nothing here imports the rest of the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _to_python(value: Any) -> Any:
+  value = np.asarray(value)
+  return value.item() if value.ndim == 0 else value.tolist()
+
+
+class MetricWriter:
+  """Appends `{"step": s, **metrics}` lines to WORKDIR/<name>.jsonl and TensorBoard scalars
+  (under WORKDIR/tensorboard/<name>; name "metrics" for training, "eval" for evaluation).
+
+  On resume the JSONL file is first truncated to the steps up to `start_step`, so a step
+  logged after the last checkpoint of an interrupted run is not logged twice.
+  """
+
+  def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True, name: str = "metrics"):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, f"{name}.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    _truncate_jsonl(self.path, start_step)
+    self._file = open(self.path, "a")
+    try:
+      from tensorboardX import SummaryWriter  # optional: events only when installed
+    except ImportError:
+      print("note: tensorboardX is not installed; no TensorBoard events are written", file=sys.stderr)
+    else:
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", name), purge_step=start_step + 1 if start_step else None)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step)}
+    record.update({k: _to_python(v) for k, v in metrics.items()})
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _truncate_jsonl(path: str, start_step: int) -> None:
+  """Drops lines with step > start_step (left by a run that died after its last checkpoint)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= start_step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut by a crash
+  if len(kept) != len(lines):
+    with open(path, "w") as f:
+      f.writelines(kept)
+
+
+class Progress:
+  """A tqdm bar when stdout is a terminal, nothing otherwise."""
+
+  def __init__(self, start: int, total: int, enabled: bool = True):
+    self._bar = None
+    if enabled and sys.stdout.isatty():
+      from tqdm import tqdm
+
+      self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+  def update(self, step: int, loss: float | None = None) -> None:
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      if loss is not None:
+        self._bar.set_postfix(loss=f"{loss:.4f}")
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+class Throughput:
+  """Examples per second between two calls of `rate`."""
+
+  def __init__(self):
+    self._time = time.perf_counter()
+    self._examples = 0
+
+  def add(self, examples: int) -> None:
+    self._examples += examples
+
+  def rate(self) -> float:
+    now = time.perf_counter()
+    rate = self._examples / max(now - self._time, 1e-9)
+    self._time, self._examples = now, 0
+    return rate
+
+
+def compiled_flops(compiled: Any) -> float | None:
+  """FLOPs of one call of a compiled jax function according to XLA's cost analysis."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops else None

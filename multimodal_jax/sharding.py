@@ -1,0 +1,172 @@
+"""Device meshes, the one table of logical axis rules, and global batches.
+
+Model code names array axes by role ("embed", "mlp", "heads", ...); this file alone maps those
+roles onto the mesh axes `data`, `fsdp` and `tensor`. Nothing here imports the rest of the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import math
+from typing import Any
+
+import jax
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Axes a global batch is split over. FSDP shards the batch as well as the params.
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axes (or None: replicated). The single place where roles meet devices.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),  # model width: FSDP shards params along it
+    ("mlp", "tensor"),  # hidden width of MLPs: tensor parallel
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("classes", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+    ("conv_height", None),
+    ("conv_width", None),
+    ("length", None),
+    ("modalities", None),
+    ("norm", None),
+)
+
+
+class MeshSpecError(ValueError):
+  """A mesh spec that is malformed or does not fit the available devices."""
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+  """Parses "data:4,fsdp:2" into {"data": 4, "fsdp": 2}; one size may be -1 (all the rest)."""
+  sizes: dict[str, int] = {}
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, sep, size = part.partition(":")
+    if not sep or name not in MESH_AXES:
+      raise MeshSpecError(
+          f"bad mesh spec {spec!r}: expected comma-separated AXIS:SIZE with AXIS in {MESH_AXES}, "
+          "e.g. 'data:-1' or 'data:4,fsdp:2'"
+      )
+    if name in sizes:
+      raise MeshSpecError(f"bad mesh spec {spec!r}: axis {name!r} given twice")
+    try:
+      sizes[name] = int(size)
+    except ValueError:
+      raise MeshSpecError(f"bad mesh spec {spec!r}: size {size!r} of axis {name!r} is not an integer") from None
+  if not sizes:
+    raise MeshSpecError(f"bad mesh spec {spec!r}: name at least one axis, e.g. 'data:-1'")
+  return sizes
+
+
+def make_mesh(spec: str = "data:-1", devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with axes (data, fsdp, tensor) from a spec such as "data:2,fsdp:2,tensor:2".
+
+  Axes missing from the spec have size 1. Raises MeshSpecError when the sizes do not multiply to
+  the number of devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = parse_mesh_spec(spec)
+  wildcard = [name for name, size in sizes.items() if size == -1]
+  if len(wildcard) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+    raise MeshSpecError(f"bad mesh spec {spec!r}: sizes must be positive, with at most one -1")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if wildcard:
+    if len(devices) % fixed:
+      raise MeshSpecError(
+          f"mesh {spec!r} does not fit {len(devices)} devices: {len(devices)} is not divisible by {fixed}"
+      )
+    sizes[wildcard[0]] = len(devices) // fixed
+  elif fixed != len(devices):
+    raise MeshSpecError(
+        f"mesh {spec!r} needs {fixed} devices but {len(devices)} are available; "
+        "give sizes whose product is the device count, or use -1 for one axis"
+    )
+  shape = tuple(sizes.get(name, 1) for name in MESH_AXES)
+  try:
+    device_array = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, AssertionError, NotImplementedError):
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def _mesh_axes_for(name: str | None, rules: Mapping[str, Any]) -> tuple[str, ...]:
+  if name is None:
+    return ()
+  if name not in rules:
+    raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
+  axes = rules[name]
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_sharding(
+    shape: Sequence[int],
+    logical_axes: Sequence[str | None] | None,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+) -> NamedSharding:
+  """The NamedSharding of an array whose axes have the given logical names.
+
+  A dimension that its mesh axes do not divide evenly is replicated instead (as big_vision's
+  FSDP does), so small models work on any mesh; a mesh axis is used at most once per array.
+  """
+  if logical_axes is None:
+    return NamedSharding(mesh, P())
+  rule_map = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for dim, name in zip(shape, logical_axes, strict=True):
+    axes = tuple(
+        a for a in _mesh_axes_for(name, rule_map) if mesh.shape[a] > 1 and a not in used
+    )
+    if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+      used.update(axes)
+      spec.append(axes[0] if len(axes) == 1 else axes)
+    else:
+      spec.append(None)
+  return NamedSharding(mesh, P(*spec))
+
+
+def tree_shardings(abstract_tree: Any, logical_specs: Any, mesh: Mesh) -> Any:
+  """Shardings for a tree of arrays given a matching tree of logical PartitionSpecs.
+
+  `logical_specs` is what `flax.linen.get_partition_spec` returns for a boxed tree: a
+  PartitionSpec of logical names per leaf (an empty one for unannotated leaves).
+  """
+  return jax.tree.map(
+      lambda x, spec: logical_to_sharding(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec)), mesh),
+      abstract_tree,
+      logical_specs,
+      is_leaf=lambda x: isinstance(x, P),
+  )
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) axis split over the data axes, the rest replicated."""
+  axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+  lead = None if not axes else (axes[0] if len(axes) == 1 else axes)
+  return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def host_to_global_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """Stitches each process's rows of the batch into global arrays sharded over the data axes.
+
+  Every process passes its own `[local_batch, ...]` numpy arrays; the result is a tree of global
+  `jax.Array`s of leading size `local_batch * process_count`.
+  """
+
+  def to_global(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+  return jax.tree.map(to_global, local_batch)
