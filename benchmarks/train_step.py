@@ -1,0 +1,111 @@
+"""Train-step throughput of the fusion experiment on 1 and 8 devices, and its fraction of the
+machine's matmul peak measured in the same run.
+
+  python -m benchmarks.train_step [--batch 256] [--repeats 5] [--steps 20]
+
+Prints one table. The 8 "devices" on a CPU host are XLA host-platform devices sharing the same
+cores, so the 8-device row measures the cost of sharding (collectives, partitioning), not a
+speed-up. Say which allocator ran (tcmalloc is preloaded by `python -m experiments.*` and by this
+script when installed).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  from multimodal_jax.launch import maybe_reexec_with_tcmalloc
+
+  maybe_reexec_with_tcmalloc()
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import fusion  # noqa: E402
+from multimodal_jax import metrics as mt  # noqa: E402
+from multimodal_jax import sharding as shd  # noqa: E402
+from multimodal_jax import train  # noqa: E402
+from multimodal_jax.data import av_digits  # noqa: E402
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a jitted float32 [n, n] @ [n, n] on one device (the ceiling MFU is measured against)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n**3 / min(times)
+
+
+def synthetic_batch(batch: int) -> dict:
+  rng = np.random.default_rng(0)
+  return {
+      "image": rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8),
+      "audio": rng.normal(size=(batch, av_digits.AUDIO_FRAMES, av_digits.MEL_BINS)).astype(np.float32),
+      "label": rng.integers(0, 10, (batch,)).astype(np.int32),
+  }
+
+
+def bench_step(config, devices, batch_size: int, steps: int, repeats: int) -> tuple[float, float | None]:
+  """Median examples/s over `repeats` timings of `steps` steps, and FLOPs per step."""
+  mesh = shd.make_mesh("data:-1", devices)
+  model = fusion.build_model(config)
+  example = {k: v[:1] for k, v in synthetic_batch(1).items()}
+  modalities = fusion.modalities_of(config)
+
+  def init_params(rng):
+    return model.init({"params": rng}, fusion.model_inputs(example, modalities), train=False)["params"]
+
+  tx, _ = train.make_optimizer(config)
+  _, shardings = train.abstract_train_state(init_params, tx, mesh)
+  state = train.init_train_state(init_params, tx, shardings, jax.random.key(0))
+  step = train.make_train_step(fusion.make_loss_fn(model, config), tx, mesh, shardings)
+  batch = shd.host_to_global_batch(synthetic_batch(batch_size), mesh)
+  per_device = mt.compiled_flops(step.lower(state, batch).compile())  # XLA counts one device's share
+  flops = per_device * len(devices) if per_device else None
+  state, _ = step(state, batch)
+  jax.block_until_ready(state)
+  rates = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    rates.append(batch_size * steps / (time.perf_counter() - t0))
+  return statistics.median(rates), flops
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--fusion", default="joint")
+  args = parser.parse_args(argv)
+  config = fusion.get_config()
+  config.fusion = args.fusion
+  allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
+  peak = matmul_peak()
+  print(f"fusion={args.fusion} batch={args.batch} float32, {allocator}; "
+        f"matmul peak (2048^2, 1 device): {peak / 1e9:.1f} GFLOP/s")
+  print(f"{'devices':>7} | {'examples/s':>10} | {'GFLOP/step':>10} | {'GFLOP/s':>8} | {'of peak':>7}")
+  for n in (1, 8):
+    rate, flops = bench_step(config, jax.devices()[:n], args.batch, args.steps, args.repeats)
+    achieved = flops * rate / args.batch if flops else float("nan")
+    print(f"{n:>7} | {rate:>10.0f} | {flops / 1e9 if flops else float('nan'):>10.3f} | "
+          f"{achieved / 1e9:>8.1f} | {achieved / peak:>7.1%}")
+
+
+if __name__ == "__main__":
+  sys.exit(main())
