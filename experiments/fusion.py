@@ -14,16 +14,14 @@ import json
 import os
 import sys
 
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import linen as nn
 
-from multimodal_jax import cli
-from multimodal_jax import loop
+from multimodal_jax import cli, loop, train
 from multimodal_jax import sharding as shd
-from multimodal_jax import train
 from multimodal_jax.checkpoint import Checkpointer
 from multimodal_jax.data import av_digits
 from multimodal_jax.data.pipeline import GrainBatches, eval_batches
@@ -206,6 +204,8 @@ def run_train(config, workdir):
 
 
 def run_eval(config, workdir):
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise UserError(f"no checkpoint in {workdir}: train first with the same --workdir")
   checkpointer = Checkpointer(workdir)
   if checkpointer.latest_step() is None:
     raise UserError(f"no checkpoint in {checkpointer.directory}: train first with the same --workdir")

@@ -7,9 +7,9 @@ was saved is touched.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping, Sequence
 import logging
 import sys
+from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
 

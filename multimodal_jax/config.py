@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import difflib
+from collections.abc import Sequence
 
 import ml_collections
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from multimodal_jax.layers import dense, flatten_batch
 from multimodal_jax.losses import masked_mean, softmax_cross_entropy

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from flax import linen as nn
 import jax.numpy as jnp
+from flax import linen as nn
 
 
 def dense(features: int, axes: tuple[str, str] = ("embed", "mlp"), name: str | None = None, **kw) -> nn.Dense:

@@ -6,10 +6,10 @@ iterator of per-process numpy batches, and owns everything else about a run in a
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
@@ -77,7 +77,6 @@ def fit(
     eval_fn: Callable[[Any, int], dict] | None = None,
     learning_rate_fn: Callable | None = None,
     config_dict: dict | None = None,
-    flops_per_step: float | None = None,
 ) -> FitResult:
   """Trains until `cfg.steps`, resuming from the newest readable checkpoint in `workdir`.
 

@@ -5,12 +5,12 @@ Only process 0 writes. Nothing here imports the rest of the package.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np

@@ -8,16 +8,17 @@ The loop that drives them lives in `loop.py`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from multimodal_jax import sharding as shd
 

@@ -1,4 +1,4 @@
-"""Test setup: 8 simulated CPU devices, forced before JAX starts."""
+"""Test setup: 8 simulated CPU devices, forced before JAX starts; the embedded data, built once."""
 
 import os
 
@@ -6,3 +6,19 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def av_digits_dir(tmp_path_factory):
+  """A TFDS data dir holding AV-digits (built once per session, ~20 s; MMJ_TEST_DATA_DIR reuses one)."""
+  from multimodal_jax.data import av_digits
+  from multimodal_jax.errors import MissingDataPackageError
+
+  data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
+  try:
+    av_digits.load(data_dir)
+  except MissingDataPackageError as e:
+    pytest.fail(f"the embedded data cannot be built: {e}", pytrace=False)
+  return data_dir

@@ -105,3 +105,15 @@ def test_data_stream_seek_matches_a_consumed_stream():
   b = GrainBatches(toy.ToySource(), 32, seed=1, process_index=1, process_count=2)
   b.seek(20)
   np.testing.assert_array_equal(next(a)["x"], next(b)["x"])
+
+
+def test_a_half_written_checkpoint_is_ignored(tmp_path):
+  _fit(tmp_path, steps=8, checkpoint_every=4)
+  # What a save killed midway leaves: orbax's temporary directory, never renamed to "12".
+  import shutil
+  shutil.copytree(tmp_path / "checkpoints" / "8", tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1700000000")
+  for root, _, files in os.walk(tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1700000000"):
+    for name in files[: len(files) // 2]:
+      os.remove(os.path.join(root, name))
+  result = _fit(tmp_path, steps=12, checkpoint_every=4)
+  assert result.start_step == 8 and int(result.state.step) == 12

@@ -72,7 +72,7 @@ def test_gradient_accumulation_matches_the_full_batch():
 
 
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
-  state32, losses32, _, _ = _run("data:8", steps=2)
+  _, losses32, _, _ = _run("data:8", steps=2)
   state16, losses16, _, _ = _run("data:8", steps=2, compute_dtype=jnp.bfloat16)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state16.params))
   np.testing.assert_allclose(losses16, losses32, rtol=3e-2)
