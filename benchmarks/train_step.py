@@ -20,19 +20,19 @@ if __name__ == "__main__":
 
   maybe_reexec_with_tcmalloc()
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import statistics
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from experiments import fusion  # noqa: E402
-from multimodal_jax import metrics as mt  # noqa: E402
-from multimodal_jax import sharding as shd  # noqa: E402
-from multimodal_jax import train  # noqa: E402
-from multimodal_jax.data import av_digits  # noqa: E402
+from experiments import fusion
+from multimodal_jax import metrics as mt
+from multimodal_jax import sharding as shd
+from multimodal_jax import train
+from multimodal_jax.data import av_digits
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:

