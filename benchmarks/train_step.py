@@ -51,9 +51,9 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
 def synthetic_batch(batch: int) -> dict:
   rng = np.random.default_rng(0)
   return {
-      "image": rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8),
-      "audio": rng.normal(size=(batch, av_digits.AUDIO_FRAMES, av_digits.MEL_BINS)).astype(np.float32),
-      "label": rng.integers(0, 10, (batch,)).astype(np.int32),
+    "image": rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8),
+    "audio": rng.normal(size=(batch, av_digits.AUDIO_FRAMES, av_digits.MEL_BINS)).astype(np.float32),
+    "label": rng.integers(0, 10, (batch,)).astype(np.int32),
   }
 
 
@@ -97,14 +97,18 @@ def main(argv=None) -> None:
   config.fusion = args.fusion
   allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
   peak = matmul_peak()
-  print(f"fusion={args.fusion} batch={args.batch} float32, {allocator}; "
-        f"matmul peak (2048^2, 1 device): {peak / 1e9:.1f} GFLOP/s")
+  print(
+    f"fusion={args.fusion} batch={args.batch} float32, {allocator}; "
+    f"matmul peak (2048^2, 1 device): {peak / 1e9:.1f} GFLOP/s"
+  )
   print(f"{'devices':>7} | {'examples/s':>10} | {'GFLOP/step':>10} | {'GFLOP/s':>8} | {'of peak':>7}")
   for n in (1, 8):
     rate, flops = bench_step(config, jax.devices()[:n], args.batch, args.steps, args.repeats)
     achieved = flops * rate / args.batch if flops else float("nan")
-    print(f"{n:>7} | {rate:>10.0f} | {flops / 1e9 if flops else float('nan'):>10.3f} | "
-          f"{achieved / 1e9:>8.1f} | {achieved / peak:>7.1%}")
+    print(
+      f"{n:>7} | {rate:>10.0f} | {flops / 1e9 if flops else float('nan'):>10.3f} | "
+      f"{achieved / 1e9:>8.1f} | {achieved / peak:>7.1%}"
+    )
 
 
 if __name__ == "__main__":

@@ -96,18 +96,18 @@ def build_model(config) -> nn.Module:
   if len(modalities) == 1 or config.fusion == "late":
     # One modality is the unimodal baseline y = f(x): late fusion of a single predictor.
     return LateFusion(
-        predictors={m: EncoderHead(encoder(), NUM_CLASSES) for m in modalities},
-        learn_weights=config.late_learn_weights and len(modalities) > 1,
+      predictors={m: EncoderHead(encoder(), NUM_CLASSES) for m in modalities},
+      learn_weights=config.late_learn_weights and len(modalities) > 1,
     )
   if config.fusion == "early":
     return EarlyFusion(f=MLP((2 * config.hidden, config.hidden), NUM_CLASSES, config.dropout), modalities=modalities)
   if config.fusion == "joint_detached" and not config.unimodal_loss_weight:
     raise UserError("fusion=joint_detached trains each encoder only through its own loss: set unimodal_loss_weight > 0")
   return JointFusion(
-      encoders={m: encoder() for m in modalities},
-      g=MLP((config.hidden,), NUM_CLASSES, config.dropout),
-      num_classes=NUM_CLASSES,
-      detach_encoders=config.fusion == "joint_detached",
+    encoders={m: encoder() for m in modalities},
+    g=MLP((config.hidden,), NUM_CLASSES, config.dropout),
+    num_classes=NUM_CLASSES,
+    detach_encoders=config.fusion == "joint_detached",
   )
 
 
@@ -187,16 +187,16 @@ def run_train(config, workdir):
   model = build_model(config)
   tx, schedule = train.make_optimizer(config)
   result = loop.fit(
-      workdir=workdir,
-      cfg=loop.LoopConfig.from_config(config),
-      mesh=mesh,
-      loss_fn=make_loss_fn(model, config),
-      init_params=make_init_params(model, data["train"], config),
-      tx=tx,
-      train_data=GrainBatches(data["train"], config.batch_size, config.seed),
-      eval_fn=make_evaluator(model, config, mesh, data["test"]),
-      learning_rate_fn=schedule,
-      config_dict=config.to_dict(),
+    workdir=workdir,
+    cfg=loop.LoopConfig.from_config(config),
+    mesh=mesh,
+    loss_fn=make_loss_fn(model, config),
+    init_params=make_init_params(model, data["train"], config),
+    tx=tx,
+    train_data=GrainBatches(data["train"], config.batch_size, config.seed),
+    eval_fn=make_evaluator(model, config, mesh, data["test"]),
+    learning_rate_fn=schedule,
+    config_dict=config.to_dict(),
   )
   if jax.process_index() == 0 and result.eval_metrics:
     print(json.dumps({"step": config.steps, **result.eval_metrics}), flush=True)

@@ -29,17 +29,17 @@ class Checkpointer:
   def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            create=True,
-        ),
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
-            "config": ocp.JsonCheckpointHandler(),
-        },
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        create=True,
+      ),
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+      },
     )
 
   def all_steps(self) -> list[int]:
@@ -70,14 +70,16 @@ class Checkpointer:
     errors = []
     for step in reversed(steps):
       try:
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
       except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        log.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous one", step, self.directory, reason)
+        log.warning(
+          "checkpoint at step %d in %s is unreadable (%s); trying the previous one", step, self.directory, reason
+        )
         if jax.process_index() == 0:
-          print(f"warning: checkpoint at step {step} is unreadable ({reason}); falling back to an earlier one", flush=True)
+          print(
+            f"warning: checkpoint at step {step} is unreadable ({reason}); falling back to an earlier one", flush=True
+          )
         errors.append(step)
         self._set_aside(step)
         continue
@@ -90,8 +92,8 @@ class Checkpointer:
           log.info("data iterator state not restored from step %d: %s", step, e)
       return step, restored["state"], data_restored
     raise NoUsableCheckpointError(
-        f"no readable checkpoint in {self.directory}: steps {errors} were unreadable and moved to "
-        "checkpoints_unreadable/; rerun to start from scratch, or restore them by hand"
+      f"no readable checkpoint in {self.directory}: steps {errors} were unreadable and moved to "
+      "checkpoints_unreadable/; rerun to start from scratch, or restore them by hand"
     )
 
   def _set_aside(self, step: int) -> None:

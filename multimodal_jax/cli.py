@@ -23,15 +23,18 @@ from multimodal_jax.sharding import MeshSpecError
 # Failures with a message that says what to do: printed as one line, no traceback.
 ONE_LINE_ERRORS = (UserError, MeshSpecError, NonFiniteLossError, NoUsableCheckpointError)
 
+
 def run(
-    get_config: Callable[[], ml_collections.ConfigDict],
-    modes: Mapping[str, Callable[[ml_collections.ConfigDict, str], object]],
-    argv: Sequence[str] | None = None,
-    prog: str | None = None,
+  get_config: Callable[[], ml_collections.ConfigDict],
+  modes: Mapping[str, Callable[[ml_collections.ConfigDict, str], object]],
+  argv: Sequence[str] | None = None,
+  prog: str | None = None,
 ) -> int:
   """Parses the command line and runs `modes[mode](config, workdir)`; returns the exit status."""
   argv = list(sys.argv[1:] if argv is None else argv)
-  parser = argparse.ArgumentParser(prog=prog, description=(get_config.__doc__ or "").strip().splitlines()[0] if get_config.__doc__ else None)
+  parser = argparse.ArgumentParser(
+    prog=prog, description=(get_config.__doc__ or "").strip().splitlines()[0] if get_config.__doc__ else None
+  )
   parser.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, eval.json")
   parser.add_argument("--mode", default=next(iter(modes)), choices=list(modes))
   args, rest = parser.parse_known_args(argv)

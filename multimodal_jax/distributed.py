@@ -21,10 +21,10 @@ def maybe_initialize() -> bool:
   if env.get("JAX_COORDINATOR_ADDRESS"):
     local = env.get("JAX_LOCAL_DEVICE_IDS")
     jax.distributed.initialize(
-        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(env["JAX_NUM_PROCESSES"]),
-        process_id=int(env["JAX_PROCESS_ID"]),
-        local_device_ids=[int(i) for i in local.split(",")] if local else None,
+      coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(env["JAX_NUM_PROCESSES"]),
+      process_id=int(env["JAX_PROCESS_ID"]),
+      local_device_ids=[int(i) for i in local.split(",")] if local else None,
     )
     return True
   slurm_tasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1)

@@ -61,7 +61,7 @@ class LateFusion(nn.Module):
     per_modality = {m: self.predictors[m](inputs[m], train=train) for m in names}
     if self.learn_weights:
       alpha = self.param(
-          "fusion_logits", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("modalities",)), (len(names),)
+        "fusion_logits", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("modalities",)), (len(names),)
       )
       w = jax.nn.softmax(alpha)
     elif self.weights is not None:
@@ -90,9 +90,7 @@ class JointFusion(nn.Module):
   def __call__(self, inputs: Inputs, train: bool = False):
     names = _check_modalities(inputs, self.encoders)
     features = {m: self.encoders[m](inputs[m], train=train) for m in names}
-    per_modality = {
-        m: dense(self.num_classes, ("mlp", "classes"), name=f"head_{m}")(features[m]) for m in names
-    }
+    per_modality = {m: dense(self.num_classes, ("mlp", "classes"), name=f"head_{m}")(features[m]) for m in names}
     z = jnp.concatenate([features[m] for m in names], axis=-1)
     if self.detach_encoders:
       z = jax.lax.stop_gradient(z)
@@ -100,12 +98,12 @@ class JointFusion(nn.Module):
 
 
 def fusion_loss(
-    logits: jnp.ndarray,
-    aux: Mapping[str, Any],
-    labels: jnp.ndarray,
-    mask: jnp.ndarray | None = None,
-    unimodal_weight: float = 1.0,
-    loss: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] | None = None,
+  logits: jnp.ndarray,
+  aux: Mapping[str, Any],
+  labels: jnp.ndarray,
+  mask: jnp.ndarray | None = None,
+  unimodal_weight: float = 1.0,
+  loss: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] | None = None,
 ) -> tuple[jnp.ndarray, dict]:
   """Fused loss plus `unimodal_weight` × the mean per-modality loss (when there are heads).
 

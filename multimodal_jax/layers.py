@@ -12,11 +12,11 @@ from flax import linen as nn
 def dense(features: int, axes: tuple[str, str] = ("embed", "mlp"), name: str | None = None, **kw) -> nn.Dense:
   """nn.Dense whose kernel is annotated `axes` (in, out) and bias `axes[1]`."""
   return nn.Dense(
-      features,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
-      name=name,
-      **kw,
+    features,
+    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+    name=name,
+    **kw,
   )
 
 
@@ -54,19 +54,19 @@ class ConvEncoder(nn.Module):
       x = x[..., None]
     for i, ch in enumerate(self.channels):
       x = nn.Conv(
-          ch,
-          (3, 3),
-          kernel_init=nn.with_logical_partitioning(
-              nn.initializers.lecun_normal(), ("conv_height", "conv_width", "conv_in", "conv_out")
-          ),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-          name=f"conv_{i}",
+        ch,
+        (3, 3),
+        kernel_init=nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(), ("conv_height", "conv_width", "conv_in", "conv_out")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        name=f"conv_{i}",
       )(x)
       x = nn.GroupNorm(
-          num_groups=min(8, ch),
-          scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-          name=f"norm_{i}",
+        num_groups=min(8, ch),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        name=f"norm_{i}",
       )(x)
       x = nn.max_pool(nn.gelu(x), (2, 2), strides=(2, 2), padding="SAME")
     x = x.reshape(x.shape[0], -1)

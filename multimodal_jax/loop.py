@@ -66,17 +66,17 @@ class FitResult:
 
 
 def fit(
-    *,
-    workdir: str,
-    cfg: LoopConfig,
-    mesh: jax.sharding.Mesh,
-    loss_fn: train.LossFn,
-    init_params: Callable[[jax.Array], Any],
-    tx: optax.GradientTransformation,
-    train_data: TrainData,
-    eval_fn: Callable[[Any, int], dict] | None = None,
-    learning_rate_fn: Callable | None = None,
-    config_dict: dict | None = None,
+  *,
+  workdir: str,
+  cfg: LoopConfig,
+  mesh: jax.sharding.Mesh,
+  loss_fn: train.LossFn,
+  init_params: Callable[[jax.Array], Any],
+  tx: optax.GradientTransformation,
+  train_data: TrainData,
+  eval_fn: Callable[[Any, int], dict] | None = None,
+  learning_rate_fn: Callable | None = None,
+  config_dict: dict | None = None,
 ) -> FitResult:
   """Trains until `cfg.steps`, resuming from the newest readable checkpoint in `workdir`.
 
@@ -98,15 +98,15 @@ def fit(
     state = train.init_train_state(init_params, tx, shardings, jax.random.key(cfg.seed), ema=ema)
 
   step_fn = train.make_train_step(
-      loss_fn,
-      tx,
-      mesh,
-      shardings,
-      seed=cfg.seed,
-      grad_accum_steps=cfg.grad_accum_steps,
-      compute_dtype=jnp.dtype(cfg.dtype),
-      ema_decay=cfg.ema_decay if ema else None,
-      learning_rate_fn=learning_rate_fn,
+    loss_fn,
+    tx,
+    mesh,
+    shardings,
+    seed=cfg.seed,
+    grad_accum_steps=cfg.grad_accum_steps,
+    compute_dtype=jnp.dtype(cfg.dtype),
+    ema_decay=cfg.ema_decay if ema else None,
+    learning_rate_fn=learning_rate_fn,
   )
   writer = mt.MetricWriter(workdir, start_step, enabled=is_main)
   eval_writer = mt.MetricWriter(workdir, start_step, enabled=is_main, name="eval")
@@ -122,8 +122,8 @@ def fit(
       checkpointer.wait()
       kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was written yet"
       raise NonFiniteLossError(
-          f"loss became {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}) at step {step}; "
-          f"the run stopped and {kept}. Lower the learning rate or check the data, then rerun to resume."
+        f"loss became {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}) at step {step}; "
+        f"the run stopped and {kept}. Lower the learning rate or check the data, then rerun to resume."
       )
     return metrics
 
@@ -179,4 +179,3 @@ def _maybe_log(writer, progress, throughput, step, metrics, cfg):
   values = {k: v for k, v in metrics.items() if k != "finite"}
   values["examples_per_sec"] = rate if math.isfinite(rate) else 0.0
   writer.write(step, values)
-

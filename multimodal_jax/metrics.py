@@ -43,7 +43,9 @@ class MetricWriter:
     except ImportError:
       print("note: tensorboardX is not installed; no TensorBoard events are written", file=sys.stderr)
     else:
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", name), purge_step=start_step + 1 if start_step else None)
+      self._tb = SummaryWriter(
+        os.path.join(workdir, "tensorboard", name), purge_step=start_step + 1 if start_step else None
+      )
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:

@@ -22,20 +22,20 @@ BATCH_AXES = ("data", "fsdp")
 
 # Logical axis name -> mesh axes (or None: replicated). The single place where roles meet devices.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),  # model width: FSDP shards params along it
-    ("mlp", "tensor"),  # hidden width of MLPs: tensor parallel
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("classes", None),
-    ("conv_in", None),
-    ("conv_out", "tensor"),
-    ("conv_height", None),
-    ("conv_width", None),
-    ("length", None),
-    ("modalities", None),
-    ("norm", None),
+  ("batch", BATCH_AXES),
+  ("embed", "fsdp"),  # model width: FSDP shards params along it
+  ("mlp", "tensor"),  # hidden width of MLPs: tensor parallel
+  ("heads", "tensor"),
+  ("kv", None),
+  ("vocab", "tensor"),
+  ("classes", None),
+  ("conv_in", None),
+  ("conv_out", "tensor"),
+  ("conv_height", None),
+  ("conv_width", None),
+  ("length", None),
+  ("modalities", None),
+  ("norm", None),
 )
 
 
@@ -50,8 +50,8 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
     name, sep, size = part.partition(":")
     if not sep or name not in MESH_AXES:
       raise MeshSpecError(
-          f"bad mesh spec {spec!r}: expected comma-separated AXIS:SIZE with AXIS in {MESH_AXES}, "
-          "e.g. 'data:-1' or 'data:4,fsdp:2'"
+        f"bad mesh spec {spec!r}: expected comma-separated AXIS:SIZE with AXIS in {MESH_AXES}, "
+        "e.g. 'data:-1' or 'data:4,fsdp:2'"
       )
     if name in sizes:
       raise MeshSpecError(f"bad mesh spec {spec!r}: axis {name!r} given twice")
@@ -79,13 +79,13 @@ def make_mesh(spec: str = "data:-1", devices: Sequence[jax.Device] | None = None
   if wildcard:
     if len(devices) % fixed:
       raise MeshSpecError(
-          f"mesh {spec!r} does not fit {len(devices)} devices: {len(devices)} is not divisible by {fixed}"
+        f"mesh {spec!r} does not fit {len(devices)} devices: {len(devices)} is not divisible by {fixed}"
       )
     sizes[wildcard[0]] = len(devices) // fixed
   elif fixed != len(devices):
     raise MeshSpecError(
-        f"mesh {spec!r} needs {fixed} devices but {len(devices)} are available; "
-        "give sizes whose product is the device count, or use -1 for one axis"
+      f"mesh {spec!r} needs {fixed} devices but {len(devices)} are available; "
+      "give sizes whose product is the device count, or use -1 for one axis"
     )
   shape = tuple(sizes.get(name, 1) for name in MESH_AXES)
   try:
@@ -107,10 +107,10 @@ def _mesh_axes_for(name: str | None, rules: Mapping[str, Any]) -> tuple[str, ...
 
 
 def logical_to_sharding(
-    shape: Sequence[int],
-    logical_axes: Sequence[str | None] | None,
-    mesh: Mesh,
-    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+  shape: Sequence[int],
+  logical_axes: Sequence[str | None] | None,
+  mesh: Mesh,
+  rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
 ) -> NamedSharding:
   """The NamedSharding of an array whose axes have the given logical names.
 
@@ -123,9 +123,7 @@ def logical_to_sharding(
   used: set[str] = set()
   spec = []
   for dim, name in zip(shape, logical_axes, strict=True):
-    axes = tuple(
-        a for a in _mesh_axes_for(name, rule_map) if mesh.shape[a] > 1 and a not in used
-    )
+    axes = tuple(a for a in _mesh_axes_for(name, rule_map) if mesh.shape[a] > 1 and a not in used)
     if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
       used.update(axes)
       spec.append(axes[0] if len(axes) == 1 else axes)
@@ -141,10 +139,10 @@ def tree_shardings(abstract_tree: Any, logical_specs: Any, mesh: Mesh) -> Any:
   PartitionSpec of logical names per leaf (an empty one for unannotated leaves).
   """
   return jax.tree.map(
-      lambda x, spec: logical_to_sharding(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec)), mesh),
-      abstract_tree,
-      logical_specs,
-      is_leaf=lambda x: isinstance(x, P),
+    lambda x, spec: logical_to_sharding(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec)), mesh),
+    abstract_tree,
+    logical_specs,
+    is_leaf=lambda x: isinstance(x, P),
   )
 
 

@@ -38,18 +38,18 @@ class TrainState:
 def _boxed_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, ema: bool, rng):
   params = init_params(rng)  # may hold nn.Partitioned boxes with logical axis names
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=tx.init(params),  # optax maps over the boxes, so moments keep the names
-      ema_params=params if ema else None,
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),  # optax maps over the boxes, so moments keep the names
+    ema_params=params if ema else None,
   )
 
 
 def abstract_train_state(
-    init_params: Callable[[jax.Array], Any],
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    ema: bool = False,
+  init_params: Callable[[jax.Array], Any],
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  ema: bool = False,
 ) -> tuple[Any, Any]:
   """Shapes and shardings of the train state, without allocating it.
 
@@ -60,18 +60,16 @@ def abstract_train_state(
   specs = nn.get_partition_spec(boxed)
   unboxed = nn.meta.unbox(boxed)
   shardings = shd.tree_shardings(unboxed, specs, mesh)
-  abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings
-  )
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
   return abstract, shardings
 
 
 def init_train_state(
-    init_params: Callable[[jax.Array], Any],
-    tx: optax.GradientTransformation,
-    shardings: Any,
-    rng: jax.Array,
-    ema: bool = False,
+  init_params: Callable[[jax.Array], Any],
+  tx: optax.GradientTransformation,
+  shardings: Any,
+  rng: jax.Array,
+  ema: bool = False,
 ) -> TrainState:
   """The train state, created by one jitted init straight into its sharded layout."""
 
@@ -83,9 +81,7 @@ def init_train_state(
 
 def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
   """Casts the floating-point leaves of a tree (params or a batch) to `dtype`."""
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
-  )
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
 
 
 def _split_microbatches(batch: Any, num: int) -> Any:
@@ -103,16 +99,16 @@ def _split_microbatches(batch: Any, num: int) -> Any:
 
 
 def make_train_step(
-    loss_fn: LossFn,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    state_shardings: Any,
-    *,
-    seed: int = 0,
-    grad_accum_steps: int = 1,
-    compute_dtype: Any = jnp.float32,
-    ema_decay: float | None = None,
-    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+  loss_fn: LossFn,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  state_shardings: Any,
+  *,
+  seed: int = 0,
+  grad_accum_steps: int = 1,
+  compute_dtype: Any = jnp.float32,
+  ema_decay: float | None = None,
+  learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """The jitted, donated train step `(state, global_batch) -> (state, metrics)`.
 
@@ -162,12 +158,12 @@ def make_train_step(
     if ema is not None:
       ema = jax.tree.map(lambda e, p: e * ema_decay + (1.0 - ema_decay) * p, ema, params)
     metrics = {
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "param_norm": optax.tree.norm(params),
-        "update_norm": optax.tree.norm(updates),
-        "finite": finite,
-        **aux,
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "param_norm": optax.tree.norm(params),
+      "update_norm": optax.tree.norm(updates),
+      "finite": finite,
+      **aux,
     }
     if learning_rate_fn is not None:
       metrics["learning_rate"] = learning_rate_fn(state.step)
@@ -176,10 +172,10 @@ def make_train_step(
 
   replicated = NamedSharding(mesh, P())
   return jax.jit(
-      step_fn,
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=0,
+    step_fn,
+    in_shardings=(state_shardings, batch_sharding),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
   )
 
 
@@ -187,11 +183,11 @@ def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, Callable]
   """AdamW with linear warmup and cosine decay, global-norm clipping: from config keys
   `learning_rate`, `warmup_steps`, `steps`, `weight_decay`, `grad_clip` (0 disables)."""
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=config.learning_rate,
-      warmup_steps=min(config.warmup_steps, max(config.steps - 1, 0)),
-      decay_steps=max(config.steps, 1),
-      end_value=config.learning_rate * 0.01,
+    init_value=0.0,
+    peak_value=config.learning_rate,
+    warmup_steps=min(config.warmup_steps, max(config.steps - 1, 0)),
+    decay_steps=max(config.steps, 1),
+    end_value=config.learning_rate * 0.01,
   )
   parts = []
   if config.grad_clip:

@@ -20,22 +20,14 @@ from multimodal_jax import distributed  # noqa: E402
 def main(workdir: str, steps: int, out: str) -> None:
   assert distributed.maybe_initialize(), "launch with JAX_COORDINATOR_ADDRESS set"
   assert jax.process_count() == 2 and jax.local_device_count() == 4 and jax.device_count() == 8
-  from tests import test_loop  # after initialize: it imports the trainer
+  from tests import test_loop, toy  # after initialize: they import the trainer
 
   result = test_loop._fit(workdir, steps=steps, mesh="data:4,fsdp:2", checkpoint_every=3)
   params = multihost_utils.process_allgather(result.state.params, tiled=True)
   local_rows = next(iter(result.state.params["hidden_0"]["kernel"].addressable_shards)).data.shape
   if jax.process_index() == 0:
-    flat = {"/".join(k): np.asarray(v) for k, v in _flatten(params)}
+    flat = {k: np.asarray(v) for k, v in toy.flatten(params)}
     np.savez(out, local_shard_shape=np.asarray(local_rows), **flat)
-
-
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
 
 
 if __name__ == "__main__":

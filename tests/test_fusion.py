@@ -28,10 +28,10 @@ class Flat(nn.Module):
 
 def _models(names):
   return {
-      "early": EarlyFusion(f=MLP((8,), C), modalities=tuple(names)),
-      "late": LateFusion(predictors={m: Flat(C) for m in names}),
-      "late_learned": LateFusion(predictors={m: Flat(C) for m in names}, learn_weights=True),
-      "joint": JointFusion(encoders={m: Flat() for m in names}, g=MLP((8,), C), num_classes=C),
+    "early": EarlyFusion(f=MLP((8,), C), modalities=tuple(names)),
+    "late": LateFusion(predictors={m: Flat(C) for m in names}),
+    "late_learned": LateFusion(predictors={m: Flat(C) for m in names}, learn_weights=True),
+    "joint": JointFusion(encoders={m: Flat() for m in names}, g=MLP((8,), C), num_classes=C),
   }
 
 

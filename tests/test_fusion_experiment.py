@@ -11,16 +11,26 @@ import pytest
 from experiments import fusion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PULSE = ["--config.batch_size=32", "--config.checkpoint_every=3", "--config.log_every=1",
-         "--config.eval_every=0", "--config.eval_batch_size=200", "--config.mesh=data:4,fsdp:2"]
+PULSE = [
+  "--config.batch_size=32",
+  "--config.checkpoint_every=3",
+  "--config.log_every=1",
+  "--config.eval_every=0",
+  "--config.eval_batch_size=200",
+  "--config.mesh=data:4,fsdp:2",
+]
 
 
 def _cli(workdir, data_dir, *args):
   """`python -m experiments.fusion` in a fresh process with 8 CPU devices."""
   env = dict(os.environ, PYTHONPATH=ROOT)
   return subprocess.run(
-      [sys.executable, "-m", "experiments.fusion", "--workdir", str(workdir), f"--config.data_dir={data_dir}", *args],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    [sys.executable, "-m", "experiments.fusion", "--workdir", str(workdir), f"--config.data_dir={data_dir}", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
 
 
@@ -70,8 +80,12 @@ def test_eval_without_checkpoint_is_one_line(tmp_path, capsys):
   assert status == 2 and len(err) == 1 and "no checkpoint" in err[0]
 
 
-@pytest.mark.parametrize("key, value, message", [("fusion", "middle", "fusion='middle'"),
-                                                  ("modalities", "image,smell", "modalities='image,smell'")])
+@pytest.mark.parametrize(
+  "key, value, message",
+  [("fusion", "middle", "fusion='middle'"), ("modalities", "image,smell", "modalities='image,smell'")],
+)
 def test_bad_choices_are_one_line(tmp_path, capsys, av_digits_dir, key, value, message):
-  status, err = _main(capsys, "--workdir", str(tmp_path), f"--config.data_dir={av_digits_dir}", f"--config.{key}={value}")
+  status, err = _main(
+    capsys, "--workdir", str(tmp_path), f"--config.data_dir={av_digits_dir}", f"--config.{key}={value}"
+  )
   assert status == 2 and len(err) == 1 and message in err[0]

@@ -18,15 +18,15 @@ def _fit(workdir, steps, mesh="data:4,fsdp:2", source=None, checkpoint_every=4, 
   cfg = loop.LoopConfig(steps=steps, batch_size=32, seed=3, log_every=2, checkpoint_every=checkpoint_every, **kw)
   tx, schedule = toy.optimizer()
   return loop.fit(
-      workdir=str(workdir),
-      cfg=cfg,
-      mesh=shd.make_mesh(mesh),
-      loss_fn=toy.loss_fn,
-      init_params=toy.init_params,
-      tx=tx,
-      train_data=GrainBatches(source or toy.ToySource(), 32, seed=3),
-      learning_rate_fn=schedule,
-      config_dict={"steps": steps},
+    workdir=str(workdir),
+    cfg=cfg,
+    mesh=shd.make_mesh(mesh),
+    loss_fn=toy.loss_fn,
+    init_params=toy.init_params,
+    tx=tx,
+    train_data=GrainBatches(source or toy.ToySource(), 32, seed=3),
+    learning_rate_fn=schedule,
+    config_dict={"steps": steps},
   )
 
 
@@ -41,8 +41,9 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
   resumed = _fit(tmp_path / "resumed", steps=16, ema_decay=0.9)
   assert resumed.start_step == 8
   chex.assert_trees_all_equal(toy.params_of(resumed.state), toy.params_of(full.state))
-  chex.assert_trees_all_equal(np.asarray(resumed.state.ema_params["out"]["kernel"]),
-                              np.asarray(full.state.ema_params["out"]["kernel"]))
+  chex.assert_trees_all_equal(
+    np.asarray(resumed.state.ema_params["out"]["kernel"]), np.asarray(full.state.ema_params["out"]["kernel"])
+  )
   assert _steps_logged(tmp_path / "resumed") == _steps_logged(tmp_path / "full")
   with open(tmp_path / "full" / "metrics.jsonl") as f:
     record = json.loads(f.readline())
@@ -54,6 +55,7 @@ def test_a_run_killed_between_checkpoints_logs_no_step_twice(tmp_path):
   _fit(tmp_path, steps=10, checkpoint_every=4)  # checkpoints at 4, 8, 10
   # Simulate a crash after step 10's log but before its checkpoint: drop checkpoint 10.
   import shutil
+
   shutil.rmtree(tmp_path / "checkpoints" / "10")
   result = _fit(tmp_path, steps=12, checkpoint_every=4)
   assert result.start_step == 8
@@ -111,6 +113,7 @@ def test_a_half_written_checkpoint_is_ignored(tmp_path):
   _fit(tmp_path, steps=8, checkpoint_every=4)
   # What a save killed midway leaves: orbax's temporary directory, never renamed to "12".
   import shutil
+
   shutil.copytree(tmp_path / "checkpoints" / "8", tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1700000000")
   for root, _, files in os.walk(tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1700000000"):
     for name in files[: len(files) // 2]:

@@ -22,14 +22,18 @@ def _free_port():
 
 def test_two_processes_train_then_one_process_resumes_on_another_mesh(tmp_path):
   workdir, out = tmp_path / "run", tmp_path / "params.npz"
-  env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
-             PYTHONPATH=ROOT)
+  env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2", PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
   procs = [
-      subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(workdir), "6", str(out)],
-                       env=dict(env, JAX_PROCESS_ID=str(i)), cwd=ROOT, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True)
-      for i in range(2)
+    subprocess.Popen(
+      [sys.executable, "-m", "tests.multihost_worker", str(workdir), "6", str(out)],
+      env=dict(env, JAX_PROCESS_ID=str(i)),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
   ]
   logs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
@@ -40,18 +44,10 @@ def test_two_processes_train_then_one_process_resumes_on_another_mesh(tmp_path):
   # This pytest process: one process, 8 devices, a different mesh.
   restored = test_loop._fit(workdir, steps=6, mesh="data:2,fsdp:2,tensor:2")
   assert restored.start_step == 6
-  flat = {"/".join(k): v for k, v in _flat(toy.params_of(restored.state))}
+  flat = dict(toy.flatten(toy.params_of(restored.state)))
   chex.assert_trees_all_equal(flat, {k: saved[k] for k in flat})
   kernel = restored.state.params["hidden_0"]["kernel"]
   assert tuple(kernel.sharding.spec) == ("fsdp", "tensor")
   continued = test_loop._fit(workdir, steps=9, mesh="data:2,fsdp:2,tensor:2")
   assert continued.start_step == 6 and int(continued.state.step) == 9
   assert all(np.isfinite(x).all() for x in toy.params_of(continued.state).values() for x in x.values())
-
-
-def _flat(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flat(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v

@@ -9,8 +9,13 @@ def test_eight_devices_are_forced():
 
 
 @pytest.mark.parametrize(
-    "spec, shape",
-    [("data:-1", (8, 1, 1)), ("data:4,fsdp:2", (4, 2, 1)), ("data:2,fsdp:2,tensor:2", (2, 2, 2)), ("tensor:2,data:-1", (4, 1, 2))],
+  "spec, shape",
+  [
+    ("data:-1", (8, 1, 1)),
+    ("data:4,fsdp:2", (4, 2, 1)),
+    ("data:2,fsdp:2,tensor:2", (2, 2, 2)),
+    ("tensor:2,data:-1", (4, 1, 2)),
+  ],
 )
 def test_make_mesh(spec, shape):
   mesh = shd.make_mesh(spec)
@@ -18,9 +23,15 @@ def test_make_mesh(spec, shape):
 
 
 @pytest.mark.parametrize(
-    "spec, message",
-    [("data:3", "needs 3 devices"), ("data:-1,fsdp:3", "not divisible"), ("model:2", "bad mesh spec"),
-     ("data:x", "not an integer"), ("data:-1,fsdp:-1", "at most one -1"), ("", "name at least one axis")],
+  "spec, message",
+  [
+    ("data:3", "needs 3 devices"),
+    ("data:-1,fsdp:3", "not divisible"),
+    ("model:2", "bad mesh spec"),
+    ("data:x", "not an integer"),
+    ("data:-1,fsdp:-1", "at most one -1"),
+    ("", "name at least one axis"),
+  ],
 )
 def test_bad_mesh_specs_are_explained(spec, message):
   with pytest.raises(shd.MeshSpecError, match=message):

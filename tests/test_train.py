@@ -58,9 +58,11 @@ def test_gradient_accumulation_matches_the_full_batch():
   tx, _ = toy.optimizer()
   mesh = shd.make_mesh("data:4,fsdp:2")
   _, shardings = train.abstract_train_state(toy.init_params, tx, mesh)
+
   def no_dropout_loss(params, batch, rng):
     logits = toy.MODEL.apply({"params": params}, batch["x"], train=False)
     return toy.fusion_loss(logits, {}, batch["label"])
+
   results = []
   for accum in (1, 4):
     state = train.init_train_state(toy.init_params, tx, shardings, jax.random.key(0))
@@ -83,7 +85,13 @@ def test_ema_is_sharded_like_params_and_averages():
   for p, e in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):
     assert p.sharding == e.sharding
   init = toy.init_params(jax.random.key(0))
-  moved = [not np.allclose(np.asarray(e), np.asarray(i)) for e, i in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(jax.tree.map(lambda b: b.value, init, is_leaf=lambda x: hasattr(x, "value"))))]
+  moved = [
+    not np.allclose(np.asarray(e), np.asarray(i))
+    for e, i in zip(
+      jax.tree.leaves(state.ema_params),
+      jax.tree.leaves(jax.tree.map(lambda b: b.value, init, is_leaf=lambda x: hasattr(x, "value"))),
+    )
+  ]
   assert any(moved)
 
 

@@ -49,3 +49,12 @@ def optimizer(lr: float = 1e-2):
 
 def params_of(state):
   return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def flatten(tree, prefix=()):
+  """Yields ("a/b/c", leaf) for a nested dict of arrays."""
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from flatten(v, prefix + (k,))
+    else:
+      yield "/".join(prefix + (k,)), v
