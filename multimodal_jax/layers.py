@@ -150,7 +150,7 @@ class Transformer(nn.Module):
   """`layers` TransformerBlocks, under `nn.scan` (compile time flat in depth) unless `scan=False`.
 
   With `remat` each block's activations are recomputed in the backward pass (memory for FLOPs).
-  Scanned params carry a leading `[layers]` axis (logical name "layers").
+  Scanned params carry a leading `[layers]` axis (logical name None: never sharded).
   """
 
   layers: int
@@ -171,7 +171,7 @@ class Transformer(nn.Module):
           variable_axes={"params": 0},
           split_rngs={"params": True, "dropout": True},
           length=self.layers,
-          metadata_params={nn.PARTITION_NAME: "layers"},
+          metadata_params={nn.PARTITION_NAME: None},  # the layer axis stays unsharded
       )
       x, _ = stack(**kw, name="blocks")(x, None)
       return x

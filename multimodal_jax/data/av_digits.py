@@ -1,7 +1,7 @@
 """AV-digits: the embedded audio-visual digits dataset (AV-MNIST protocol).
 
 Each example pairs a degraded MNIST image with a noisy spoken digit of the same
-class, so that neither modality alone suffices (see AV_DIGITS.md):
+class, so that neither modality alone suffices (README.md, "Embedded data"):
 
 * image: uint8 `[28, 28, 1]`, the MNIST digit projected onto its first
   PCA_COMPONENTS principal components (fitted on the train images) plus

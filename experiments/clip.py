@@ -1,0 +1,226 @@
+"""CLIP on captioned digits: contrastive image-text training, zero-shot evaluation, retrieval.
+
+  python -m experiments.clip --workdir /tmp/clip                  # train (resumes if DIR has a checkpoint)
+  python -m experiments.clip --workdir /tmp/clip --mode=eval      # zero-shot + retrieval from the checkpoint
+
+Keys: loss=softmax|sigmoid, loss_impl=gather|chunked (how the batch's negatives cross devices),
+image_tower=vit|resnet, text_tower=clip|minilm (the latter: pretrained all-MiniLM-L6-v2, frozen),
+model (a preset of multimodal_jax.models.clip), mesh (e.g. data:4,fsdp:2). Results: README.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from multimodal_jax import cli, loop, losses, train
+from multimodal_jax import sharding as shd
+from multimodal_jax.checkpoint import Checkpointer
+from multimodal_jax.data import captioned_digits as cd
+from multimodal_jax.data.pipeline import GrainBatches, eval_batches, load_on_every_process
+from multimodal_jax.errors import UserError
+from multimodal_jax.eval.linear_probe import linear_probe_accuracy
+from multimodal_jax.eval.retrieval import recall_at_k
+from multimodal_jax.eval.zero_shot import zero_shot_accuracy, zero_shot_classifier
+from multimodal_jax.models import clip as clip_model
+from multimodal_jax.tokenizers.words import WordTokenizer
+
+EVAL_KEYS = ("mesh", "data_dir", "eval_batch_size")
+IMAGE_MEAN, IMAGE_STD = 0.1307, 0.3081  # MNIST pixel statistics (0-1 scale)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """CLIP on captioned digits (see the module docstring)."""
+  c = ml_collections.ConfigDict()
+  c.model = "tiny"
+  c.image_tower = "vit"
+  c.text_tower = "clip"
+  c.loss = "softmax"
+  c.loss_impl = "gather"
+  c.steps = 600
+  c.batch_size = 128
+  c.seed = 0
+  c.mesh = "data:-1"
+  c.learning_rate = 1e-3
+  c.warmup_steps = 60
+  c.weight_decay = 0.1
+  c.grad_clip = 1.0
+  c.grad_accum_steps = 1
+  c.dtype = "float32"
+  c.ema_decay = 0.0
+  c.log_every = 25
+  c.eval_every = 0
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 3
+  c.eval_batch_size = 200
+  c.context_length = 16
+  c.remat = False
+  c.data_dir = ""
+  return c
+
+
+def tokenizer_for(config) -> WordTokenizer:
+  """The word-level tokenizer of the embedded captions; its vocabulary is a function of the training
+  templates only, so evaluation rebuilds exactly the same ids."""
+  return WordTokenizer.from_texts(cd.training_texts(), context_length=config.context_length)
+
+
+def model_config(config) -> clip_model.ClipConfig:
+  if config.model not in clip_model.PRESETS:
+    raise UserError(f"model={config.model!r}: choose one of {', '.join(clip_model.PRESETS)}")
+  if config.image_tower not in ("vit", "resnet"):
+    raise UserError(f"image_tower={config.image_tower!r}: choose vit or resnet")
+  if config.loss not in ("softmax", "sigmoid") or config.loss_impl not in ("gather", "chunked"):
+    raise UserError(f"loss={config.loss!r}, loss_impl={config.loss_impl!r}: choose softmax|sigmoid and gather|chunked")
+  base = clip_model.PRESETS[config.model]
+  tok = tokenizer_for(config)
+  return dataclasses.replace(
+      base,
+      vision=dataclasses.replace(base.vision, tower=config.image_tower, image_size=32),
+      text=dataclasses.replace(base.text, vocab_size=tok.vocab_size, context_length=config.context_length, pad_id=0),
+      init_logit_bias=-10.0 if config.loss == "sigmoid" else None,
+      init_logit_scale=float(np.log(10.0)) if config.loss == "sigmoid" else base.init_logit_scale,
+      remat=config.remat,
+  )
+
+
+def normalize_images(images) -> jnp.ndarray:
+  """uint8 `[b, 32, 32, 1]` -> standardised float32."""
+  return (jnp.asarray(images, jnp.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD
+
+
+def make_loss_fn(model, config, mesh):
+  axes = shd.BATCH_AXES
+
+  def contrastive(img, txt, scale, bias):
+    if config.loss == "softmax":
+      fn = losses.clip_softmax_loss_gathered if config.loss_impl == "gather" else losses.clip_softmax_loss_chunked
+      return fn(img, txt, scale, mesh, axes)
+    fn = losses.sigmoid_loss_gathered if config.loss_impl == "gather" else losses.sigmoid_loss_chunked
+    return fn(img, txt, scale, bias, mesh, axes)
+
+  def loss_fn(params, batch, rng):
+    del rng
+    img, txt, scale, bias = model.apply({"params": params}, normalize_images(batch["image"]), batch["tokens"])
+    loss = contrastive(img.astype(jnp.float32), txt.astype(jnp.float32), scale, bias)
+    return loss, {"logit_scale": scale}
+
+  return loss_fn
+
+
+def make_transform(tokenizer):
+  def transform(record):
+    text = record["caption"]
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    return {"image": record["image"], "tokens": tokenizer.encode([text])[0], "label": record["label"]}
+
+  return transform
+
+
+def make_init_params(model, config):
+  images = jnp.zeros((1, 32, 32, 1), jnp.float32)
+  tokens = jnp.zeros((1, config.context_length), jnp.int32)
+
+  def init_params(rng):
+    return model.init({"params": rng}, images, tokens)["params"]
+
+  return init_params
+
+
+def encode_split(model, params, source, config, mesh, tokenizer):
+  """(image embeddings, caption embeddings, labels) of a whole split, in order."""
+  encode = jax.jit(
+      lambda p, b: model.apply({"params": p}, normalize_images(b["image"]), b["tokens"])[:2]
+  )
+  imgs, txts, labels = [], [], []
+  for batch in eval_batches(source, config.eval_batch_size, transform=make_transform(tokenizer)):
+    mask = batch.pop("mask").astype(bool)
+    global_batch = shd.host_to_global_batch(batch, mesh)
+    i, t = jax.device_get(encode(params, global_batch))
+    imgs.append(np.asarray(i)[mask])
+    txts.append(np.asarray(t)[mask])
+    labels.append(batch["label"][mask])
+  return np.concatenate(imgs), np.concatenate(txts), np.concatenate(labels)
+
+
+def evaluate(model, params, data, config, mesh) -> dict:
+  tokenizer = tokenizer_for(config)
+  encode_text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode_text))
+
+  def encode_texts(texts):
+    return np.asarray(encode_text(params, jnp.asarray(tokenizer.encode(texts))))
+
+  img, txt, labels = encode_split(model, params, data["test"], config, mesh, tokenizer)
+  held_out = zero_shot_classifier(encode_texts, cd.CLASS_NAMES, cd.HELD_OUT_TEMPLATES)
+  seen = zero_shot_classifier(encode_texts, cd.CLASS_NAMES, cd.TRAIN_TEMPLATES)
+  train_img, _, train_labels = encode_split(model, params, data["train"], config, mesh, tokenizer)
+  result = {
+      "zero_shot_accuracy": zero_shot_accuracy(img, held_out, labels),
+      "zero_shot_accuracy_train_templates": zero_shot_accuracy(img, seen, labels),
+      **recall_at_k(img, txt, ks=(1, 5, 10), image_labels=labels, text_labels=labels),
+      "linear_probe_accuracy": linear_probe_accuracy(train_img[::2], train_labels[::2], img, labels, 10),
+  }
+  return result
+
+
+def _load_data(config):
+  return load_on_every_process(lambda: cd.load(config.data_dir or None))
+
+
+def run_train(config, workdir):
+  mesh = shd.make_mesh(config.mesh)
+  if config.batch_size % shd.data_parallel_size(mesh):
+    raise UserError(f"batch_size={config.batch_size} must be divisible by the {shd.data_parallel_size(mesh)} data-parallel devices")
+  model = clip_model.CLIP(model_config(config))
+  data = _load_data(config)
+  tx, schedule = train.make_optimizer(config)
+  result = loop.fit(
+      workdir=workdir,
+      cfg=loop.LoopConfig.from_config(config),
+      mesh=mesh,
+      loss_fn=make_loss_fn(model, config, mesh),
+      init_params=make_init_params(model, config),
+      tx=tx,
+      train_data=GrainBatches(data["train"], config.batch_size, config.seed, transform=make_transform(tokenizer_for(config))),
+      learning_rate_fn=schedule,
+      config_dict=config.to_dict(),
+  )
+  return result
+
+
+def run_eval(config, workdir):
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise UserError(f"no checkpoint in {workdir}: train first with the same --workdir")
+  checkpointer = Checkpointer(workdir)
+  if checkpointer.latest_step() is None:
+    raise UserError(f"no checkpoint in {checkpointer.directory}: train first with the same --workdir")
+  config = ml_collections.ConfigDict({**checkpointer.restore_config(), **{k: config[k] for k in EVAL_KEYS}})
+  mesh = shd.make_mesh(config.mesh)
+  model = clip_model.CLIP(model_config(config))
+  tx, _ = train.make_optimizer(config)
+  ema = config.ema_decay > 0
+  abstract_state, _ = train.abstract_train_state(make_init_params(model, config), tx, mesh, ema=ema)
+  step, state, _ = checkpointer.restore(abstract_state)
+  checkpointer.close()
+  metrics = evaluate(model, state.ema_params if ema else state.params, _load_data(config), config, mesh)
+  result = {"step": step, "loss": config.loss, "text_tower": config.text_tower, **metrics}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    print(json.dumps(result), flush=True)
+  return result
+
+
+def main(argv=None) -> int:
+  return cli.run(get_config, {"train": run_train, "eval": run_eval}, argv, prog="python -m experiments.clip")
+
+
+if __name__ == "__main__":
+  sys.exit(main())
