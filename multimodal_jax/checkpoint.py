@@ -19,6 +19,10 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+class CheckpointMismatchError(ValueError):
+  """The checkpoint holds a different model or optimizer than the one being restored."""
+
+
 class NoUsableCheckpointError(RuntimeError):
   """Every checkpoint in the directory failed to restore (they were moved aside)."""
 
@@ -70,6 +74,12 @@ class Checkpointer:
     errors = []
     for step in reversed(steps):
       try:
+        self._check_matches(step, abstract_state)
+      except CheckpointMismatchError:
+        raise  # a readable checkpoint of another model: never moved aside
+      except Exception:  # noqa: BLE001, S110 - unreadable metadata: the restore below reports it
+        pass
+      try:
         restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
       except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
@@ -95,6 +105,32 @@ class Checkpointer:
       f"no readable checkpoint in {self.directory}: steps {errors} were unreadable and moved to "
       "checkpoints_unreadable/; rerun to start from scratch, or restore them by hand"
     )
+
+  def _check_matches(self, step: int, abstract_state: Any) -> None:
+    """Raises CheckpointMismatchError naming the first array whose name or shape differs."""
+    saved = {
+        leaf.name: tuple(leaf.shape)
+        for leaf in jax.tree.leaves(self._manager.item_metadata(step)["state"].tree)
+        if hasattr(leaf, "shape")
+    }
+    expected = {_dotted(path): tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    for name, shape in expected.items():
+      if name not in saved:
+        problem = f"it has no array {name} (shape {shape})"
+      elif saved[name] != shape:
+        problem = f"{name} has shape {saved[name]} there but {shape} here"
+      else:
+        continue
+      raise CheckpointMismatchError(
+          f"the checkpoint at step {step} in {self.directory} holds a different model: {problem}; "
+          "rerun with the config it was trained with, or use a new --workdir"
+      )
+    extra = sorted(set(saved) - set(expected))
+    if extra:
+      raise CheckpointMismatchError(
+          f"the checkpoint at step {step} in {self.directory} holds a different model: it has {extra[0]} "
+          f"{saved[extra[0]]}, which this model lacks; rerun with the config it was trained with, or use a new --workdir"
+      )
 
   def _set_aside(self, step: int) -> None:
     """Moves an unreadable checkpoint to WORKDIR/checkpoints_unreadable/ (kept for inspection),
@@ -123,3 +159,14 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _dotted(path) -> str:
+  """A jax key path as orbax names the array: "opt_state.0.mu.dense.kernel"."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return ".".join(parts)

@@ -14,14 +14,14 @@ from collections.abc import Callable, Mapping, Sequence
 import ml_collections
 
 from multimodal_jax import distributed
-from multimodal_jax.checkpoint import NoUsableCheckpointError
+from multimodal_jax.checkpoint import CheckpointMismatchError, NoUsableCheckpointError
 from multimodal_jax.config import apply_overrides
 from multimodal_jax.errors import UserError
 from multimodal_jax.loop import NonFiniteLossError
 from multimodal_jax.sharding import MeshSpecError
 
 # Failures with a message that says what to do: printed as one line, no traceback.
-ONE_LINE_ERRORS = (UserError, MeshSpecError, NonFiniteLossError, NoUsableCheckpointError)
+ONE_LINE_ERRORS = (UserError, MeshSpecError, NonFiniteLossError, NoUsableCheckpointError, CheckpointMismatchError)
 
 
 def run(

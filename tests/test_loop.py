@@ -120,3 +120,13 @@ def test_a_half_written_checkpoint_is_ignored(tmp_path):
       os.remove(os.path.join(root, name))
   result = _fit(tmp_path, steps=12, checkpoint_every=4)
   assert result.start_step == 8 and int(result.state.step) == 12
+
+
+def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, monkeypatch):
+  _fit(tmp_path, steps=4, checkpoint_every=4)
+  wider = toy.MLP(hidden=(48,), out=toy.CLASSES)
+  monkeypatch.setattr(toy, "init_params", lambda rng: wider.init({"params": rng}, np.zeros((1, toy.DIM), np.float32))["params"])
+  with pytest.raises(ckpt.CheckpointMismatchError, match=r"hidden_0.bias has shape \(32,\) there but \(48,\) here"):
+    _fit(tmp_path, steps=8)
+  assert ckpt.Checkpointer(str(tmp_path)).all_steps() == [4]
+  assert not (tmp_path / "checkpoints_unreadable").exists()
