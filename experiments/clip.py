@@ -115,11 +115,14 @@ def make_loss_fn(model, config, mesh):
   return loss_fn
 
 
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def make_transform(tokenizer):
   def transform(record):
-    text = record["caption"]
-    text = text.decode() if isinstance(text, bytes) else str(text)
-    return {"image": record["image"], "tokens": tokenizer.encode([text])[0], "label": record["label"]}
+    tokens = tokenizer.encode([_text(record["caption"])])[0]
+    return {"image": record["image"], "tokens": tokens, "label": record["label"]}
 
   return transform
 
@@ -135,11 +138,12 @@ def make_init_params(model, config):
 
 
 def encode_split(model, params, source, config, mesh, tokenizer):
-  """(image embeddings, caption embeddings, labels) of a whole split, in order."""
+  """(image embeddings, caption embeddings, labels, captions) of a whole split, in order."""
   encode = jax.jit(
       lambda p, b: model.apply({"params": p}, normalize_images(b["image"]), b["tokens"])[:2]
   )
   imgs, txts, labels = [], [], []
+  captions = [_text(source[i]["caption"]) for i in range(len(source))]
   for batch in eval_batches(source, config.eval_batch_size, transform=make_transform(tokenizer)):
     mask = batch.pop("mask").astype(bool)
     global_batch = shd.host_to_global_batch(batch, mesh)
@@ -147,7 +151,7 @@ def encode_split(model, params, source, config, mesh, tokenizer):
     imgs.append(np.asarray(i)[mask])
     txts.append(np.asarray(t)[mask])
     labels.append(batch["label"][mask])
-  return np.concatenate(imgs), np.concatenate(txts), np.concatenate(labels)
+  return np.concatenate(imgs), np.concatenate(txts), np.concatenate(labels), captions
 
 
 def evaluate(model, params, data, config, mesh) -> dict:
@@ -157,14 +161,17 @@ def evaluate(model, params, data, config, mesh) -> dict:
   def encode_texts(texts):
     return np.asarray(encode_text(params, jnp.asarray(tokenizer.encode(texts))))
 
-  img, txt, labels = encode_split(model, params, data["test"], config, mesh, tokenizer)
+  img, txt, labels, captions = encode_split(model, params, data["test"], config, mesh, tokenizer)
+  # Captions describe a digit, not one image, and repeat: retrieve among the distinct captions, a
+  # caption matching every image of its digit.
+  _, first = np.unique(captions, return_index=True)
   held_out = zero_shot_classifier(encode_texts, cd.CLASS_NAMES, cd.HELD_OUT_TEMPLATES)
   seen = zero_shot_classifier(encode_texts, cd.CLASS_NAMES, cd.TRAIN_TEMPLATES)
-  train_img, _, train_labels = encode_split(model, params, data["train"], config, mesh, tokenizer)
+  train_img, _, train_labels, _ = encode_split(model, params, data["train"], config, mesh, tokenizer)
   result = {
       "zero_shot_accuracy": zero_shot_accuracy(img, held_out, labels),
       "zero_shot_accuracy_train_templates": zero_shot_accuracy(img, seen, labels),
-      **recall_at_k(img, txt, ks=(1, 5, 10), image_labels=labels, text_labels=labels),
+      **recall_at_k(img, txt[first], ks=(1, 5, 10), image_labels=labels, text_labels=labels[first]),
       "linear_probe_accuracy": linear_probe_accuracy(train_img[::2], train_labels[::2], img, labels, 10),
   }
   return result

@@ -22,6 +22,16 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
   )
 
 
+class _FunctionMap(grain.transforms.Map):
+  """A grain Map of a plain function (record -> record)."""
+
+  def __init__(self, fn: Callable[[dict], dict]):
+    self._fn = fn
+
+  def map(self, element: dict) -> dict:
+    return self._fn(element)
+
+
 class GrainBatches:
   """An endless, epoch-reshuffled stream of this process's rows of each global batch.
 
@@ -54,7 +64,7 @@ class GrainBatches:
       num_epochs=None,
       seed=seed,
     )
-    operations = [grain.transforms.Map(transform)] if transform is not None else []
+    operations = [_FunctionMap(transform)] if transform is not None else []
     operations.append(grain.transforms.Batch(self.local_batch, drop_remainder=True))
     self._loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations, worker_count=0)
     self.iterator = iter(self._loader)

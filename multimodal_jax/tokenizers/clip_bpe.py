@@ -7,7 +7,8 @@ space, strip), lowercase, split into pieces with CLIP's pattern
     <start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+
 
 (case-insensitive; implemented with `unicodedata` categories, so the `regex` package is not
-needed), map each piece's UTF-8 bytes to printable characters (`bytes_to_unicode`), mark the last
+needed: over every code point the split equals open_clip's except for characters unassigned in
+Python's Unicode database (14.0 for Python 3.11), which `regex` may know as letters), map each piece's UTF-8 bytes to printable characters (`bytes_to_unicode`), mark the last
 character with `</w>`, and merge pairs by rank from `bpe_simple_vocab_16e6.txt.gz` (the first
 48,894 merges). Vocabulary: 256 byte characters, the same with `</w>`, one token per merge, then
 `<start_of_text>` = 49406 and `<end_of_text>` = 49407 (49,408 ids). Rows are
@@ -25,6 +26,7 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.util
+import itertools
 import os
 import unicodedata
 from collections.abc import Sequence
@@ -39,6 +41,9 @@ START_OF_TEXT, END_OF_TEXT = "<start_of_text>", "<end_of_text>"
 NUM_MERGES = 49152 - 256 - 2  # the merges OpenAI's CLIP uses (the file holds more): 49,408 ids in all
 _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 _CACHE_LIMIT = 100_000
+# U+0345 (combining ypogegrammeni) case-folds to a letter, so under `regex`'s IGNORECASE it matches
+# no alternative of CLIP's pattern and is skipped like whitespace; so it is here.
+_SKIPPED = frozenset("\u0345")
 
 
 def find_open_clip_vocab() -> str:
@@ -105,12 +110,12 @@ def split_pieces(text: str) -> list[str]:
         j += 1
     elif _is_number(ch):
       j = i + 1
-    elif ch.isspace():
+    elif ch.isspace() or ch in _SKIPPED:
       i += 1
       continue
     else:
       j = i + 1
-      while j < n and not (text[j].isspace() or _is_letter(text[j]) or _is_number(text[j])):
+      while j < n and not (text[j].isspace() or text[j] in _SKIPPED or _is_letter(text[j]) or _is_number(text[j])):
         j += 1
     pieces.append(text[i:j])
     i = j
@@ -174,7 +179,7 @@ class ClipBPETokenizer:
       return cached
     word = tuple(piece[:-1]) + (piece[-1] + "</w>",)
     while len(word) > 1:
-      pairs = set(zip(word[:-1], word[1:]))
+      pairs = set(itertools.pairwise(word))
       best = min(pairs, key=lambda p: self.bpe_ranks.get(p, NUM_MERGES))
       if best not in self.bpe_ranks:
         break
@@ -232,6 +237,6 @@ def _read_merges(path: str) -> list[tuple[str, str]]:
   merges = [tuple(line.split()) for line in lines]
   if len(merges) < NUM_MERGES or any(len(m) != 2 for m in merges):
     raise UserError(
-        f"CLIP BPE vocabulary {path!r} is not {VOCAB_FILE}: expected {NUM_MERGES} merge lines of two symbols each"
+      f"CLIP BPE vocabulary {path!r} is not {VOCAB_FILE}: expected {NUM_MERGES} merge lines of two symbols each"
     )
   return merges  # type: ignore[return-value]

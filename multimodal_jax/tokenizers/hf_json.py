@@ -35,7 +35,7 @@ class HFJsonTokenizer:
       raise UserError(f"tokenizer file {path!r} does not exist: pass the path of a Hugging Face tokenizer.json")
     try:
       tok = Tokenizer.from_file(path)
-    except Exception as e:  # the library raises a bare Exception on malformed files
+    except Exception as e:  # noqa: BLE001 (the library raises a bare Exception on malformed files)
       raise UserError(f"{path!r} is not a readable Hugging Face tokenizer.json: {e}") from None
     special = tok.num_special_tokens_to_add(is_pair=False)
     if context_length <= special:

@@ -65,9 +65,7 @@ class WordTokenizer:
     seen: set[str] = set()
     for word in vocabulary:
       if split_words(word) != [word]:
-        raise ValueError(
-            f"vocabulary word {word!r} can never occur: words are lowercase runs of letters and digits"
-        )
+        raise ValueError(f"vocabulary word {word!r} can never occur: words are lowercase runs of letters and digits")
       if word in seen:
         raise ValueError(f"vocabulary word {word!r} appears twice")
       seen.add(word)
@@ -79,7 +77,7 @@ class WordTokenizer:
 
   @classmethod
   def from_texts(
-      cls, texts: Iterable[str], context_length: int, min_count: int = 1, max_words: int | None = None
+    cls, texts: Iterable[str], context_length: int, min_count: int = 1, max_words: int | None = None
   ) -> WordTokenizer:
     """Vocabulary = words occurring at least `min_count` times, most frequent first (ties
     alphabetical, so the ids depend only on the texts), at most `max_words` of them."""
