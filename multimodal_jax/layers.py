@@ -2,12 +2,59 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project(x: jnp.ndarray, w: jnp.ndarray, c: int) -> jnp.ndarray:
+  """Contracts the last `c` axes of `x [*batch, *k]` with the first `c` of `w [*k, *m]` -> `[*batch, *m]`.
+
+  Same values as `lax.dot_general`; only the weight gradient differs in form: it transposes the
+  narrower of `x` and the output gradient (XLA:CPU's dot kernels want the contracted axis
+  innermost, so one operand is copied; JAX's own VJP always copies the output gradient, 3-4x the
+  bytes of `x` for qkv and fc1).
+  """
+  return _project_fwd(x, w, c)[0]
+
+
+def _contract(a, b, a_axes, b_axes):
+  return jax.lax.dot_general(a, b, ((tuple(a_axes), tuple(b_axes)), ((), ())))
+
+
+def _project_fwd(x, w, c):
+  return _contract(x, w, range(x.ndim - c, x.ndim), range(c)), (x, w)
+
+
+def _project_bwd(c, res, g):
+  x, w = res
+  nb, nm = x.ndim - c, w.ndim - c  # batch axes of x, output axes of w
+  dx = _contract(g, w, range(nb, nb + nm), range(c, c + nm))  # [*batch, *k]
+  if math.prod(x.shape[nb:]) <= math.prod(g.shape[nb:]):
+    dw = _contract(x, g, range(nb), range(nb))  # [*k, *m]
+  else:
+    dw = jnp.transpose(_contract(g, x, range(nb), range(nb)), (*range(nm, nm + c), *range(nm)))
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_project.defvjp(_project_fwd, _project_bwd)
+
+
+def projection_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+  """`lax.dot_general` for nn.Dense / nn.DenseGeneral through `_project` when it contracts the
+  last axes of `lhs` with the first of `rhs` (no batch axes): same values, cheaper weight gradient."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  c = len(lc)
+  if lb or rb or tuple(lc) != tuple(range(lhs.ndim - c, lhs.ndim)) or tuple(rc) != tuple(range(c)) or kw:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
+  out = _project(lhs, rhs, c)
+  return out if preferred_element_type is None else out.astype(preferred_element_type)
 
 
 def dense(features: int, axes: tuple[str, str] = ("embed", "mlp"), name: str | None = None, **kw) -> nn.Dense:
@@ -90,16 +137,135 @@ def layer_norm(name: str | None = None, eps: float = 1e-5) -> nn.LayerNorm:
   )
 
 
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@jax.custom_vjp
+def gelu_erf(x: jnp.ndarray) -> jnp.ndarray:
+  """Exact GELU, `x * Phi(x)` through erf as PyTorch's `nn.GELU()` (not jax.nn.gelu's erfc, which
+  XLA expands into exp and divisions). Its VJP keeps only `x` and recomputes. Any shape."""
+  return _gelu_erf(x)
+
+
+def _gelu_erf(x):
+  x32 = x.astype(jnp.float32)
+  return (x32 * (0.5 + 0.5 * jax.lax.erf(x32 * _SQRT_HALF))).astype(x.dtype)
+
+
+def _gelu_erf_fwd(x):
+  return _gelu_erf(x), x
+
+
+def _gelu_erf_bwd(x, g):
+  x32 = x.astype(jnp.float32)
+  cdf = 0.5 + 0.5 * jax.lax.erf(x32 * _SQRT_HALF)
+  pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * x32 * x32)
+  return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
+
+
+gelu_erf.defvjp(_gelu_erf_fwd, _gelu_erf_bwd)
+
+
+def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
+  """OpenAI CLIP's `x * sigmoid(1.702 x)` (their original checkpoints were trained with it). Any shape."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": gelu_erf,  # exact (erf), as torch.nn.GELU()
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+}
+
+
+def activation_fn(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation {name!r}: choose one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def _bdot(a: jnp.ndarray, b: jnp.ndarray, a_axis: int, b_axis: int) -> jnp.ndarray:
+  """Batched (over axes 0, 1) contraction of `a_axis` of `a` with `b_axis` of `b`."""
+  return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((0, 1), (0, 1))))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def attend_qkv(qkv: jnp.ndarray, causal: bool = False) -> jnp.ndarray:
+  """Softmax attention from fused projections `qkv [batch, length, 3, heads, head_dim]` (q, k, v)
+  -> `[batch, length, heads, head_dim]`; the softmax in float32, `causal` masks later keys.
+
+  Laid out for XLA:CPU, whose fast dot kernels (YNNPACK) take only operands contracted on their
+  innermost axis on the left and outermost on the right: the scores are kept transposed
+  (`[keys, queries]` per head) and k, v are also stored transposed, so that all six matmuls of
+  the forward and backward pass are in that form; XLA otherwise falls back to Eigen for two of
+  the backward matmuls and fuses the forward ones with the softmax into slow kernels
+  (optimization barriers keep it from folding the transposes back into the dots). The VJP saves
+  q, k, v, k^T and the probabilities, and gets the softmax's row term from them (no extra matmul).
+  """
+  return _attend_fwd(qkv, causal)[0]
+
+
+def _attend_fwd(qkv, causal):
+  scale = jnp.asarray(qkv.shape[-1] ** -0.5, qkv.dtype)
+  q = jnp.transpose(qkv[:, :, 0], (0, 2, 1, 3)) * scale  # [b, h, q, e]
+  k = jnp.transpose(qkv[:, :, 1], (0, 2, 1, 3))  # [b, h, k, e]
+  v = jnp.transpose(qkv[:, :, 2], (0, 2, 1, 3))
+  kt = jnp.transpose(qkv[:, :, 1], (0, 2, 3, 1))  # [b, h, e, k]
+  vt = jnp.transpose(qkv[:, :, 2], (0, 2, 3, 1))
+  q, k, v, kt, vt = jax.lax.optimization_barrier((q, k, v, kt, vt))
+  st = _bdot(k, q, 3, 3).astype(jnp.float32)  # scores^T [b, h, k, q]
+  if causal:
+    n = st.shape[-1]
+    st = jnp.where(jnp.arange(n)[:, None] <= jnp.arange(n)[None, :], st, -jnp.inf)
+  e = jnp.exp(st - jnp.max(st, axis=2, keepdims=True))
+  pt = (e / jnp.sum(e, axis=2, keepdims=True)).astype(qkv.dtype)  # probabilities^T [b, h, k, q]
+  ot = jax.lax.optimization_barrier(_bdot(vt, pt, 3, 2))  # [b, h, e, q]
+  return jnp.transpose(ot, (0, 3, 1, 2)), (q, k, v, kt, pt)
+
+
+def _attend_bwd(causal, res, dout):
+  del causal  # the masked probabilities are zero: their gradients vanish on their own
+  q, _, v, kt, pt = res
+  do = jax.lax.optimization_barrier(jnp.transpose(dout, (0, 2, 1, 3)))  # [b, h, q, e]
+  dpt = _bdot(v, do, 3, 3).astype(jnp.float32)  # [b, h, k, q]
+  pt32 = pt.astype(jnp.float32)
+  dst = (pt32 * (dpt - jnp.sum(pt32 * dpt, axis=2, keepdims=True))).astype(q.dtype)  # d scores^T
+  dk = _bdot(dst, q, 3, 2)  # [b, h, k, e] (q carries the scale)
+  dqt = _bdot(kt, dst, 3, 2)  # [b, h, e, q]
+  dv = _bdot(pt, do, 3, 2)  # [b, h, k, e]
+  dk, dqt, dv = jax.lax.optimization_barrier((dk, dqt, dv))
+  dq = jnp.transpose(dqt, (0, 3, 1, 2)) * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  dkv = [jnp.transpose(t, (0, 2, 1, 3)) for t in (dk, dv)]
+  return (jnp.stack([dq, *dkv], axis=2),)
+
+
+attend_qkv.defvjp(_attend_fwd, _attend_bwd)
+
+
+def attend_qkv_xla(qkv: jnp.ndarray, causal: bool = False) -> jnp.ndarray:
+  """`attend_qkv` written as plain einsums (XLA picks the layouts; for GPU / TPU)."""
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, length, heads, head_dim]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k)
+  if causal:
+    length = qkv.shape[1]
+    logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, jnp.finfo(logits.dtype).min)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(qkv.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with one fused QKV projection. `[batch, length, width]` in and out.
 
   Params: `qkv/kernel [embed, 3, heads, head_dim]`, `qkv/bias [3, heads, head_dim]`,
   `out/kernel [heads, head_dim, embed]`, `out/bias [embed]` (PyTorch's in_proj/out_proj layout
-  reshaped, so open_clip / OpenAI weights import exactly).
+  reshaped, so open_clip / OpenAI weights import exactly). `implementation`: "cpu" (`attend_qkv`,
+  laid out for XLA:CPU), "xla" (`attend_qkv_xla`) or None: "cpu" on the CPU backend, else "xla".
   """
 
   heads: int
   causal: bool = False
+  implementation: str | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -109,21 +275,19 @@ class SelfAttention(nn.Module):
         (3, self.heads, head_dim),
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None, "heads", "kv")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "heads", "kv")),
+        dot_general=projection_dot_general,
         name="qkv",
     )(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, length, heads, head_dim]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (head_dim**-0.5), k)
-    if self.causal:
-      length = x.shape[1]
-      mask = jnp.tril(jnp.ones((length, length), bool))
-      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    impl = self.implementation or ("cpu" if jax.default_backend() == "cpu" else "xla")
+    if impl not in ("cpu", "xla"):
+      raise ValueError(f"attention implementation {impl!r}: choose cpu or xla")
+    out = (attend_qkv if impl == "cpu" else attend_qkv_xla)(qkv, self.causal)  # [batch, length, heads, head_dim]
     return nn.DenseGeneral(
         width,
         axis=(-2, -1),
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("heads", "kv", "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        dot_general=projection_dot_general,
         name="out",
     )(out)
 
@@ -135,14 +299,17 @@ class TransformerBlock(nn.Module):
   mlp_ratio: float = 4.0
   causal: bool = False
   exact_gelu: bool = True  # PyTorch's nn.GELU(); False: the tanh approximation (cheaper on CPU)
+  activation: str | None = None  # a key of ACTIVATIONS; None: "gelu" or "gelu_tanh" after exact_gelu
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, _=None):
     width = x.shape[-1]
     x = x + SelfAttention(self.heads, self.causal, name="attn")(layer_norm("ln_1")(x))
-    h = dense(int(width * self.mlp_ratio), ("embed", "mlp"), name="fc1")(layer_norm("ln_2")(x))
-    h = nn.gelu(h, approximate=not self.exact_gelu)
-    x = x + dense(width, ("mlp", "embed"), name="fc2")(h)
+    h = dense(int(width * self.mlp_ratio), ("embed", "mlp"), name="fc1", dot_general=projection_dot_general)(
+        layer_norm("ln_2")(x)
+    )
+    h = activation_fn(self.activation or ("gelu" if self.exact_gelu else "gelu_tanh"))(h)
+    x = x + dense(width, ("mlp", "embed"), name="fc2", dot_general=projection_dot_general)(h)
     return x, None
 
 
@@ -160,17 +327,29 @@ class Transformer(nn.Module):
   exact_gelu: bool = True
   scan: bool = True
   remat: bool = False
+  activation: str | None = None
+  # Scan iterations per loop trip (True: all; the params keep their [layers] axis either way). None:
+  # all on the CPU backend, where the loop's stacking of residuals and gradients cost ~25% of a
+  # train step (compile time then grows with depth: ViT-B/32 3.6 s -> 8.5 s), else 1.
+  unroll: int | bool | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
-    kw = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, causal=self.causal, exact_gelu=self.exact_gelu)
+    kw = {
+        "heads": self.heads,
+        "mlp_ratio": self.mlp_ratio,
+        "causal": self.causal,
+        "exact_gelu": self.exact_gelu,
+        "activation": self.activation,
+    }
     if self.scan:
       stack = nn.scan(
           block,
           variable_axes={"params": 0},
           split_rngs={"params": True, "dropout": True},
           length=self.layers,
+          unroll=(jax.default_backend() == "cpu") if self.unroll is None else self.unroll,
           metadata_params={nn.PARTITION_NAME: None},  # the layer axis stays unsharded
       )
       x, _ = stack(**kw, name="blocks")(x, None)

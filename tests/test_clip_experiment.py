@@ -104,7 +104,7 @@ def test_a_checkpoint_of_another_model_is_one_line(tmp_path, captioned_dir, caps
                         "--config.batch_size=16"]) == 0
   capsys.readouterr()
   status = clip_exp.main(["--workdir", str(tmp_path), f"--config.data_dir={captioned_dir}", "--config.steps=2",
-                          "--config.batch_size=16", "--config.image_tower=resnet"])
+                          "--config.batch_size=16", "--config.image_tower=vit"])
   err = capsys.readouterr().err.strip().splitlines()
   assert status == 2 and len(err) == 1 and "holds a different model" in err[0]
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]

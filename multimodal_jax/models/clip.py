@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from flax import linen as nn
 import jax.numpy as jnp
+from flax import linen as nn
 
 from multimodal_jax.layers import ConvEncoder, Transformer, dense, layer_norm
 
@@ -51,6 +51,11 @@ class ClipConfig:
   exact_gelu: bool = True
   scan: bool = True
   remat: bool = False
+  activation: str | None = None  # overrides exact_gelu: "gelu", "gelu_tanh", "quick_gelu" (OpenAI's weights)
+  scan_unroll: int | bool | None = None  # layers per scan trip; None: all on CPU, else 1 (layers.Transformer)
+  # "transformer": the text tower above; "precomputed": texts arrive as a frozen (locked, LiT)
+  # tower's features `[batch, width]` and only the text projection is trained.
+  text_tower: str = "transformer"
 
 
 def _vit(image_size, patch, width, layers, heads):
@@ -77,6 +82,8 @@ class VisionTransformer(nn.Module):
   exact_gelu: bool = True
   scan: bool = True
   remat: bool = False
+  activation: str | None = None
+  unroll: int | bool | None = None
 
   @nn.compact
   def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
@@ -111,7 +118,18 @@ class VisionTransformer(nn.Module):
         (x.shape[1], d),
     )
     x = layer_norm("ln_pre")(x + pos.astype(x.dtype))
-    x = Transformer(cfg.layers, cfg.heads, cfg.mlp_ratio, False, self.exact_gelu, self.scan, self.remat, name="transformer")(x)
+    x = Transformer(
+        cfg.layers,
+        cfg.heads,
+        cfg.mlp_ratio,
+        False,
+        self.exact_gelu,
+        self.scan,
+        self.remat,
+        self.activation,
+        self.unroll,
+        name="transformer",
+    )(x)
     pooled = x[:, 0] if cfg.pool == "token" else x.mean(axis=1)
     return layer_norm("ln_post")(pooled)
 
@@ -135,6 +153,8 @@ class TextTransformer(nn.Module):
   exact_gelu: bool = True
   scan: bool = True
   remat: bool = False
+  activation: str | None = None
+  unroll: int | bool | None = None
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
@@ -152,9 +172,21 @@ class TextTransformer(nn.Module):
         (cfg.context_length, cfg.width),
     )
     x = jnp.take(embed, tokens, axis=0) + pos
-    x = Transformer(cfg.layers, cfg.heads, cfg.mlp_ratio, True, self.exact_gelu, self.scan, self.remat, name="transformer")(x)
+    x = Transformer(
+        cfg.layers,
+        cfg.heads,
+        cfg.mlp_ratio,
+        True,
+        self.exact_gelu,
+        self.scan,
+        self.remat,
+        self.activation,
+        self.unroll,
+        name="transformer",
+    )(x)
     x = layer_norm("ln_final")(x)
-    eot = jnp.maximum((tokens != cfg.pad_id).sum(-1) - 1, 0)
+    # The last non-pad position (not a count of non-pad ids: in CLIP's BPE, "!" shares id 0 with pad).
+    eot = jnp.max(jnp.where(tokens != cfg.pad_id, jnp.arange(tokens.shape[-1]), 0), axis=-1)
     return jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
 
 
@@ -170,12 +202,15 @@ class CLIP(nn.Module):
   def setup(self):
     cfg = self.cfg
     if cfg.vision.tower == "vit":
-      self.visual = VisionTransformer(cfg.vision, cfg.exact_gelu, cfg.scan, cfg.remat)
+      self.visual = VisionTransformer(cfg.vision, cfg.exact_gelu, cfg.scan, cfg.remat, cfg.activation, cfg.scan_unroll)
     elif cfg.vision.tower == "resnet":
       self.visual = ResNetTower(cfg.vision)
     else:
       raise ValueError(f"image tower {cfg.vision.tower!r}: choose vit or resnet")
-    self.text = TextTransformer(cfg.text, cfg.exact_gelu, cfg.scan, cfg.remat)
+    if cfg.text_tower == "transformer":
+      self.text = TextTransformer(cfg.text, cfg.exact_gelu, cfg.scan, cfg.remat, cfg.activation, cfg.scan_unroll)
+    elif cfg.text_tower != "precomputed":
+      raise ValueError(f"text tower {cfg.text_tower!r}: choose transformer or precomputed")
     self.image_projection = dense(cfg.embed_dim, ("embed", "mlp"), use_bias=False)
     self.text_projection = dense(cfg.embed_dim, ("embed", "mlp"), use_bias=False)
     self.logit_scale = self.param(
@@ -190,8 +225,10 @@ class CLIP(nn.Module):
     x = self.image_projection(self.visual(images))
     return _l2_normalize(x) if normalize else x
 
-  def encode_text(self, tokens: jnp.ndarray, normalize: bool = True) -> jnp.ndarray:
-    x = self.text_projection(self.text(tokens))
+  def encode_text(self, text: jnp.ndarray, normalize: bool = True) -> jnp.ndarray:
+    """Token ids `[batch, context]`, or a locked tower's features `[batch, width]` when
+    `text_tower="precomputed"` -> `[batch, embed_dim]`."""
+    x = self.text_projection(self.text(text) if self.cfg.text_tower == "transformer" else text)
     return _l2_normalize(x) if normalize else x
 
   def __call__(self, images: jnp.ndarray, tokens: jnp.ndarray):

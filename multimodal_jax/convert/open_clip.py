@@ -1,0 +1,316 @@
+"""Import OpenAI CLIP / open_clip PyTorch ViT checkpoints into `multimodal_jax.models.clip.CLIP` params.
+
+  cfg, params = load_open_clip("open_clip_pytorch_model.bin")  # or .safetensors, or a state dict
+  model = CLIP(cfg)
+  img, txt, scale, bias = model.apply({"params": params}, images, tokens)
+
+The architecture (a `ClipConfig`) is read off the tensor shapes: widths, layers, patch size, image
+size, context length, vocabulary, embedding size; heads are `width // 64` as in open_clip (pass
+`vision_heads` / `text_heads` for models built with another head width). Shapes cannot tell the MLP
+activation: OpenAI's own checkpoints (open_clip's `pretrained="openai"` and `*-quickgelu` models)
+were trained with QuickGELU, so pass `quick_gelu=True` for them (it defaults to True only when the
+state dict carries OpenAI's `input_resolution` / `context_length` / `vocab_size` entries).
+
+Images go in `[batch, H, W, C]` (open_clip's are `[batch, C, H, W]`), normalised as for the torch
+model (OpenAI mean / std); text is tokenised as for open_clip (pad id 0, end-of-text last: our text
+tower pools at the last non-pad token, which is where open_clip's argmax over ids lands).
+
+Not supported (a ValueError says so): OpenAI's ModifiedResNet image towers (RN50, RN101, ...), timm
+or Hugging Face towers, attention pooling, layer scale, projections with biases, JIT archives.
+Checkpoint files are read with `safetensors.numpy` or `torch.load(..., weights_only=True)`: no pickle.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from multimodal_jax.models.clip import ClipConfig, TextConfig, VisionConfig
+
+# Entries of OpenAI's JIT state dicts that are not weights (OpenAI's build_model deletes them too).
+_OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
+_IGNORED = re.compile(r"^(input_resolution|context_length|vocab_size|attn_mask|visual\.attn_mask)$")
+_BLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.")
+
+
+def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """A checkpoint as `{name: float32 / int numpy array}` in open_clip's naming.
+
+  `source`: a `.safetensors` file, a `.pt` / `.pth` / `.bin` file (loaded with
+  `torch.load(map_location="cpu", weights_only=True)`; a `{"state_dict": ...}` training
+  checkpoint is unwrapped), or a state dict of torch tensors / arrays. A DistributedDataParallel
+  `module.` prefix is stripped.
+  """
+  if isinstance(source, Mapping):
+    raw = dict(source)
+  else:
+    path = os.fspath(source)
+    if path.endswith(".safetensors"):
+      from safetensors.numpy import load_file
+
+      raw = load_file(path)
+    else:
+      import torch
+
+      try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+      except RuntimeError as e:
+        if "TorchScript" in str(e) or "constants.pkl" in str(e):
+          raise ValueError(f"{path} is a TorchScript (JIT) archive: these are not supported, use a state dict") from e
+        raise
+    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
+      raw = dict(raw["state_dict"])
+    if not isinstance(raw, Mapping):
+      raise TypeError(f"{path} holds a {type(raw).__name__}, not a state dict")
+  out = {}
+  for name, value in raw.items():
+    out[name.removeprefix("module.")] = _to_numpy(value)
+  return out
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor (numpy has no bfloat16: go through float32)
+    value = value.detach().cpu()
+    value = value.float() if value.is_floating_point() else value
+    return value.numpy()
+  array = np.asarray(value)
+  return array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
+
+
+def _unsupported(sd: Mapping[str, Any]) -> str | None:
+  keys = list(sd)
+  if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in keys):
+    return (
+      "this is an OpenAI ModifiedResNet (RN50 / RN101 / RN50x4 ...) checkpoint: only ViT image towers "
+      "convert to multimodal_jax's CLIP"
+    )
+  if any(k.startswith("visual.trunk.") for k in keys) or any(k.startswith("text.transformer.") for k in keys):
+    return "this checkpoint has a timm / Hugging Face tower (open_clip's TimmModel / HFTextEncoder): not supported"
+  if "visual.conv1.weight" not in sd:
+    return "state dict has no tensor 'visual.conv1.weight': not an OpenAI / open_clip ViT CLIP checkpoint"
+  return None
+
+
+def _num_blocks(sd: Mapping[str, Any], vision: bool) -> int:
+  indices = {int(m.group(2)) for k in sd if (m := _BLOCK.match(k)) and bool(m.group(1)) == vision}
+  return max(indices) + 1 if indices else 0
+
+
+def config_from_state_dict(
+  sd: Mapping[str, Any],
+  *,
+  quick_gelu: bool | None = None,
+  vision_heads: int | None = None,
+  text_heads: int | None = None,
+  **overrides: Any,
+) -> ClipConfig:
+  """The `ClipConfig` a state dict was saved from, read off its tensor shapes.
+
+  `overrides` are further `ClipConfig` fields (e.g. `scan=False`, `scan_unroll=1`, `remat=True`).
+  """
+  problem = _unsupported(sd)
+  if problem:
+    raise ValueError(problem)
+
+  def shape(name: str) -> tuple[int, ...]:
+    if name not in sd:
+      raise ValueError(f"state dict has no tensor {name!r}: not an OpenAI / open_clip ViT CLIP checkpoint")
+    return tuple(np.shape(sd[name]))
+
+  width, channels, patch, patch_w = shape("visual.conv1.weight")
+  tokens = shape("visual.positional_embedding")[0] - 1
+  grid = round(tokens**0.5)
+  if patch != patch_w or grid * grid != tokens:
+    raise ValueError(
+      f"tensor 'visual.positional_embedding' has shape {shape('visual.positional_embedding')}: "
+      "expected a square patch grid plus a class token"
+    )
+  v_layers = _num_blocks(sd, vision=True)
+  v_mlp = shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0] if v_layers else 4 * width
+  vocab, t_width = shape("token_embedding.weight")
+  context = shape("positional_embedding")[0]
+  t_layers = _num_blocks(sd, vision=False)
+  t_mlp = shape("transformer.resblocks.0.mlp.c_fc.weight")[0] if t_layers else 4 * t_width
+  embed_dim = shape("text_projection")[1]
+  if quick_gelu is None:
+    quick_gelu = all(k in sd for k in _OPENAI_MARKERS)
+  bias = float(np.asarray(sd["logit_bias"]).reshape(())) if "logit_bias" in sd else None
+  fields = {
+    "embed_dim": embed_dim,
+    "vision": VisionConfig(
+      image_size=grid * patch,
+      patch_size=patch,
+      width=width,
+      layers=v_layers,
+      heads=vision_heads or max(width // 64, 1),
+      mlp_ratio=v_mlp / width,
+      channels=channels,
+    ),
+    "text": TextConfig(
+      vocab_size=vocab,
+      context_length=context,
+      width=t_width,
+      layers=t_layers,
+      heads=text_heads or max(t_width // 64, 1),
+      mlp_ratio=t_mlp / t_width,
+    ),
+    "init_logit_bias": bias,
+    "exact_gelu": True,
+    "activation": "quick_gelu" if quick_gelu else "gelu",
+  }
+  fields.update(overrides)
+  return ClipConfig(**fields)
+
+
+def _expected(cfg: ClipConfig) -> list[tuple[str, tuple[int, ...]]]:
+  """(open_clip name, shape) of every tensor `cfg` needs, in state-dict order."""
+  v, t = cfg.vision, cfg.text
+  grid = v.image_size // v.patch_size
+
+  def blocks(prefix: str, width: int, layers: int, mlp_ratio: float):
+    hidden = int(width * mlp_ratio)
+    out = []
+    for i in range(layers):
+      p = f"{prefix}transformer.resblocks.{i}."
+      out += [
+        (p + "ln_1.weight", (width,)),
+        (p + "ln_1.bias", (width,)),
+        (p + "attn.in_proj_weight", (3 * width, width)),
+        (p + "attn.in_proj_bias", (3 * width,)),
+        (p + "attn.out_proj.weight", (width, width)),
+        (p + "attn.out_proj.bias", (width,)),
+        (p + "ln_2.weight", (width,)),
+        (p + "ln_2.bias", (width,)),
+        (p + "mlp.c_fc.weight", (hidden, width)),
+        (p + "mlp.c_fc.bias", (hidden,)),
+        (p + "mlp.c_proj.weight", (width, hidden)),
+        (p + "mlp.c_proj.bias", (width,)),
+      ]
+    return out
+
+  names = [
+    ("positional_embedding", (t.context_length, t.width)),
+    ("text_projection", (t.width, cfg.embed_dim)),
+    ("logit_scale", ()),
+    ("visual.class_embedding", (v.width,)),
+    ("visual.positional_embedding", (grid * grid + 1, v.width)),
+    ("visual.proj", (v.width, cfg.embed_dim)),
+    ("visual.conv1.weight", (v.width, v.channels, v.patch_size, v.patch_size)),
+    ("visual.ln_pre.weight", (v.width,)),
+    ("visual.ln_pre.bias", (v.width,)),
+    *blocks("visual.", v.width, v.layers, v.mlp_ratio),
+    ("visual.ln_post.weight", (v.width,)),
+    ("visual.ln_post.bias", (v.width,)),
+    *blocks("", t.width, t.layers, t.mlp_ratio),
+    ("token_embedding.weight", (t.vocab_size, t.width)),
+    ("ln_final.weight", (t.width,)),
+    ("ln_final.bias", (t.width,)),
+  ]
+  if cfg.init_logit_bias is not None:
+    names.append(("logit_bias", ()))
+  return names
+
+
+def check_state_dict(sd: Mapping[str, Any], cfg: ClipConfig) -> None:
+  """Raises a one-line ValueError naming the first tensor `cfg` needs that `sd` lacks or has in
+  another shape, then the first tensor `sd` has that `cfg` cannot hold."""
+  problem = _unsupported(sd)
+  if problem:
+    raise ValueError(problem)
+  if cfg.vision.tower != "vit" or cfg.vision.pool != "token":
+    raise ValueError("open_clip weights need vision.tower='vit' and vision.pool='token'")
+  for tower in (cfg.vision, cfg.text):
+    if tower.width % tower.heads:
+      raise ValueError(f"width {tower.width} is not divisible by heads {tower.heads}")
+  expected = _expected(cfg)
+  for name, shape in expected:
+    if name not in sd:
+      raise ValueError(f"state dict has no tensor {name!r} (expected shape {shape}) for this CLIP config")
+    if tuple(np.shape(sd[name])) != shape:
+      raise ValueError(f"tensor {name!r} has shape {tuple(np.shape(sd[name]))}, expected {shape} for this CLIP config")
+  known = {name for name, _ in expected}
+  for name in sd:
+    if name not in known and not _IGNORED.match(name):
+      raise ValueError(
+        f"state dict has tensor {name!r} of shape {tuple(np.shape(sd[name]))}, which this CLIP config has no place "
+        "for (attention pooling, layer scale, projection biases, extra layers ... are not supported)"
+      )
+
+
+def convert_state_dict(sd: Mapping[str, Any], cfg: ClipConfig) -> dict[str, Any]:
+  """open_clip tensors -> the `params` tree of `CLIP(cfg)`: nested dicts of float32 numpy arrays,
+  scanned (`transformer/blocks/...` with a leading [layers] axis) or not (`transformer/block_{i}/...`)
+  after `cfg.scan`. `sd` as returned by `load_state_dict`; checked by `check_state_dict` first."""
+  sd = {k: _to_numpy(v) for k, v in sd.items()}
+  check_state_dict(sd, cfg)
+  f32 = lambda name: np.asarray(sd[name], np.float32)
+
+  def block(prefix: str, width: int, heads: int) -> dict[str, Any]:
+    head_dim = width // heads
+    in_w = f32(prefix + "attn.in_proj_weight")  # [3 * width (q, k, v; heads; head_dim), width]
+    out_w = f32(prefix + "attn.out_proj.weight")  # [width, heads * head_dim]
+    ln = lambda name: {"scale": f32(prefix + name + ".weight"), "bias": f32(prefix + name + ".bias")}
+    return {
+      "ln_1": ln("ln_1"),
+      "attn": {
+        "qkv": {
+          "kernel": in_w.reshape(3, heads, head_dim, width).transpose(3, 0, 1, 2),
+          "bias": f32(prefix + "attn.in_proj_bias").reshape(3, heads, head_dim),
+        },
+        "out": {"kernel": out_w.T.reshape(heads, head_dim, width), "bias": f32(prefix + "attn.out_proj.bias")},
+      },
+      "ln_2": ln("ln_2"),
+      "fc1": {"kernel": f32(prefix + "mlp.c_fc.weight").T, "bias": f32(prefix + "mlp.c_fc.bias")},
+      "fc2": {"kernel": f32(prefix + "mlp.c_proj.weight").T, "bias": f32(prefix + "mlp.c_proj.bias")},
+    }
+
+  def transformer(prefix: str, tower: VisionConfig | TextConfig) -> dict[str, Any]:
+    layers = [block(f"{prefix}transformer.resblocks.{i}.", tower.width, tower.heads) for i in range(tower.layers)]
+    if not cfg.scan:
+      return {f"block_{i}": b for i, b in enumerate(layers)}
+    import jax
+
+    return {"blocks": jax.tree.map(lambda *xs: np.stack(xs), *layers)}
+
+  ln = lambda name: {"scale": f32(name + ".weight"), "bias": f32(name + ".bias")}
+  params: dict[str, Any] = {
+    "visual": {
+      "patch_embed": {"kernel": f32("visual.conv1.weight").transpose(2, 3, 1, 0)},  # OIHW -> HWIO
+      "class_embedding": f32("visual.class_embedding"),
+      "positional_embedding": f32("visual.positional_embedding"),
+      "ln_pre": ln("visual.ln_pre"),
+      "transformer": transformer("visual.", cfg.vision),
+      "ln_post": ln("visual.ln_post"),
+    },
+    "text": {
+      "token_embedding": f32("token_embedding.weight"),
+      "positional_embedding": f32("positional_embedding"),
+      "transformer": transformer("", cfg.text),
+      "ln_final": ln("ln_final"),
+    },
+    "image_projection": {"kernel": f32("visual.proj")},
+    "text_projection": {"kernel": f32("text_projection")},
+    "logit_scale": f32("logit_scale").reshape(()),
+  }
+  if cfg.init_logit_bias is not None:
+    params["logit_bias"] = f32("logit_bias").reshape(())
+  return params
+
+
+def load_open_clip(
+  source: str | os.PathLike | Mapping[str, Any],
+  *,
+  quick_gelu: bool | None = None,
+  vision_heads: int | None = None,
+  text_heads: int | None = None,
+  **overrides: Any,
+) -> tuple[ClipConfig, dict[str, Any]]:
+  """`(cfg, params)` for `CLIP(cfg)` from an OpenAI / open_clip ViT checkpoint (see the module
+  docstring). `overrides` are further ClipConfig fields, e.g. `scan=False`."""
+  sd = load_state_dict(source)
+  cfg = config_from_state_dict(sd, quick_gelu=quick_gelu, vision_heads=vision_heads, text_heads=text_heads, **overrides)
+  return cfg, convert_state_dict(sd, cfg)
