@@ -11,8 +11,6 @@ model (a preset of multimodal_jax.models.clip), mesh (e.g. data:4,fsdp:2). Resul
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 
 import jax
@@ -22,10 +20,10 @@ import numpy as np
 
 from multimodal_jax import cli, loop, losses, train
 from multimodal_jax import sharding as shd
-from multimodal_jax.checkpoint import Checkpointer
 from multimodal_jax.data import captioned_digits as cd
 from multimodal_jax.data.pipeline import GrainBatches, eval_batches, load_on_every_process
 from multimodal_jax.errors import UserError
+from multimodal_jax.eval import from_checkpoint
 from multimodal_jax.eval.linear_probe import linear_probe_accuracy
 from multimodal_jax.eval.retrieval import recall_at_k
 from multimodal_jax.eval.zero_shot import zero_shot_accuracy, zero_shot_classifier
@@ -237,27 +235,16 @@ def run_train(config, workdir):
 
 
 def run_eval(config, workdir):
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise UserError(f"no checkpoint in {workdir}: train first with the same --workdir")
-  checkpointer = Checkpointer(workdir)
-  if checkpointer.latest_step() is None:
-    raise UserError(f"no checkpoint in {checkpointer.directory}: train first with the same --workdir")
-  config = ml_collections.ConfigDict({**checkpointer.restore_config(), **{k: config[k] for k in EVAL_KEYS}})
+  checkpointer, config = from_checkpoint.saved_config(workdir, config, EVAL_KEYS)
   mesh = shd.make_mesh(config.mesh)
   model = clip_model.CLIP(model_config(config))
   text_inputs = text_inputs_for(config)
   tx, _ = train.make_optimizer(config)
-  ema = config.ema_decay > 0
-  abstract_state, _ = train.abstract_train_state(make_init_params(model, config, text_inputs), tx, mesh, ema=ema)
-  step, state, _ = checkpointer.restore(abstract_state)
-  checkpointer.close()
-  params = state.ema_params if ema else state.params
+  init_params = make_init_params(model, config, text_inputs)
+  step, params = from_checkpoint.restore_params(checkpointer, init_params, tx, mesh, ema=config.ema_decay > 0)
   metrics = evaluate(model, params, _load_data(config), config, mesh, text_inputs)
   result = {"step": step, "loss": config.loss, "text_tower": config.text_tower, **metrics}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(result, f, indent=2)
-    print(json.dumps(result), flush=True)
+  from_checkpoint.report(workdir, result)
   return result
 
 

@@ -11,7 +11,6 @@ batch_size (global), seed, mesh (e.g. data:4,fsdp:2). Results of the default con
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax
@@ -22,10 +21,10 @@ from flax import linen as nn
 
 from multimodal_jax import cli, loop, train
 from multimodal_jax import sharding as shd
-from multimodal_jax.checkpoint import Checkpointer
 from multimodal_jax.data import av_digits
 from multimodal_jax.data.pipeline import GrainBatches, eval_batches, load_on_every_process
 from multimodal_jax.errors import UserError
+from multimodal_jax.eval import from_checkpoint
 from multimodal_jax.fusion import EarlyFusion, JointFusion, LateFusion, fusion_loss
 from multimodal_jax.layers import MLP, ConvEncoder, dense
 
@@ -204,28 +203,16 @@ def run_train(config, workdir):
 
 
 def run_eval(config, workdir):
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise UserError(f"no checkpoint in {workdir}: train first with the same --workdir")
-  checkpointer = Checkpointer(workdir)
-  if checkpointer.latest_step() is None:
-    raise UserError(f"no checkpoint in {checkpointer.directory}: train first with the same --workdir")
-  saved = checkpointer.restore_config()
-  config = ml_collections.ConfigDict({**saved, **{k: config[k] for k in EVAL_KEYS}})
+  checkpointer, config = from_checkpoint.saved_config(workdir, config, EVAL_KEYS)
   mesh = shd.make_mesh(config.mesh)
   data = _load_data(config)
   model = build_model(config)
   tx, _ = train.make_optimizer(config)
-  ema = config.ema_decay > 0
   init_params = make_init_params(model, data["train"], config)
-  abstract_state, _ = train.abstract_train_state(init_params, tx, mesh, ema=ema)
-  step, state, _ = checkpointer.restore(abstract_state)
-  checkpointer.close()
-  metrics = make_evaluator(model, config, mesh, data["test"])(state.ema_params if ema else state.params)
+  step, params = from_checkpoint.restore_params(checkpointer, init_params, tx, mesh, ema=config.ema_decay > 0)
+  metrics = make_evaluator(model, config, mesh, data["test"])(params)
   result = {"step": step, "fusion": config.fusion, "modalities": ",".join(modalities_of(config)), **metrics}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(result, f, indent=2)
-    print(json.dumps(result), flush=True)
+  from_checkpoint.report(workdir, result)
   return result
 
 
