@@ -2,6 +2,7 @@
 open_clip's (PyTorch eager, CPU), same architecture, batch, loss and optimizer, interleaved.
 
   python -m benchmarks.clip_train_step [--batch 128] [--steps 10] [--repeats 5] [--gelu exact|tanh]
+      [--torch-threads N] [--no-torch]
 
 Architecture (both sides): embed 128; ViT image 32, patch 4, width 128, 4 layers, 4 heads; text
 context 16, vocab 1000, width 128, 4 layers, 4 heads; MLP ratio 4; exact (erf) GELU unless
@@ -9,9 +10,10 @@ context 16, vocab 1000, width 128, 4 layers, 4 heads; MLP ratio 4; exact (erf) G
 (lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.1 on every parameter); the symmetric
 softmax CLIP loss. Both sides see the same batch and run on the same threads of the same process
 (one after the other, never at once). Prints examples/s of each (median over repeats), the
-ratio, the allocator, torch's thread count, a matmul peak measured in the same run and the load
-average (PyTorch's OpenMP threads collapse when other processes want the cores, XLA's much less:
-compare figures from a quiet machine). `python -m` re-execs with tcmalloc when installed.
+ratio, the allocator, torch's thread count, a matmul peak measured in the same run and the
+CPU time other processes took meanwhile (PyTorch's OpenMP threads collapse when other processes
+want the cores, XLA's much less: compare figures from a quiet machine). `python -m` re-execs with
+tcmalloc when installed (MMJ_NO_TCMALLOC=1: glibc malloc).
 """
 
 from __future__ import annotations
@@ -184,6 +186,22 @@ def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n**3 / best
 
 
+def _busy_cpu_seconds() -> float | None:
+  """CPU seconds all processes have been busy since boot (Linux /proc/stat), or None."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(x) for x in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+  return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+  t = os.times()
+  return t.user + t.system
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=128)
@@ -195,7 +213,6 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   batch = synthetic_batch(args.batch)
   allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
-  load_before = os.getloadavg()[0]
   ours = Ours(batch, config(exact_gelu=args.gelu == "exact"))
   sides = {"ours": ours}
   threads = "-"
@@ -204,11 +221,13 @@ def main(argv=None) -> None:
     threads = theirs.torch.get_num_threads()
     sides["open_clip"] = theirs
   rates = {name: [] for name in sides}
+  busy0, own0, wall0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
   for i in range(args.repeats):  # interleaved, the order alternating
     for name in list(sides)[:: 1 if i % 2 == 0 else -1]:
       rates[name].append(timed(sides[name], args.steps, args.batch))
+  busy1, own1, wall1 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+  others = None if busy0 is None else max(busy1 - busy0 - (own1 - own0), 0.0) / (wall1 - wall0)
   peak = matmul_peak()
-  load_after = os.getloadavg()[0]
   med = {name: statistics.median(r) for name, r in rates.items()}
   flops = train_flops(args.batch)
   xla = f"{ours.flops / 1e9:.1f}" if ours.flops else "n/a"
@@ -216,7 +235,9 @@ def main(argv=None) -> None:
     f"CLIP train step, batch {args.batch}, float32, {args.gelu} GELU (ours), loss {ours.loss_name}; "
     f"allocator {allocator}; torch threads {threads}; {os.cpu_count()} CPUs; ours compiles in "
     f"{ours.compile_s:.1f} s; {flops / 1e9:.1f} GFLOP/step (3x forward matmuls; XLA counts {xla}); "
-    f"matmul peak (1024^2) {peak / 1e9:.0f} GFLOP/s; load average {load_before:.1f} -> {load_after:.1f}"
+    f"matmul peak (1024^2) {peak / 1e9:.0f} GFLOP/s; other processes used "
+    + ("n/a" if others is None else f"{others:.2f} CPUs")
+    + " while timing"
   )
   print(f"{'side':>10} | {'examples/s':>10} | {'GFLOP/s':>8} | {'of peak':>7} | all repeats")
   for name, r in rates.items():
@@ -231,10 +252,10 @@ def main(argv=None) -> None:
       f"ours / open_clip: {med['ours'] / med['open_clip']:.2f}x "
       f"(median of per-repeat ratios {statistics.median(ratios):.2f}x)"
     )
-  if max(load_before, load_after) > 0.5 + (os.cpu_count() or 1) - 1:
+  if others is not None and others > 0.1:
     print(
-      "warning: other processes were using the CPUs (load average above the core count less one): "
-      "PyTorch's OpenMP threads slow down far more than XLA's under contention, so the ratio is inflated"
+      f"warning: other processes took {others:.2f} CPUs while timing: PyTorch's OpenMP threads slow down "
+      "far more than XLA's under contention, so the ratio is inflated; rerun on a quiet machine"
     )
 
 

@@ -34,6 +34,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
   ("conv_height", None),
   ("conv_width", None),
   ("length", None),
+  ("layers", None),  # the stacked axis of nn.scan'd layers
   ("modalities", None),
   ("norm", None),
 )

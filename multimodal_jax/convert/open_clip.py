@@ -5,8 +5,9 @@
   img, txt, scale, bias = model.apply({"params": params}, images, tokens)
 
 The architecture (a `ClipConfig`) is read off the tensor shapes: widths, layers, patch size, image
-size, context length, vocabulary, embedding size; heads are `width // 64` as in open_clip (pass
-`vision_heads` / `text_heads` for models built with another head width). Shapes cannot tell the MLP
+size, context length, vocabulary, embedding size, MLP width; heads are `width // 64` as in
+open_clip (16 for the 1280 / 1408 / 1664 wide image towers of open_clip's ViT-H, -g and -bigG; pass
+`vision_heads` / `text_heads` for models built with other head widths). Shapes cannot tell the MLP
 activation: OpenAI's own checkpoints (open_clip's `pretrained="openai"` and `*-quickgelu` models)
 were trained with QuickGELU, so pass `quick_gelu=True` for them (it defaults to True only when the
 state dict carries OpenAI's `input_resolution` / `context_length` / `vocab_size` entries).
@@ -17,7 +18,8 @@ tower pools at the last non-pad token, which is where open_clip's argmax over id
 
 Not supported (a ValueError says so): OpenAI's ModifiedResNet image towers (RN50, RN101, ...), timm
 or Hugging Face towers, attention pooling, layer scale, projections with biases, JIT archives.
-Checkpoint files are read with `safetensors.numpy` or `torch.load(..., weights_only=True)`: no pickle.
+Files are read with `safetensors.numpy` or `torch.load(..., weights_only=True)` (tensors and plain
+containers only, never arbitrary pickled objects).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from multimodal_jax.models.clip import ClipConfig, TextConfig, VisionConfig
 _OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
 _IGNORED = re.compile(r"^(input_resolution|context_length|vocab_size|attn_mask|visual\.attn_mask)$")
 _BLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.")
+# open_clip's ViT-H/14, ViT-g/14 and ViT-bigG/14 image towers use head widths 80, 88 and 104, not 64.
+_OPEN_CLIP_VISION_HEADS = {1280: 16, 1408: 16, 1664: 16}
 
 
 def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -100,6 +104,12 @@ def _num_blocks(sd: Mapping[str, Any], vision: bool) -> int:
   return max(indices) + 1 if indices else 0
 
 
+def _mlp_ratio(hidden: int, width: int) -> float:
+  """A ratio r with int(width * r) == hidden (the models size their MLPs as open_clip does)."""
+  ratio = hidden / width
+  return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
+
+
 def config_from_state_dict(
   sd: Mapping[str, Any],
   *,
@@ -146,8 +156,8 @@ def config_from_state_dict(
       patch_size=patch,
       width=width,
       layers=v_layers,
-      heads=vision_heads or max(width // 64, 1),
-      mlp_ratio=v_mlp / width,
+      heads=vision_heads or _OPEN_CLIP_VISION_HEADS.get(width, max(width // 64, 1)),
+      mlp_ratio=_mlp_ratio(v_mlp, width),
       channels=channels,
     ),
     "text": TextConfig(
@@ -156,7 +166,7 @@ def config_from_state_dict(
       width=t_width,
       layers=t_layers,
       heads=text_heads or max(t_width // 64, 1),
-      mlp_ratio=t_mlp / t_width,
+      mlp_ratio=_mlp_ratio(t_mlp, t_width),
     ),
     "init_logit_bias": bias,
     "exact_gelu": True,
