@@ -89,3 +89,13 @@ def test_bad_choices_are_one_line(tmp_path, capsys, av_digits_dir, key, value, m
     capsys, "--workdir", str(tmp_path), f"--config.data_dir={av_digits_dir}", f"--config.{key}={value}"
   )
   assert status == 2 and len(err) == 1 and message in err[0]
+
+
+def test_missing_data_package_is_one_line(tmp_path, capsys, monkeypatch):
+  from multimodal_jax.data import noise_sources
+
+  monkeypatch.setattr(noise_sources, "ASTERISK_MOH_DIR", str(tmp_path / "moh"))
+  status, err = _main(capsys, "--workdir", str(tmp_path / "run"), f"--config.data_dir={tmp_path / 'tfds'}")
+  assert status == 2 and len(err) == 1
+  assert "asterisk-moh-opsound-wav" in err[0] and "apt-get install" in err[0]
+  assert not (tmp_path / "run" / "checkpoints").exists()
