@@ -1,0 +1,72 @@
+"""The STFT front end against scipy, and perfect reconstruction through STFT -> ISTFT."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import signal as sps
+
+from multimodal_jax import audio
+
+
+def _speechlike(n, seed=0):
+  rng = np.random.default_rng(seed)
+  t = np.arange(n) / 16000
+  return (np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.3 * rng.normal(size=n)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n_fft, hop, length", [(512, 320, 16000), (512, 256, 12345), (256, 160, 8000)])
+def test_stft_matches_scipy(n_fft, hop, length):
+  x = _speechlike(length)
+  _, _, expected = sps.stft(
+    x.astype(np.float64), nperseg=n_fft, noverlap=n_fft - hop, window="hann", boundary="zeros", padded=True
+  )
+  ours = np.asarray(audio.stft(jnp.asarray(x), n_fft, hop)) / np.asarray(audio.hann_window(n_fft)).sum()
+  assert ours.shape == expected.T.shape == (audio.num_frames(length, n_fft, hop), n_fft // 2 + 1)
+  np.testing.assert_allclose(ours, expected.T, atol=2e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("n_fft, hop, length", [(512, 320, 16000), (512, 256, 12345), (256, 160, 8001)])
+def test_stft_then_istft_reconstructs_the_signal(n_fft, hop, length):
+  x = jnp.asarray(_speechlike(length, seed=1))
+  y = audio.istft(audio.stft(x, n_fft, hop), length, n_fft, hop)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+
+
+def test_istft_agrees_with_scipy():
+  x = _speechlike(16000, seed=2)
+  _, _, spec = sps.stft(x.astype(np.float64), nperseg=512, noverlap=192, window="hann")
+  _, expected = sps.istft(spec, nperseg=512, noverlap=192, window="hann")
+  ours = audio.istft(jnp.asarray(spec.T * np.asarray(audio.hann_window(512)).sum(), jnp.complex64), 16000)
+  np.testing.assert_allclose(np.asarray(ours), expected[:16000], atol=1e-5)
+
+
+def test_batched_stft_equals_per_signal():
+  xs = jnp.stack([jnp.asarray(_speechlike(4000, seed=s)) for s in range(3)])
+  batched = audio.stft(xs)
+  for i in range(3):
+    np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(audio.stft(xs[i])), rtol=1e-6, atol=1e-6)
+
+
+def test_resynthesis_with_the_true_phase_is_exact():
+  x = jnp.asarray(_speechlike(16000, seed=3))
+  spec = audio.stft(x)
+  y = audio.resynthesize(audio.log_power(spec, eps=0.0), spec, 16000)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-4)
+
+
+def test_context_frames_and_normalisation():
+  feats = jnp.arange(12.0).reshape(4, 3)  # [frames, bins]
+  ctx = audio.context_frames(feats, radius=2)
+  assert ctx.shape == (4, 3, 5)
+  np.testing.assert_array_equal(ctx[0, :, 0], feats[0])  # edge repeated
+  np.testing.assert_array_equal(ctx[1, :, 3], feats[2])  # +1 neighbour
+  np.testing.assert_array_equal(ctx[3, :, 4], feats[3])
+  normed, mean, std = audio.normalize_utterance(jnp.asarray(np.random.default_rng(0).normal(3, 2, (50, 257))))
+  np.testing.assert_allclose(normed.mean(0), 0, atol=1e-5)
+  np.testing.assert_allclose(normed.std(0), 1, atol=1e-3)
+  assert mean.shape == std.shape == (1, 257)
+
+
+def test_istft_refuses_a_length_that_does_not_match():
+  with pytest.raises(ValueError, match="frames do not match"):
+    audio.istft(audio.stft(jnp.zeros(16000)), 8000)
