@@ -317,8 +317,8 @@ class Transformer(nn.Module):
   """`layers` TransformerBlocks, under `nn.scan` unless `scan=False`. `[batch, length, width]`.
 
   With `remat` each block's activations are recomputed in the backward pass (memory for FLOPs).
-  Scanned params carry a leading `[layers]` axis (logical name None: never sharded, and
-  sharding.LOGICAL_AXIS_RULES needs no rule for it).
+  Scanned params carry a leading `[layers]` axis (logical name "layers", replicated by
+  sharding.LOGICAL_AXIS_RULES).
   """
 
   layers: int

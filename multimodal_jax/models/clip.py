@@ -64,15 +64,32 @@ def _vit(image_size, patch, width, layers, heads):
 
 _OPENAI_TEXT = TextConfig(vocab_size=49408, context_length=77, width=512, layers=12, heads=8)
 PRESETS: dict[str, ClipConfig] = {
-    "tiny": ClipConfig(),  # the benchmark / embedded-data shape
-    "ViT-B-32": ClipConfig(embed_dim=512, vision=_vit(224, 32, 768, 12, 12), text=_OPENAI_TEXT),
-    "ViT-B-16": ClipConfig(embed_dim=512, vision=_vit(224, 16, 768, 12, 12), text=_OPENAI_TEXT),
-    "ViT-L-14": ClipConfig(
-        embed_dim=768,
-        vision=_vit(224, 14, 1024, 24, 16),
-        text=dataclasses.replace(_OPENAI_TEXT, width=768, heads=12),
-    ),
+  "tiny": ClipConfig(),  # the benchmark / embedded-data shape
+  "ViT-B-32": ClipConfig(embed_dim=512, vision=_vit(224, 32, 768, 12, 12), text=_OPENAI_TEXT),
+  "ViT-B-16": ClipConfig(embed_dim=512, vision=_vit(224, 16, 768, 12, 12), text=_OPENAI_TEXT),
+  "ViT-L-14": ClipConfig(
+    embed_dim=768,
+    vision=_vit(224, 14, 1024, 24, 16),
+    text=dataclasses.replace(_OPENAI_TEXT, width=768, heads=12),
+  ),
 }
+
+
+def _transformer(tower: nn.Module, causal: bool) -> Transformer:
+  """The block stack of a tower (call inside its compact `__call__`), from its config and flags."""
+  cfg = tower.cfg
+  return Transformer(
+    cfg.layers,
+    cfg.heads,
+    cfg.mlp_ratio,
+    causal,
+    tower.exact_gelu,
+    tower.scan,
+    tower.remat,
+    tower.activation,
+    tower.unroll,
+    name="transformer",
+  )
 
 
 class VisionTransformer(nn.Module):
@@ -90,46 +107,33 @@ class VisionTransformer(nn.Module):
     cfg = self.cfg
     if images.shape[1:3] != (cfg.image_size, cfg.image_size):
       raise ValueError(
-          f"images are {images.shape[1]}x{images.shape[2]} but this model takes "
-          f"{cfg.image_size}x{cfg.image_size}: resize them (or use a preset of that size)"
+        f"images are {images.shape[1]}x{images.shape[2]} but this model takes "
+        f"{cfg.image_size}x{cfg.image_size}: resize them (or use a preset of that size)"
       )
     x = nn.Conv(
-        cfg.width,
-        (cfg.patch_size, cfg.patch_size),
-        strides=cfg.patch_size,
-        padding="VALID",
-        use_bias=False,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), ("conv_height", "conv_width", "conv_in", "embed")
-        ),
-        name="patch_embed",
+      cfg.width,
+      (cfg.patch_size, cfg.patch_size),
+      strides=cfg.patch_size,
+      padding="VALID",
+      use_bias=False,
+      kernel_init=nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), ("conv_height", "conv_width", "conv_in", "embed")
+      ),
+      name="patch_embed",
     )(images)
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     scale = d**-0.5
     if cfg.pool == "token":
-      cls = self.param(
-          "class_embedding", nn.with_logical_partitioning(nn.initializers.normal(scale), ("embed",)), (d,)
-      )
+      cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(scale), ("embed",)), (d,))
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
     pos = self.param(
-        "positional_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(scale), ("length", "embed")),
-        (x.shape[1], d),
+      "positional_embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(scale), ("length", "embed")),
+      (x.shape[1], d),
     )
     x = layer_norm("ln_pre")(x + pos.astype(x.dtype))
-    x = Transformer(
-        cfg.layers,
-        cfg.heads,
-        cfg.mlp_ratio,
-        False,
-        self.exact_gelu,
-        self.scan,
-        self.remat,
-        self.activation,
-        self.unroll,
-        name="transformer",
-    )(x)
+    x = _transformer(self, causal=False)(x)
     pooled = x[:, 0] if cfg.pool == "token" else x.mean(axis=1)
     return layer_norm("ln_post")(pooled)
 
@@ -162,28 +166,17 @@ class TextTransformer(nn.Module):
     if tokens.shape[-1] != cfg.context_length:
       raise ValueError(f"text has {tokens.shape[-1]} tokens but the model's context is {cfg.context_length}")
     embed = self.param(
-        "token_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-        (cfg.vocab_size, cfg.width),
+      "token_embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+      (cfg.vocab_size, cfg.width),
     )
     pos = self.param(
-        "positional_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(0.01), ("length", "embed")),
-        (cfg.context_length, cfg.width),
+      "positional_embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(0.01), ("length", "embed")),
+      (cfg.context_length, cfg.width),
     )
     x = jnp.take(embed, tokens, axis=0) + pos
-    x = Transformer(
-        cfg.layers,
-        cfg.heads,
-        cfg.mlp_ratio,
-        True,
-        self.exact_gelu,
-        self.scan,
-        self.remat,
-        self.activation,
-        self.unroll,
-        name="transformer",
-    )(x)
+    x = _transformer(self, causal=True)(x)
     x = layer_norm("ln_final")(x)
     # The last non-pad position (not a count of non-pad ids: in CLIP's BPE, "!" shares id 0 with pad).
     eot = jnp.max(jnp.where(tokens != cfg.pad_id, jnp.arange(tokens.shape[-1]), 0), axis=-1)
@@ -214,11 +207,11 @@ class CLIP(nn.Module):
     self.image_projection = dense(cfg.embed_dim, ("embed", "mlp"), use_bias=False)
     self.text_projection = dense(cfg.embed_dim, ("embed", "mlp"), use_bias=False)
     self.logit_scale = self.param(
-        "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(cfg.init_logit_scale), ()), ()
+      "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(cfg.init_logit_scale), ()), ()
     )
     if cfg.init_logit_bias is not None:
       self.logit_bias = self.param(
-          "logit_bias", nn.with_logical_partitioning(nn.initializers.constant(cfg.init_logit_bias), ()), ()
+        "logit_bias", nn.with_logical_partitioning(nn.initializers.constant(cfg.init_logit_bias), ()), ()
       )
 
   def encode_image(self, images: jnp.ndarray, normalize: bool = True) -> jnp.ndarray:
