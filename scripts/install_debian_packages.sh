@@ -5,7 +5,7 @@ set -euo pipefail
 packages=(
   asterisk-core-sounds-en-wav asterisk-core-sounds-es-wav asterisk-core-sounds-fr-wav
   asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav asterisk-moh-opsound-wav
-  espeak-ng libtcmalloc-minimal4
+  espeak-ng libtcmalloc-minimal4 sonic-pi-samples pocketsphinx-testdata
 )
 missing=()
 for p in "${packages[@]}"; do
