@@ -334,3 +334,29 @@ def sigmoid_loss_chunked(
     return jax.lax.psum(share, used) / (image.shape[0] * n)
 
   return _shard_batch(local, mesh, used, 2)(image_emb, text_emb, jnp.asarray(logit_scale), jnp.asarray(logit_bias))
+
+
+# --- AVDCNN ---------------------------------------------------------------------------------------------------------
+
+
+def avdcnn_loss(
+  audio_pred: jnp.ndarray,
+  audio_target: jnp.ndarray,
+  visual_pred: jnp.ndarray | None = None,
+  visual_target: jnp.ndarray | None = None,
+  mu: float = 1.0,
+) -> tuple[jnp.ndarray, dict]:
+  """AVDCNN's multi-task loss `(1/K) Σ_k (‖Ŷ_k − Y_k‖² + μ ‖X̂_V,k − X_V,k‖²)` over the K frames of a batch.
+
+  `audio_*` `[K, bins]` (enhanced vs clean log-power frames), `visual_*` `[K, pixels]` (reconstructed
+  vs input mouth image; None for the audio-only model). Squared norms are summed over each frame's
+  values and averaged over frames, in float32. Returns `(loss, {"audio_loss", "visual_loss"})`.
+  """
+  audio = jnp.sum((audio_pred.astype(jnp.float32) - audio_target.astype(jnp.float32)) ** 2, axis=-1).mean()
+  parts = {"audio_loss": audio}
+  loss = audio
+  if visual_pred is not None:
+    visual = jnp.sum((visual_pred.astype(jnp.float32) - visual_target.astype(jnp.float32)) ** 2, axis=-1).mean()
+    parts["visual_loss"] = visual
+    loss = loss + mu * visual
+  return loss, parts

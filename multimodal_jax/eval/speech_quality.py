@@ -1,0 +1,130 @@
+"""Speech-quality scores of an enhanced (or noisy) signal against the clean reference.
+
+- `pesq`: ITU-T P.862 through the `pesq` package; wide-band (P.862.2) at 16 kHz, narrow-band at
+  8 kHz (`mode="nb"`, or any 8 kHz input). Scores are MOS-LQO (wide-band about 1.04-4.64).
+- `stoi`: short-time objective intelligibility through `pystoi` (0-1; it resamples to 10 kHz itself).
+- `sdi`: speech distortion index `Σ (s - ŝ)² / Σ s²` (0 is perfect).
+- `segmental_snr`: mean over 32 ms frames (50% overlap) of the per-frame SNR in dB, each clamped
+  to [-10, 35] dB as usual.
+
+Imports only numpy, pesq and pystoi (no JAX), so `score_utterances` can fan out over processes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+
+import numpy as np
+
+SNR_RANGE_DB = (-10.0, 35.0)
+PESQ_RATES = {16000: "wb", 8000: "nb"}
+
+
+class ScoreInputError(ValueError):
+  """Signals that cannot be scored together (rate, length, shape); the message says which."""
+
+
+def _pair(ref, deg, rate: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+  ref = np.asarray(ref, np.float64)
+  deg = np.asarray(deg, np.float64)
+  if ref.ndim != 1 or deg.ndim != 1:
+    raise ScoreInputError(f"{name}: expected two 1-D signals, got shapes {ref.shape} and {deg.shape}")
+  if ref.shape != deg.shape:
+    raise ScoreInputError(
+      f"{name}: reference and degraded signals differ in length ({len(ref)} vs {len(deg)} samples); "
+      "trim or pad them to the same length"
+    )
+  if not len(ref):
+    raise ScoreInputError(f"{name}: empty signals")
+  if not isinstance(rate, (int, np.integer)) or rate <= 0:
+    raise ScoreInputError(f"{name}: the sample rate must be a positive integer, got {rate!r}")
+  return ref, deg
+
+
+def pesq(ref, deg, rate: int, mode: str | None = None) -> float:
+  """PESQ of `deg` against `ref` (1-D, same length). rate 16000 -> wide-band, 8000 -> narrow-band
+  (or `mode="nb"` at 8000). Raises ScoreInputError for other rates and `pesq.NoUtterancesError` when
+  the reference holds no speech the algorithm can find."""
+  import pesq as pesq_lib
+
+  ref, deg = _pair(ref, deg, rate, "pesq")
+  if rate not in PESQ_RATES:
+    raise ScoreInputError(f"pesq: sample rate {rate} Hz is not supported; resample to 16000 (wide-band) or 8000 Hz")
+  mode = mode or PESQ_RATES[rate]
+  if mode not in ("wb", "nb") or (mode == "wb" and rate != 16000):
+    raise ScoreInputError(f"pesq: mode {mode!r} at {rate} Hz: wide-band needs 16000 Hz; use 'nb' at 8000 or 16000 Hz")
+  return float(pesq_lib.pesq(rate, ref, deg, mode))
+
+
+def stoi(ref, deg, rate: int, extended: bool = False) -> float:
+  """STOI (or extended STOI) of `deg` against `ref` (1-D, same length, rate >= 8000 Hz)."""
+  import pystoi
+
+  ref, deg = _pair(ref, deg, rate, "stoi")
+  if rate < 8000:
+    raise ScoreInputError(f"stoi: sample rate {rate} Hz is too low; STOI needs at least 8000 Hz")
+  return float(pystoi.stoi(ref, deg, rate, extended=extended))
+
+
+def sdi(ref, deg, rate: int | None = None) -> float:
+  """Speech distortion index `Σ (ref - deg)² / Σ ref²`."""
+  ref, deg = _pair(ref, deg, rate or 1, "sdi")
+  energy = np.sum(ref**2)
+  if energy <= 0:
+    raise ScoreInputError("sdi: the reference signal is silent")
+  return float(np.sum((ref - deg) ** 2) / energy)
+
+
+def segmental_snr(ref, deg, rate: int, frame_ms: float = 32.0) -> float:
+  """Mean per-frame SNR in dB (frames of `frame_ms`, 50% overlap, each clamped to [-10, 35] dB)."""
+  ref, deg = _pair(ref, deg, rate, "segmental_snr")
+  frame = max(int(round(rate * frame_ms / 1000)), 1)
+  hop = max(frame // 2, 1)
+  if len(ref) < frame:
+    raise ScoreInputError(f"segmental_snr: {len(ref)} samples are shorter than one {frame_ms:g} ms frame")
+  starts = np.arange(0, len(ref) - frame + 1, hop)
+  index = starts[:, None] + np.arange(frame)[None, :]
+  signal = np.sum(ref[index] ** 2, axis=1)
+  noise = np.sum((ref[index] - deg[index]) ** 2, axis=1)
+  eps = 1e-12
+  snr = 10.0 * np.log10((signal + eps) / (noise + eps))
+  return float(np.mean(np.clip(snr, *SNR_RANGE_DB)))
+
+
+def score(ref, deg, rate: int) -> dict:
+  """All four scores of one pair; `pesq` is NaN (and `pesq_error` says why) when PESQ finds no utterance."""
+  import pesq as pesq_lib
+
+  result = {"stoi": stoi(ref, deg, rate), "sdi": sdi(ref, deg, rate), "ssnr": segmental_snr(ref, deg, rate)}
+  try:
+    result["pesq"] = pesq(ref, deg, rate)
+  except pesq_lib.PesqError as e:  # e.g. NoUtterancesError on a (near) silent reference
+    result["pesq"] = float("nan")
+    result["pesq_error"] = f"{type(e).__name__}: {e}"
+  return result
+
+
+def _score_args(args) -> dict:
+  return score(*args)
+
+
+def score_utterances(pairs: Sequence[tuple[np.ndarray, np.ndarray]], rate: int, processes: int = 2) -> list[dict]:
+  """`score(ref, deg, rate)` for every pair, in order, over `processes` worker processes (spawned,
+  so the caller's JAX state is never forked); `processes <= 1` scores in this process."""
+  args = [(np.asarray(r, np.float32), np.asarray(d, np.float32), rate) for r, d in pairs]
+  if processes <= 1 or len(args) < 2:
+    return [score(*a) for a in args]
+  with multiprocessing.get_context("spawn").Pool(processes) as pool:
+    return pool.map(_score_args, args, chunksize=max(1, len(args) // (4 * processes)))
+
+
+def mean_scores(rows: Sequence[dict], keys: Sequence[str] = ("pesq", "stoi", "sdi", "ssnr")) -> dict:
+  """Means of `keys` over rows, ignoring NaN (PESQ failures); `pesq_failures` counts those."""
+  out = {}
+  for k in keys:
+    values = np.asarray([r[k] for r in rows], np.float64)
+    finite = values[np.isfinite(values)]
+    out[k] = float(finite.mean()) if len(finite) else float("nan")
+  out["pesq_failures"] = int(sum("pesq_error" in r for r in rows))
+  return out
