@@ -159,9 +159,7 @@ def _recording_utterances(audio: np.ndarray, speaker: str, text: str) -> list[Ut
   pieces = split_long(audio[start:stop])
   whole = len(pieces) == 1
   return [
-    Utterance(normalise(p), speaker, text if whole else "")
-    for p in pieces
-    if len(p) >= MIN_SECONDS * SAMPLE_RATE
+    Utterance(normalise(p), speaker, text if whole else "") for p in pieces if len(p) >= MIN_SECONDS * SAMPLE_RATE
   ]
 
 
@@ -363,9 +361,7 @@ def synth_utterance(text: str, voice: str, speed: int, pitch: int) -> Utterance 
   return Utterance(normalise(audio[start:stop]), f"espeak/{voice}", text, phonemes)
 
 
-def synth_espeak(
-  languages: tuple[str, ...], variants: tuple[str, ...], count: int, seed: int
-) -> list[Utterance]:
+def synth_espeak(languages: tuple[str, ...], variants: tuple[str, ...], count: int, seed: int) -> list[Utterance]:
   """`count` espeak-ng utterances, each a random voice (language+variant), sentence, speed (130-200
   wpm) and pitch (25-75); deterministic for a seed. Sentences come from `sentences(language)`."""
   rng = np.random.default_rng(seed)
