@@ -68,18 +68,16 @@ def stoi(ref, deg, rate: int, extended: bool = False) -> float:
 
 
 def sdi(ref, deg, rate: int | None = None) -> float:
-  """Speech distortion index `Σ (ref - deg)² / Σ ref²`."""
+  """Speech distortion index `Σ (ref - deg)² / Σ ref²` (NaN for an all-zero reference)."""
   ref, deg = _pair(ref, deg, rate or 1, "sdi")
   energy = np.sum(ref**2)
-  if energy <= 0:
-    raise ScoreInputError("sdi: the reference signal is silent")
-  return float(np.sum((ref - deg) ** 2) / energy)
+  return float(np.sum((ref - deg) ** 2) / energy) if energy > 0 else float("nan")
 
 
 def segmental_snr(ref, deg, rate: int, frame_ms: float = 32.0) -> float:
   """Mean per-frame SNR in dB (frames of `frame_ms`, 50% overlap, each clamped to [-10, 35] dB)."""
   ref, deg = _pair(ref, deg, rate, "segmental_snr")
-  frame = max(int(round(rate * frame_ms / 1000)), 1)
+  frame = max(round(rate * frame_ms / 1000), 1)
   hop = max(frame // 2, 1)
   if len(ref) < frame:
     raise ScoreInputError(f"segmental_snr: {len(ref)} samples are shorter than one {frame_ms:g} ms frame")

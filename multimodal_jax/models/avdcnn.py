@@ -217,9 +217,7 @@ def model_inputs(batch: dict, config: AVDCNNConfig) -> tuple[jnp.ndarray, jnp.nd
 def apply_train(model: AVDCNN, params: Any, batch: dict, rng: jax.Array) -> dict:
   """Training forward pass: batch-statistics normalisation, dropout; running averages discarded."""
   audio, lips = model_inputs(batch, model.config)
-  out, _ = model.apply(
-    {"params": params}, audio, lips, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
-  )
+  out, _ = model.apply({"params": params}, audio, lips, train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
   return out
 
 
@@ -240,7 +238,9 @@ def population_batch_stats(model: AVDCNN, params: Any, batches: Iterable[dict]) 
   @jax.jit
   def stats_of(params, batch):
     audio, lips = model_inputs(batch, model.config)
-    _, state = model.apply({"params": params}, audio, lips, train=True, mutable=["batch_stats"])
+    # dropout (train=True) acts only after the last batch norm, so it cannot change these statistics
+    rngs = {"dropout": jax.random.key(0)}
+    _, state = model.apply({"params": params}, audio, lips, train=True, rngs=rngs, mutable=["batch_stats"])
     return state["batch_stats"]  # with momentum 0: exactly this batch's means and variances
 
   total, count = None, 0

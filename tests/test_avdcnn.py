@@ -1,0 +1,265 @@
+"""AVDCNN: model shapes and sizes, the loss, batch norm at inference, a short fit, the speech-quality
+scores, and the feature / enhancement pipeline of the experiment on fake utterances."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pesq as pesq_lib
+import pystoi
+import pytest
+from flax import linen as nn
+
+from experiments import avdcnn as exp
+from multimodal_jax import audio
+from multimodal_jax.eval import speech_quality as sq
+from multimodal_jax.losses import avdcnn_loss
+from multimodal_jax.models import avdcnn
+
+AV = avdcnn.AVDCNNConfig()
+AUDIO_ONLY = avdcnn.AVDCNNConfig(modalities=("audio",))
+EARLY = avdcnn.AVDCNNConfig(fusion="early")
+TINY = avdcnn.PRESETS["tiny"]
+
+
+def _batch(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+    "audio": rng.normal(size=(n, 257, 5)).astype(np.float32),
+    "lips": rng.integers(0, 256, size=(n, 5, 16, 24, 3), dtype=np.uint8),
+    "target": rng.normal(size=(n, 257)).astype(np.float32),
+  }
+
+
+def _init(config, seed=0):
+  model = avdcnn.AVDCNN(config)
+  boxed = exp.make_init_params(model)(jax.random.key(seed))
+  return model, boxed, nn.meta.unbox(boxed)
+
+
+@pytest.mark.parametrize(
+  "config, widths, heads",
+  [
+    (AV, {"audio": 1904, "visual": 924}, {"audio": 257, "visual": 1152}),
+    (AUDIO_ONLY, {"audio": 1904}, {"audio": 257}),
+    (EARLY, {"early": 11120}, {"audio": 257, "visual": 1152}),
+  ],
+)
+def test_shapes_and_flattened_widths(config, widths, heads):
+  model, boxed, params = _init(config)
+  assert avdcnn.flat_widths(config) == widths
+  # the first FC layer sees exactly the derived concatenation (2,828 for AV, not the paper's 2,804)
+  assert params["fc_0"]["kernel"].shape == (sum(widths.values()), 1000)
+  assert params["fc_1"]["kernel"].shape == (1000, 800)
+  assert ("visual_cnn" in params) == (config.visual and config.fusion == "joint")
+  out = avdcnn.apply_train(model, params, _batch(3), jax.random.key(1))
+  assert {k: v.shape for k, v in out.items()} == {k: (3, n) for k, n in heads.items()}
+  # every parameter carries logical axis names of the sharding table
+  for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+    assert isinstance(leaf, nn.Partitioned) and len(leaf.names) == leaf.value.ndim
+
+
+def test_av_width_differs_from_the_papers_2804():
+  paper = 2804
+  assert sum(avdcnn.flat_widths(AV).values()) == 2828 != paper
+
+
+def test_lips_layout_puts_frames_side_by_side_transposed():
+  lips = np.arange(2 * 5 * 16 * 24 * 3).reshape(2, 5, 16, 24, 3)
+  laid = np.asarray(avdcnn.lips_layout(jnp.asarray(lips)))
+  assert laid.shape == (2, 24, 80, 3)
+  np.testing.assert_array_equal(laid[1, :, 16 * 3 : 16 * 4], lips[1, 3].transpose(1, 0, 2))
+
+
+def test_loss_equals_the_formula():
+  rng = np.random.default_rng(0)
+  y_hat, y = rng.normal(size=(2, 6, 257))
+  v_hat, v = rng.normal(size=(2, 6, 1152))
+  loss, parts = avdcnn_loss(y_hat, y, v_hat, v, mu=0.7)
+  expected = np.mean(np.sum((y_hat - y) ** 2, -1)) + 0.7 * np.mean(np.sum((v_hat - v) ** 2, -1))
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(parts["audio_loss"]), np.mean(np.sum((y_hat - y) ** 2, -1)), rtol=1e-5)
+  audio_only, parts = avdcnn_loss(y_hat, y)
+  assert set(parts) == {"audio_loss"}
+  np.testing.assert_allclose(float(audio_only), np.mean(np.sum((y_hat - y) ** 2, -1)), rtol=1e-5)
+
+
+def test_population_statistics_and_batch_independent_inference():
+  model, _, params = _init(TINY)
+  data = _batch(64, seed=1)
+  halves = [{k: v[:32] for k, v in data.items()}, {k: v[32:] for k, v in data.items()}]
+  stats = avdcnn.population_batch_stats(model, params, halves)
+  # the first layer's inputs do not depend on BN: its population stats are those of all 64 conv outputs
+  audio_in, _ = avdcnn.model_inputs(data, TINY)
+  conv = params["audio_cnn"]["conv_0"]["conv"]
+  out = jax.lax.conv_general_dilated(
+    audio_in[..., None], conv["kernel"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  out = np.asarray(out + conv["bias"]).reshape(-1, 10)
+  first = stats["audio_cnn"]["conv_0"]["bn"]
+  np.testing.assert_allclose(first["mean"], out.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(first["var"], out.var(0), rtol=1e-3, atol=1e-5)
+  # inference of a row does not depend on the rows beside it
+  alone = avdcnn.apply_inference(model, params, stats, {k: v[:1] for k, v in data.items()})
+  mixed = avdcnn.apply_inference(model, params, stats, {k: v[[0, 5, 9]] for k, v in data.items()})
+  for key in ("audio", "visual"):
+    np.testing.assert_allclose(alone[key][0], mixed[key][0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_few_hundred_steps_reduce_the_loss_on_a_tiny_problem():
+  """Target: a spectral shape scaled by the centre frame's low-band level, plus a level the mouth's opening decides."""
+  model, _, params = _init(TINY)
+  loss_fn = exp.make_loss_fn(model, mu=0.1)
+  rng = np.random.default_rng(0)
+
+  closed, open_ = rng.integers(0, 256, size=(2, 16, 24, 3))
+  shape = np.hanning(257)
+
+  def make_batch(n):
+    b = _batch(n, seed=int(rng.integers(1 << 30)))
+    opening = rng.uniform(size=(n, 5, 1, 1, 1))
+    b["lips"] = np.round((1 - opening) * closed + opening * open_).astype(np.uint8)  # a mouth between two shapes
+    low_band = b["audio"][:, :64, 2].mean(-1, keepdims=True)  # the centre frame's mean low-band level
+    b["target"] = (4.0 * low_band * shape + 2.0 * opening[:, 2, 0, 0] - 1.0).astype(np.float32)
+    return b
+
+  tx = optax.adam(2e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt, batch, key):
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+    updates, opt = tx.update(grads, opt)
+    return optax.apply_updates(params, updates), opt, loss, parts
+
+  losses, audio_losses = [], []
+  for i in range(300):
+    params, opt, loss, parts = step(params, opt, make_batch(32), jax.random.key(i))
+    losses.append(float(loss))
+    audio_losses.append(float(parts["audio_loss"]))
+  assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+  assert np.mean(audio_losses[-20:]) < 0.6 * np.mean(audio_losses[:20])
+
+
+# --- speech quality ---------------------------------------------------------------------------------------------
+
+
+def _speech_like(seconds=2.0, rate=16000, seed=0):
+  """Voiced syllables: harmonics of a gliding pitch under a 0.5 s syllable envelope, with pauses (PESQ's
+  voice activity detector finds no utterance in shorter bursts)."""
+  t = np.arange(int(seconds * rate)) / rate
+  f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
+  phase = 2 * np.pi * np.cumsum(f0) / rate
+  voiced = sum(np.sin(k * phase) / k for k in range(1, 20))
+  envelope = np.clip(np.sin(2 * np.pi * t), 0, None) ** 2
+  return (0.3 * voiced * envelope).astype(np.float32)
+
+
+def test_wrappers_agree_with_the_packages_and_rank_clean_above_noisy():
+  clean = _speech_like()
+  rng = np.random.default_rng(0)
+  noisy = clean + 0.003 * rng.normal(size=clean.shape).astype(np.float32)
+  very_noisy = clean + 0.1 * rng.normal(size=clean.shape).astype(np.float32)
+  assert sq.pesq(clean, noisy, 16000) == pytest.approx(pesq_lib.pesq(16000, clean, noisy, "wb"), abs=1e-6)
+  assert sq.stoi(clean, noisy, 16000) == pytest.approx(pystoi.stoi(clean, noisy, 16000), abs=1e-9)
+  nb_clean = _speech_like(rate=8000)
+  nb_noisy = nb_clean + 0.003 * rng.normal(size=nb_clean.shape).astype(np.float32)
+  assert sq.pesq(nb_clean, nb_noisy, 8000) == pytest.approx(pesq_lib.pesq(8000, nb_clean, nb_noisy, "nb"), abs=1e-6)
+  scores = [sq.score(clean, x, 16000) for x in (clean, noisy, very_noisy)]
+  for key in ("pesq", "stoi", "ssnr"):
+    assert scores[0][key] > scores[1][key] > scores[2][key]
+  assert scores[0]["sdi"] == 0.0 < scores[1]["sdi"] < scores[2]["sdi"]
+  # the pool returns the same, in order
+  pooled = sq.score_utterances([(clean, noisy), (clean, very_noisy)], 16000, processes=2)
+  assert [p["pesq"] for p in pooled] == pytest.approx([scores[1]["pesq"], scores[2]["pesq"]], abs=1e-6)
+
+
+def test_segmental_snr_and_sdi_by_hand():
+  rng = np.random.default_rng(0)
+  ref = rng.normal(size=1024)
+  deg = ref + 0.1 * rng.normal(size=1024)
+  frames = [slice(s, s + 512) for s in range(0, 1024 - 512 + 1, 256)]
+  by_hand = np.mean([10 * np.log10(np.sum(ref[f] ** 2) / np.sum((ref[f] - deg[f]) ** 2)) for f in frames])
+  assert sq.segmental_snr(ref, deg, 16000) == pytest.approx(by_hand, rel=1e-6)
+  assert sq.sdi(ref, deg) == pytest.approx(np.sum((ref - deg) ** 2) / np.sum(ref**2))
+
+
+@pytest.mark.parametrize(
+  "call, message",
+  [
+    (lambda s: sq.pesq(s, s, 44100), "not supported"),
+    (lambda s: sq.pesq(s, s, 8000, mode="wb"), "wide-band needs 16000"),
+    (lambda s: sq.pesq(s, s[:-1], 16000), "differ in length"),
+    (lambda s: sq.stoi(s, s, 4000), "too low"),
+    (lambda s: sq.stoi(s[None], s[None], 16000), "1-D"),
+  ],
+)
+def test_bad_inputs_raise_clear_errors(call, message):
+  with pytest.raises(sq.ScoreInputError, match=message):
+    call(_speech_like(1.0))
+
+
+def test_no_utterance_is_counted_not_raised():
+  silent = np.zeros(16000, np.float32)
+  rows = [sq.score(silent, silent + 1e-4, 16000), sq.score(_speech_like(), _speech_like(), 16000)]
+  assert np.isnan(rows[0]["pesq"]) and "NoUtterances" in rows[0]["pesq_error"]
+  summary = sq.mean_scores(rows)
+  assert summary["pesq_failures"] == 1 and summary["pesq"] == pytest.approx(rows[1]["pesq"])
+
+
+# --- features and enhancement (experiment pipeline, fake utterances) --------------------------------------------------
+
+
+def _fake_examples(count=3, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(count):
+    n = 16000 + 3217 * i
+    clean = _speech_like(n / 16000, seed=i)[:n]
+    noisy = clean + 0.1 * rng.normal(size=n).astype(np.float32)
+    t = audio.num_frames(n, 512, 320)
+    lips = rng.integers(0, 256, size=(t, 16, 24, 3), dtype=np.uint8)
+    out.append({"clean": clean, "noisy": noisy, "lips": lips, "snr": np.float32(5.0), "noise": "white"})
+  return out
+
+
+def test_features_match_the_audio_front_end_and_frames_keep_to_their_utterance():
+  examples = _fake_examples()
+  x, y = exp.utterance_features(examples[1], floor=-4.0)
+  lp = audio.log_power(audio.stft(examples[1]["noisy"]))
+  normalised, mean, std = audio.normalize_utterance(lp)
+  np.testing.assert_allclose(x, normalised, rtol=1e-4, atol=1e-4)
+  clean_lp = audio.log_power(audio.stft(examples[1]["clean"]))
+  np.testing.assert_allclose(y, np.maximum((clean_lp - mean) / std, -4.0), rtol=1e-4, atol=1e-4)
+  source = exp.FrameSource(examples, floor=-4.0)
+  sizes = [len(e["lips"]) for e in examples]
+  assert len(source) == sum(sizes)
+  first_of_second = sizes[0]
+  record = source[first_of_second]  # context must not reach into the first utterance
+  np.testing.assert_array_equal(record["audio"][:, 0], x[0])
+  np.testing.assert_array_equal(record["audio"][:, 3], x[1])
+  np.testing.assert_array_equal(record["lips"][0], examples[1]["lips"][0])
+  rows = np.array([0, first_of_second - 1, first_of_second, len(source) - 1])
+  stacked = source.batch(rows)
+  for j, r in enumerate(rows):
+    for key, value in source[r].items():
+      np.testing.assert_array_equal(stacked[key][j], value)
+
+
+def test_enhancer_equals_the_unpadded_pipeline_and_keeps_the_length():
+  examples = _fake_examples(2)
+  model, _, params = _init(TINY)
+  source = exp.FrameSource(examples, floor=-4.0)
+  stats = avdcnn.population_batch_stats(model, params, [source.batch(np.arange(len(source)))])
+  enhancer = exp.Enhancer(model, params, stats)
+  ex = examples[1]
+  enhanced = enhancer(ex["noisy"], ex["lips"])
+  assert enhanced.shape == ex["noisy"].shape and enhanced.dtype == np.float32
+  # by hand, at the exact length: features -> model per frame -> de-normalise -> resynthesis
+  offset = len(examples[0]["lips"])
+  frames = source.batch(np.arange(offset, len(source)))
+  out = np.asarray(avdcnn.apply_inference(model, params, stats, frames)["audio"])
+  spectrum = audio.stft(ex["noisy"])
+  _, mean, std = audio.normalize_utterance(audio.log_power(spectrum))
+  expected = audio.resynthesize(out * std + mean, spectrum, len(ex["noisy"]))
+  np.testing.assert_allclose(enhanced, expected, rtol=1e-3, atol=2e-5)
