@@ -12,7 +12,7 @@ from multimodal_jax import diffusion as df
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 SHAPE = (3, 4, 4, 2)
 DIFFUSERS_KIND = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction", "sample": "sample"}
@@ -94,7 +94,11 @@ def test_ddpm_single_steps_equal_diffusers(kind, prediction, clip, num_steps):
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 @pytest.mark.parametrize(
   "kind, prediction, clip, spacing",
-  [("scaled_linear", "epsilon", None, "leading"), ("linear", "v", 1.0, "trailing"), ("cosine", "sample", None, "linspace")],
+  [
+    ("scaled_linear", "epsilon", None, "leading"),
+    ("linear", "v", 1.0, "trailing"),
+    ("cosine", "sample", None, "linspace"),
+  ],
 )
 def test_ddim_single_steps_equal_diffusers(eta, kind, prediction, clip, spacing):
   ref = _scheduler(diffusers.DDIMScheduler, kind, prediction, clip, timestep_spacing=spacing)
@@ -177,7 +181,11 @@ def test_ddim_with_the_exact_denoiser_of_a_point_mass_returns_the_point():
     return (x - jnp.sqrt(a) * target) / jnp.sqrt(1 - a)
 
   x_T = jax.random.normal(jax.random.key(1), (5, 4, 4, 2))
-  for kw in [dict(sampler="ddim", num_steps=10), dict(sampler="ddim", num_steps=50, eta=1.0), dict(sampler="ddpm")]:
+  for kw in [
+    {"sampler": "ddim", "num_steps": 10},
+    {"sampler": "ddim", "num_steps": 50, "eta": 1.0},
+    {"sampler": "ddpm"},
+  ]:
     got = df.sample(optimal_eps, schedule, x_T, jax.random.key(2), **kw)
     np.testing.assert_allclose(got, jnp.broadcast_to(target, x_T.shape), atol=1e-4, err_msg=str(kw))
 
