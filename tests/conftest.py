@@ -22,3 +22,17 @@ def av_digits_dir(tmp_path_factory):
   except MissingDataPackageError as e:
     pytest.fail(f"the embedded data cannot be built: {e}", pytrace=False)
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def av_speech_dir(tmp_path_factory):
+  """A TFDS data dir holding AV-speech's tiny config (built once per session, a few seconds)."""
+  from multimodal_jax.data import av_speech
+  from multimodal_jax.errors import MissingDataPackageError
+
+  data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
+  try:
+    av_speech.load(data_dir, config="tiny")
+  except MissingDataPackageError as e:
+    pytest.fail(f"the embedded speech data cannot be built: {e}", pytrace=False)
+  return data_dir

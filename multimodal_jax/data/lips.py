@@ -146,7 +146,7 @@ def shapes_from_audio(audio: np.ndarray) -> np.ndarray:
   low = power[:, freqs < 700].sum(axis=1) / total
   high = power[:, freqs > 2500].sum(axis=1) / total
   width = np.clip((centroid - 500.0) / 1200.0, 0.0, 1.0)
-  rounding = np.clip((low - 0.75) / 0.2, 0.0, 1.0) * (1.0 - width)
+  rounding = np.clip((low - 0.85) / 0.12, 0.0, 1.0) * (1.0 - width)
   teeth = np.clip(2.0 * high, 0.0, 1.0)
   tongue = 0.4 * opening
   speech = np.stack([opening, 0.3 + 0.7 * width, rounding, teeth, tongue], axis=1)
@@ -178,11 +178,11 @@ def appearance(speaker: str) -> Appearance:
   rng = np.random.default_rng(zlib.crc32(speaker.encode()))
   tone = rng.uniform(0.25, 0.9)  # Dark to light skin.
   skin = np.array([0.95, 0.72, 0.58]) * tone + np.array([0.05, 0.04, 0.03]) + rng.uniform(-0.03, 0.03, 3)
-  lips = skin * np.array([0.85, 0.55, 0.58]) * rng.uniform(0.8, 1.0) + np.array([0.08, 0.0, 0.02])
+  lips = skin * np.array([0.92, 0.66, 0.68]) * rng.uniform(0.85, 1.0) + np.array([0.06, 0.0, 0.02])
   return Appearance(
     skin=tuple(np.clip(skin, 0, 1)),
     lips=tuple(np.clip(lips, 0, 1)),
-    inside=tuple(np.array([0.18, 0.06, 0.07]) * rng.uniform(0.7, 1.2)),
+    inside=tuple(np.array([0.12, 0.04, 0.05]) * rng.uniform(0.7, 1.1)),
     teeth=tuple(np.array([0.92, 0.9, 0.82]) * rng.uniform(0.85, 1.0)),
     tongue=tuple(np.array([0.75, 0.32, 0.35]) * rng.uniform(0.85, 1.1)),
     half_width=float(rng.uniform(6.5, 8.0)),
@@ -212,30 +212,32 @@ def draw(
   brightness = np.ones(t, np.float32) if brightness is None else np.asarray(brightness, np.float32)
   opening, width, rounding, teeth, tongue = (shapes[:, i, None, None] for i in range(5))
   scale = 1.0 + motion[:, 2, None, None]
-  x = (np.arange(WIDTH * k)[None, None, :] + 0.5) / k - (look.centre[0] + motion[:, 0, None, None])
-  y = (np.arange(HEIGHT * k)[None, :, None] + 0.5) / k - (look.centre[1] + motion[:, 1, None, None])
+  cx = look.centre[0] + motion[:, 0, None, None]
+  cy = look.centre[1] + motion[:, 1, None, None]
+  x = ((np.arange(WIDTH * k, dtype=np.float32) + 0.5) / k)[None, None, :] - cx
+  y = ((np.arange(HEIGHT * k, dtype=np.float32) + 0.5) / k)[None, :, None] - cy
   half_width = scale * look.half_width * (0.85 + 0.35 * width - 0.3 * rounding)
   inner_h = scale * (0.15 + 3.6 * opening)
   inner_w = half_width * (0.78 - 0.15 * rounding)
   upper = inner_h + scale * look.lip_thickness * (1.0 + 0.3 * rounding)
   lower = inner_h + scale * look.lip_thickness * (1.25 + 0.3 * rounding)
-  in_lips = (x / (half_width + 0.8)) ** 2 + (y / np.where(y < 0, upper, lower)) ** 2 < 1.0
+  # Layers drawn in order on the sub-pixel grid: 0 skin, 1 lips, 2 mouth cavity, 3 tongue, 4 teeth.
+  # Upper teeth and tongue cover at most 80% of the opening's half height, so an open mouth stays
+  # dark inside.
   in_mouth = (x / inner_w) ** 2 + (y / inner_h) ** 2 < 1.0
-  # Upper teeth and tongue cover at most 40% of the opening each, so an open mouth stays dark inside.
-  in_teeth = in_mouth & (teeth > 0.05) & (y < -inner_h + np.minimum(0.2 + 1.2 * teeth, 0.8 * inner_h))
-  in_tongue = in_mouth & (tongue > 0.05) & (y > inner_h - np.minimum(0.2 + 1.2 * tongue, 0.8 * inner_h))
-  image = np.broadcast_to(np.asarray(look.skin, np.float32), (t, HEIGHT * k, WIDTH * k, 3))
-  image = image * (1.0 - 0.12 * np.clip(y / HEIGHT * 2.0, 0, 1))[..., None]  # Chin shadow.
-  for mask, colour in (
-    (in_lips, look.lips),
-    (in_mouth, look.inside),
-    (in_tongue, look.tongue),
-    (in_teeth, look.teeth),
-  ):
-    image = np.where(mask[..., None], np.asarray(colour, np.float32), image)
-  light = 1.0 + look.light[0] * x / WIDTH * 2.0 + look.light[1] * y / HEIGHT * 2.0
+  layer = ((x / (half_width + 0.8)) ** 2 + (y / np.where(y < 0, upper, lower)) ** 2 < 1.0).astype(np.int8)
+  layer[in_mouth] = 2
+  layer[in_mouth & (tongue > 0.05) & (y > inner_h - np.minimum(0.2 + 1.2 * tongue, 0.8 * inner_h))] = 3
+  layer[in_mouth & (teeth > 0.05) & (y < -inner_h + np.minimum(0.2 + 1.2 * teeth, 0.8 * inner_h))] = 4
+  blocks = layer.reshape(t, HEIGHT, k, WIDTH, k).transpose(0, 1, 3, 2, 4).reshape(t, HEIGHT, WIDTH, k * k)
+  share = np.stack([(blocks == i).sum(axis=-1) for i in range(5)], axis=-1).astype(np.float32) / (k * k)
+  colours = np.asarray([look.skin, look.lips, look.inside, look.tongue, look.teeth], np.float32)
+  px = np.arange(WIDTH, dtype=np.float32)[None, None, :] + 0.5 - cx
+  py = np.arange(HEIGHT, dtype=np.float32)[None, :, None] + 0.5 - cy
+  chin = 1.0 - 0.12 * np.clip(py / HEIGHT * 2.0, 0.0, 1.0)  # Shadow below the mouth, on skin.
+  image = share[..., :1] * colours[0] * chin[..., None] + share[..., 1:] @ colours[1:]
+  light = 1.0 + look.light[0] * px / WIDTH * 2.0 + look.light[1] * py / HEIGHT * 2.0
   image = image * light[..., None] * brightness[:, None, None, None]
-  image = image.reshape(t, HEIGHT, k, WIDTH, k, 3).mean(axis=(2, 4))
   return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
@@ -290,4 +292,4 @@ def opening_proxy(lips: np.ndarray) -> np.ndarray:
   frame's median (the mouth cavity), in `lips [T, H, W, 3]` uint8."""
   luma = np.asarray(lips, np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
   median = np.median(luma.reshape(len(luma), -1), axis=1)[:, None, None]
-  return (luma < 0.6 * median).mean(axis=(1, 2)).astype(np.float32)
+  return (luma < 0.5 * median).mean(axis=(1, 2)).astype(np.float32)

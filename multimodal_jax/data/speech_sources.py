@@ -19,9 +19,13 @@ import ctypes.util
 import dataclasses
 import functools
 import gzip
+import json
 import math
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import wave
 
 import numpy as np
@@ -363,7 +367,28 @@ def synth_utterance(text: str, voice: str, speed: int, pitch: int) -> Utterance 
 
 def synth_espeak(languages: tuple[str, ...], variants: tuple[str, ...], count: int, seed: int) -> list[Utterance]:
   """`count` espeak-ng utterances, each a random voice (language+variant), sentence, speed (130-200
-  wpm) and pitch (25-75); deterministic for a seed. Sentences come from `sentences(language)`."""
+  wpm) and pitch (25-75), from `sentences(language)`; deterministic for a seed.
+
+  espeak-ng keeps synthesis state across utterances (pitch flutter and random-noise positions), so
+  the same text sounds slightly different after other synthesis. For identical rebuilds the
+  utterances are made in a fresh process, by one library that has spoken nothing before.
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "utterances.npz")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    args = json.dumps([list(languages), list(variants), count, seed, out])
+    subprocess.run([sys.executable, "-m", __name__, args], check=True, env=env)
+    with np.load(out) as data:
+      meta = json.loads(str(data["meta"]))
+      pieces = np.split(data["audio"], np.cumsum([m["length"] for m in meta])[:-1])
+  return [
+    Utterance(audio, m["speaker"], m["text"], tuple((int(s), str(n)) for s, n in m["phonemes"]))
+    for audio, m in zip(pieces, meta)
+  ]
+
+
+def _synth_espeak_here(languages, variants, count: int, seed: int) -> list[Utterance]:
   rng = np.random.default_rng(seed)
   corpus = {lang: sentences(ESPEAK_LANGUAGES[lang]) for lang in languages}
   out, tries = [], 0
@@ -378,3 +403,18 @@ def synth_espeak(languages: tuple[str, ...], variants: tuple[str, ...], count: i
     if utterance is not None:
       out.append(utterance)
   return out
+
+
+def _main(argv: list[str]) -> None:
+  """Child process of synth_espeak: speaks and writes the utterances to an .npz file."""
+  languages, variants, count, seed, out = json.loads(argv[1])
+  utterances = _synth_espeak_here(tuple(languages), tuple(variants), count, seed)
+  meta = [
+    {"length": len(u.audio), "speaker": u.speaker, "text": u.text, "phonemes": list(u.phonemes)} for u in utterances
+  ]
+  audio = np.concatenate([u.audio for u in utterances]) if utterances else np.zeros(0, np.float32)
+  np.savez(out, audio=audio, meta=np.asarray(json.dumps(meta)))
+
+
+if __name__ == "__main__":
+  _main(sys.argv)

@@ -1,0 +1,361 @@
+"""AV-speech: the embedded audio-visual speech enhancement data for AVDCNN (16 kHz, RENDERED lips).
+
+Each example is a clean utterance, the same utterance mixed with noise at a given SNR, and a lip
+stream of one 16x24 RGB mouth image per 20 ms STFT frame (50 fps):
+
+* `clean`, `noisy`: float32 `[N]` at 16 kHz in [-1, 1] (stored as 16-bit PCM); N varies.
+* `lips`: uint8 `[T, 16, 24, 3]`, T = `multimodal_jax.audio.num_frames(N, 512, 320)`. The lips are
+  RENDERED, not filmed (no lip video installs with any package): see `lips.py`.
+* `snr`: float32 `[]` dB, of the whole noisy signal against the whole clean one.
+* `noise`, `speaker`, `text`: str (text is '' when the transcript is unknown).
+
+Clean speech (`speech_sources.py`): real recordings (Asterisk prompts of 4 speakers, band-limited
+to 4 kHz; pocketsphinx test utterances) and espeak-ng sentences in 5 languages with 13 voice
+variants; each utterance gets 0.1-0.4 s of silence before and after. Test speakers are never heard
+in training (espeak variants TEST_VARIANTS in every language and the Asterisk speaker Carlo) and
+test noise types are never heard in training (TEST_NOISES vs TRAIN_NOISES), as in the paper.
+Train: one random noise and SNR (TRAIN_SNRS) per utterance. Test: every test utterance with every
+test noise at every TEST_SNRS (same noise excerpt and lip video across SNRs).
+
+TFDS writes array_record files without TensorFlow; `load()` decodes the stored 16-bit audio to
+float32 and the strings to str on access. Preparation is deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+from typing import ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from multimodal_jax import audio as audio_lib
+from multimodal_jax import errors
+from multimodal_jax.data import lips as lips_lib
+from multimodal_jax.data import noise_sources, speech_sources
+
+SEED = 20240705
+SAMPLE_RATE = speech_sources.SAMPLE_RATE
+N_FFT, HOP = 512, 320
+TRAIN_NOISES = ("white", "pink", "babble", "music", "ambient", "tabla")
+TEST_NOISES = ("drums", "electronic", "street", "cafe")
+TRAIN_SNRS = tuple(float(s) for s in range(-5, 11))  # dB, drawn uniformly.
+TEST_SNRS = (-5.0, 0.0, 5.0, 10.0)
+ESPEAK_LANGUAGES = tuple(speech_sources.ESPEAK_LANGUAGES)
+TRAIN_VARIANTS = ("m1", "m2", "m4", "m6", "m7", "f1", "f3", "f5", "klatt", "croak")
+TEST_VARIANTS = ("m3", "f2", "klatt4")
+TEST_REAL_SPEAKERS = ("asterisk/Carlo",)
+PAD_SECONDS = (0.1, 0.4)  # Silence before and after each utterance.
+MAX_PEAK = 0.99
+# sonic-pi sample groups (file name prefixes) per noise type.
+SONIC_PI_GROUPS = {
+  "ambient": ("ambi_",),
+  "tabla": ("tabla_", "loop_tabla"),
+  "drums": ("drum_", "bd_", "sn_", "loop_amen", "loop_breakbeat"),
+  "electronic": ("elec_", "glitch_"),
+}
+BABBLE_TALKERS = (3, 7)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """How much of each source a config uses.
+
+  Attributes:
+    train_synth, train_real: espeak-ng and recorded training utterances.
+    test_synth, test_real: test utterances (each mixed with every test noise at every test SNR).
+    asterisk_files: per Asterisk voice folder, read only this many prompts (None: all).
+    sonic_pi_files: per noise type, use only this many sonic-pi samples (None: all).
+    music_tracks: how many music-on-hold tracks the 'music' noise uses.
+  """
+
+  train_synth: int
+  train_real: int
+  test_synth: int
+  test_real: int
+  asterisk_files: int | None = None
+  sonic_pi_files: int | None = None
+  music_tracks: int = len(noise_sources.MUSIC_TRACKS)
+
+
+CONFIGS = {
+  "default": Sizes(train_synth=1200, train_real=1200, test_synth=10, test_real=10),
+  "tiny": Sizes(
+    train_synth=12, train_real=12, test_synth=1, test_real=1, asterisk_files=12, sonic_pi_files=2, music_tracks=1
+  ),
+}
+
+
+def _rng(seed: int, *stage: int) -> np.random.Generator:
+  return np.random.default_rng(np.random.SeedSequence([seed, *stage]))
+
+
+# ---------------------------------------------------------------- packages
+
+
+def missing_packages() -> list[tuple[str, str]]:
+  """The missing Debian packages, as (package, what it gives)."""
+  missing = speech_sources.missing_packages()
+  if not all(os.path.isfile(f) for f in noise_sources.music_files()):
+    missing.append(("asterisk-moh-opsound-wav", "real music noise"))
+  if not noise_sources.sonic_pi_files(SONIC_PI_GROUPS["drums"]):
+    missing.append(("sonic-pi-samples", "real noise samples"))
+  return missing
+
+
+def check_packages() -> None:
+  """Raises MissingDataPackageError naming every missing package and the install command (one line)."""
+  missing = missing_packages()
+  if not missing:
+    return
+  packages = " ".join(dict.fromkeys(p for p, _ in missing))
+  if len(missing) == 1:
+    needs = f"{missing[0][1]} from the Debian package {missing[0][0]}"
+  else:
+    needs = "Debian packages that are not installed: " + ", ".join(f"{p} ({what})" for p, what in missing)
+  raise errors.MissingDataPackageError(f"AV-speech needs {needs}: run 'apt-get install -y {packages}' (as root)")
+
+
+# ---------------------------------------------------------------- clean speech
+
+
+def speech_pools(sizes: Sizes, seed: int) -> dict[str, list[speech_sources.Utterance]]:
+  """The clean utterances of each split; train and test speakers are disjoint."""
+  rng = _rng(seed, 0)
+  real = speech_sources.load_asterisk(max_files=sizes.asterisk_files)
+  train_real = [u for u in real if u.speaker not in TEST_REAL_SPEAKERS]
+  if sizes.asterisk_files is None:
+    train_real += speech_sources.load_pocketsphinx()
+  test_real = [u for u in real if u.speaker in TEST_REAL_SPEAKERS]
+  pick = lambda pool, k: [pool[i] for i in np.sort(rng.choice(len(pool), min(k, len(pool)), replace=False))]
+  return {
+    "train": speech_sources.synth_espeak(ESPEAK_LANGUAGES, TRAIN_VARIANTS, sizes.train_synth, seed + 1)
+    + pick(train_real, sizes.train_real),
+    "test": speech_sources.synth_espeak(ESPEAK_LANGUAGES, TEST_VARIANTS, sizes.test_synth, seed + 2)
+    + pick(test_real, sizes.test_real),
+  }
+
+
+def pad_utterance(
+  utterance: speech_sources.Utterance, rng: np.random.Generator
+) -> tuple[np.ndarray, tuple[tuple[int, str], ...] | None]:
+  """The utterance with PAD_SECONDS of silence at both ends, and its phonemes moved to match."""
+  before, after = (int(rng.uniform(*PAD_SECONDS) * SAMPLE_RATE) for _ in range(2))
+  audio = np.concatenate([np.zeros(before, np.float32), utterance.audio, np.zeros(after, np.float32)])
+  if utterance.phonemes is None:
+    return audio, None
+  return audio, tuple((s + before, name) for s, name in utterance.phonemes)
+
+
+# ---------------------------------------------------------------- noise
+
+
+class NoiseBank:
+  """Makes noise of each type of one split; every call takes its randomness from `rng`.
+
+  Args:
+    split: 'train' or 'test'.
+    talkers: clean utterances of the split (babble of other speakers).
+    sizes: the config.
+  """
+
+  def __init__(self, split: str, talkers: list[speech_sources.Utterance], sizes: Sizes):
+    self.names = TRAIN_NOISES if split == "train" else TEST_NOISES
+    self._talkers = talkers
+    self._samples = {}
+    for name in self.names:
+      if name in SONIC_PI_GROUPS:
+        paths = noise_sources.sonic_pi_files(SONIC_PI_GROUPS[name])[: sizes.sonic_pi_files]
+        self._samples[name] = noise_sources.load_sonic_pi(paths, SAMPLE_RATE)
+    if "music" in self.names:
+      music = noise_sources.load_music(noise_sources.MUSIC_TRACKS[: sizes.music_tracks])
+      self._music = speech_sources.to_16k(music, noise_sources.digit_sources.SAMPLE_RATE)
+
+  def _babble(self, rng: np.random.Generator, speaker: str, n: int, talkers: tuple[int, int]) -> np.ndarray:
+    others = [u.audio for u in self._talkers if u.speaker != speaker] or [u.audio for u in self._talkers]
+    chosen = rng.choice(len(others), int(rng.integers(*talkers, endpoint=True)))
+    return noise_sources.babble(rng, [others[i] for i in chosen], n)
+
+  def __call__(self, name: str, rng: np.random.Generator, n: int, speaker: str) -> np.ndarray:
+    """Noise `name` of n samples, float32 `[n]` (unit RMS up to the mixtures' small deviations)."""
+    if name == "white":
+      return noise_sources.white_noise(rng, n)
+    if name == "pink":
+      return noise_sources.pink_noise(rng, n)
+    if name == "babble":
+      return self._babble(rng, speaker, n, BABBLE_TALKERS)
+    if name == "music":
+      return noise_sources.random_segment(rng, self._music, n)
+    if name == "ambient":
+      return noise_sources.texture(rng, self._samples[name], n)
+    if name == "tabla":
+      return noise_sources.sequence(rng, self._samples[name], n, SAMPLE_RATE, bpm=(70, 130))
+    if name == "drums":
+      return noise_sources.sequence(rng, self._samples[name], n, SAMPLE_RATE, bpm=(90, 160))
+    if name == "electronic":
+      return noise_sources.sequence(rng, self._samples[name], n, SAMPLE_RATE, bpm=(60, 140))
+    if name == "street":
+      return noise_sources.street(rng, n, SAMPLE_RATE)
+    if name == "cafe":
+      crowd = self._babble(rng, speaker, n, (6, 10))
+      room = noise_sources.pink_noise(rng, n)
+      mix = crowd + 0.3 * room + 0.8 * noise_sources.clinks(rng, n, SAMPLE_RATE)
+      return (mix / (mix.std() + 1e-9)).astype(np.float32)
+    raise ValueError(f"unknown noise {name!r}")
+
+
+# ---------------------------------------------------------------- examples
+
+
+def mix(clean: np.ndarray, noise: np.ndarray, snr: float) -> tuple[np.ndarray, np.ndarray]:
+  """(clean, noisy) at `snr` dB over the whole signal, both scaled by one factor so that neither
+  peaks above MAX_PEAK, then rounded to 16-bit PCM, int16 `[n]` each."""
+  noisy = noise_sources.mix_at_snr(clean, noise, snr, active_only=False)
+  scale = min(1.0, MAX_PEAK / max(np.abs(noisy).max(), np.abs(clean).max(), 1e-9))
+  return tuple(np.rint(x * scale * 32767).astype(np.int16) for x in (clean, noisy))
+
+
+def make_example(clean, lips, noise, noise_name: str, snr: float, utterance: speech_sources.Utterance) -> dict:
+  """An example as stored: clean float `[n]` mixed with noise `[n]` at snr dB, lips uint8 `[T, 16, 24, 3]`."""
+  clean16, noisy16 = mix(clean, noise, snr)
+  return {
+    "clean": clean16,
+    "noisy": noisy16,
+    "lips": lips,
+    "snr": np.float32(snr),
+    "noise": noise_name,
+    "speaker": utterance.speaker,
+    "text": utterance.text,
+  }
+
+
+def generate(split: str, pool: list[speech_sources.Utterance], sizes: Sizes, seed: int = SEED):
+  """Yields (key, example) of one split from its clean utterances, examples as stored (audio int16)."""
+  bank = NoiseBank(split, pool, sizes)
+  for i, utterance in enumerate(pool):
+    rng = _rng(seed, 1 if split == "train" else 2, i)
+    clean, phonemes = pad_utterance(utterance, rng)
+    lips = lips_lib.render_utterance(clean, utterance.speaker, phonemes, seed=zlib.crc32(f"{split}{i}".encode()))
+    if split == "train":
+      name = TRAIN_NOISES[int(rng.integers(len(TRAIN_NOISES)))]
+      snr = float(rng.choice(TRAIN_SNRS))
+      yield i, make_example(clean, lips, bank(name, rng, len(clean), utterance.speaker), name, snr, utterance)
+      continue
+    for j, name in enumerate(TEST_NOISES):
+      noise = bank(name, _rng(seed, 3, i, j), len(clean), utterance.speaker)
+      for k, snr in enumerate(TEST_SNRS):
+        yield (i * len(TEST_NOISES) + j) * len(TEST_SNRS) + k, make_example(clean, lips, noise, name, snr, utterance)
+
+
+# ---------------------------------------------------------------- TFDS
+
+
+def _int16(shape):
+  return tfds.features.Tensor(shape=shape, dtype=np.int16, encoding=tfds.features.Encoding.BYTES)
+
+
+def features() -> tfds.features.FeaturesDict:
+  """The stored features (audio as 16-bit PCM; `decode` turns an example into floats and str)."""
+  return tfds.features.FeaturesDict(
+    {
+      "clean": _int16((None,)),
+      "noisy": _int16((None,)),
+      "lips": tfds.features.Tensor(
+        shape=(None, lips_lib.HEIGHT, lips_lib.WIDTH, 3), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+      ),
+      "snr": tfds.features.Tensor(shape=(), dtype=np.float32, encoding=tfds.features.Encoding.BYTES),
+      "noise": tfds.features.Text(),
+      "speaker": tfds.features.Text(),
+      "text": tfds.features.Text(),
+    }
+  )
+
+
+class AvSpeech(tfds.core.GeneratorBasedBuilder):
+  """AV-speech: clean and noisy 16 kHz speech with a rendered 50 fps lip stream."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
+    tfds.core.BuilderConfig(name="default", description="2,400 train and 320 test examples."),
+    tfds.core.BuilderConfig(name="tiny", description="24 train and 32 test examples, for tests."),
+  ]
+  code_path = None  # We download nothing (see av_digits.AvDigits).
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description="Clean and noisy speech (16 kHz) with a RENDERED mouth image per 20 ms frame.",
+      features=features(),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    check_packages()
+    sizes = CONFIGS[self.builder_config.name]
+    pools = speech_pools(sizes, SEED)
+    return {split: generate(split, pools[split], sizes) for split in ("train", "test")}
+
+  def _generate_examples(self, examples):
+    yield from examples
+
+
+def decode(example: dict) -> dict:
+  """A stored example with float32 audio in [-1, 1] and str strings."""
+  out = dict(example)
+  for key in ("clean", "noisy"):
+    out[key] = np.asarray(example[key], np.float32) / 32767.0
+  for key in ("noise", "speaker", "text"):
+    value = example[key]
+    out[key] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+  out["snr"] = np.asarray(example["snr"], np.float32)
+  return out
+
+
+class DecodedSource:
+  """Random access to a split, each example passed through `decode`."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    return decode(self._source[index])
+
+  def __repr__(self) -> str:
+    return f"DecodedSource({self._source!r})"
+
+
+def load(data_dir: str | None = None, config: str = "default") -> dict[str, DecodedSource]:
+  """{'train': source, 'test': source}, random access, prepared on first use.
+
+  Args:
+    data_dir: TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).
+    config: 'default' (2,400 train and 320 test examples, built in about a minute) or
+      'tiny' (24 and 32, a few seconds; for tests).
+
+  Returns:
+    Sources whose elements are dicts: 'clean', 'noisy' float32 `[N]`, 'lips' uint8
+    `[T, 16, 24, 3]` (T = audio.num_frames(N, 512, 320)), 'snr' float32 `[]`, 'noise', 'speaker',
+    'text' str.
+
+  Raises:
+    UserError: unknown config.
+    MissingDataPackageError: a Debian package with the raw data is not installed.
+  """
+  if config not in CONFIGS:
+    raise errors.UserError(f"unknown AV-speech config {config!r}: use one of {', '.join(CONFIGS)}")
+  builder = AvSpeech(config=config, data_dir=data_dir, file_format="array_record")
+  if not builder.data_path.exists():
+    check_packages()
+    builder.download_and_prepare()
+  return {split: DecodedSource(source) for split, source in builder.as_data_source().items()}
+
+
+def num_frames(num_samples: int) -> int:
+  """Lip frames of an utterance of `num_samples` samples (= STFT frames, 512 / 320)."""
+  return audio_lib.num_frames(num_samples, N_FFT, HOP)

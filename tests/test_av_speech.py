@@ -1,0 +1,198 @@
+"""Tests for AV-speech (AVDCNN's embedded data): the tiny build, rendered lips, noise, FLAC decoding."""
+
+import numpy as np
+import pytest
+
+from multimodal_jax import audio, errors
+from multimodal_jax.data import av_speech, lips, noise_sources, speech_sources
+
+
+@pytest.fixture(scope="module")
+def sources(av_speech_dir):
+  return av_speech.load(av_speech_dir, config="tiny")
+
+
+@pytest.fixture(scope="module")
+def examples(sources):
+  return {split: [src[i] for i in range(len(src))] for split, src in sources.items()}
+
+
+def _log_energy(clean: np.ndarray) -> np.ndarray:
+  """Frame log energy (same frames as the lips), floored 60 dB below the loudest frame."""
+  power = lips.frame_power(clean).sum(axis=1)
+  return np.log10(np.maximum(power, power.max() * 1e-6))
+
+
+def test_sizes_shapes_and_dtypes(examples):
+  sizes = av_speech.CONFIGS["tiny"]
+  assert len(examples["train"]) == sizes.train_synth + sizes.train_real
+  test_utterances = sizes.test_synth + sizes.test_real
+  assert len(examples["test"]) == test_utterances * len(av_speech.TEST_NOISES) * len(av_speech.TEST_SNRS)
+  for split in ("train", "test"):
+    for ex in examples[split]:
+      assert set(ex) == {"clean", "noisy", "lips", "snr", "noise", "speaker", "text"}
+      n = len(ex["clean"])
+      assert ex["clean"].dtype == np.float32 and ex["clean"].shape == (n,)
+      assert ex["noisy"].dtype == np.float32 and ex["noisy"].shape == (n,)
+      assert 0.5 * av_speech.SAMPLE_RATE < n < 4 * av_speech.SAMPLE_RATE
+      assert np.abs(ex["noisy"]).max() <= 1.0 and np.abs(ex["clean"]).max() <= 1.0
+      assert ex["lips"].dtype == np.uint8
+      assert ex["lips"].shape == (audio.num_frames(n, 512, 320), 16, 24, 3)
+      assert ex["snr"].dtype == np.float32 and ex["snr"].shape == ()
+      assert all(isinstance(ex[k], str) for k in ("noise", "speaker", "text"))
+  assert len({len(ex["clean"]) for ex in examples["train"]}) > 10  # Lengths vary.
+  assert any(ex["text"] for ex in examples["train"])
+
+
+def test_noisy_is_clean_plus_noise_at_the_labelled_snr(examples):
+  for split in ("train", "test"):
+    for ex in examples[split]:
+      clean = ex["clean"].astype(np.float64)
+      noise = ex["noisy"].astype(np.float64) - clean
+      snr = 10 * np.log10(np.sum(clean**2) / np.sum(noise**2))
+      assert snr == pytest.approx(float(ex["snr"]), abs=0.1)
+  assert {float(ex["snr"]) for ex in examples["test"]} == set(av_speech.TEST_SNRS)
+  assert {float(ex["snr"]) for ex in examples["train"]} <= set(av_speech.TRAIN_SNRS)
+
+
+def test_test_speakers_and_noises_are_unseen_in_training(examples):
+  assert not set(av_speech.TRAIN_NOISES) & set(av_speech.TEST_NOISES)
+  train_speakers = {ex["speaker"] for ex in examples["train"]}
+  test_speakers = {ex["speaker"] for ex in examples["test"]}
+  assert not train_speakers & test_speakers
+  assert "asterisk/Carlo" in test_speakers
+  assert any(s.startswith("espeak/") for s in test_speakers)
+  assert {ex["noise"] for ex in examples["train"]} <= set(av_speech.TRAIN_NOISES)
+  assert {ex["noise"] for ex in examples["test"]} == set(av_speech.TEST_NOISES)
+  train_variants = {s.split("+")[-1] for s in train_speakers if s.startswith("espeak/")}
+  assert train_variants <= set(av_speech.TRAIN_VARIANTS)
+  assert not set(av_speech.TRAIN_VARIANTS) & set(av_speech.TEST_VARIANTS)
+
+
+def test_rendered_lips_follow_the_speech(examples):
+  recorded = [ex for ex in examples["train"] if not ex["speaker"].startswith("espeak/")]
+  synthesised = [ex for ex in examples["train"] if ex["speaker"].startswith("espeak/")]
+  assert recorded and synthesised
+
+  def correlation(ex):
+    return np.corrcoef(lips.opening_proxy(ex["lips"]), _log_energy(ex["clean"]))[0, 1]
+
+  assert np.median([correlation(ex) for ex in recorded]) > 0.5
+  assert np.median([correlation(ex) for ex in synthesised]) > 0.3
+  for ex in recorded + synthesised:  # Closed mouth in the silence before the speech (0.1-0.4 s).
+    energy = _log_energy(ex["clean"])
+    onset = int(np.argmax(energy > energy.max() - 5))
+    assert onset >= 4
+    assert lips.opening_proxy(ex["lips"][: onset - 3]).max() < 0.04  # A closed slit; open is > 0.1.
+  # The same utterance has the same lips whatever the noise and SNR.
+  first = [ex for ex in examples["test"] if ex["speaker"] == examples["test"][0]["speaker"]]
+  assert len(first) == len(av_speech.TEST_NOISES) * len(av_speech.TEST_SNRS)
+  for ex in first[1:]:
+    np.testing.assert_array_equal(ex["lips"], first[0]["lips"])
+
+
+def test_phoneme_visemes_and_fixed_mouth():
+  assert lips.viseme("p") == lips.viseme("m") == "closed"
+  assert lips.viseme("aI") == "open" and lips.viseme("u:") == "close_round" and lips.viseme("_:") == "pause"
+  samples = 16000
+  phonemes = ((0, "_"), (4000, "a"), (8000, "m"), (12000, "_"))
+  shapes = lips.shapes_from_phonemes(phonemes, samples)
+  frames = lips.frame_samples(samples)
+  assert shapes.shape == (len(frames), len(lips.SHAPE_PARAMS))
+  opening = shapes[:, 0]
+  assert opening[(frames > 5000) & (frames < 7000)].min() > 0.8  # 'a' open.
+  assert opening[(frames > 9500) & (frames < 11000)].max() < 0.1  # 'm' closed.
+  assert opening[frames < 3000].max() < 0.05  # Silence before.
+  mouth = lips.fixed_mouth()
+  assert mouth.shape == (16, 24, 3) and mouth.dtype == np.uint8
+  tiled = lips.fixed_mouth("espeak/en-us+m1", num_frames=7)
+  assert tiled.shape == (7, 16, 24, 3)
+  assert (tiled == tiled[0]).all()
+  assert lips.opening_proxy(tiled).max() < 0.04  # Closed.
+  open_mouth = lips.draw(np.array([[1.0, 0.5, 0.0, 0.0, 0.0]]), lips.appearance("x"))
+  assert lips.opening_proxy(np.rint(open_mouth * 255).astype(np.uint8))[0] > 0.1
+
+
+def test_rebuild_is_identical(examples, tmp_path):
+  again = av_speech.load(str(tmp_path), config="tiny")
+  for split in ("train", "test"):
+    assert len(again[split]) == len(examples[split])
+    for i, ex in enumerate(examples[split]):
+      other = again[split][i]
+      for key in ex:
+        np.testing.assert_array_equal(np.asarray(ex[key]), np.asarray(other[key]), err_msg=f"{split}[{i}][{key}]")
+
+
+def test_espeak_phonemes_are_timed():
+  u = speech_sources.synth_utterance("papa mama", "en-us+m1", 150, 50)
+  assert u is not None and u.audio.dtype == np.float32
+  names = [name for _, name in u.phonemes]
+  assert names.count("p") == 2 and names.count("m") == 2
+  starts = [s for s, _ in u.phonemes]
+  assert starts == sorted(starts) and 0 <= starts[0] < 2000 and starts[-1] <= len(u.audio) + 1600
+
+
+def test_flac_decoder_matches_the_stream_md5():
+  for name in ("drum_cymbal_closed", "misc_burp"):  # 16-bit stereo; 24-bit mono.
+    (path,) = noise_sources.sonic_pi_files((name,))
+    samples, rate = noise_sources.read_flac(path, verify=True)  # Raises on an MD5 mismatch.
+    assert rate == 44100 and samples.dtype == np.float32 and samples.ndim == 2
+    assert 0.01 < np.abs(samples).max() <= 1.0
+
+
+def test_mix_over_the_whole_signal():
+  rng = np.random.default_rng(0)
+  speech = np.concatenate([np.zeros(4000), rng.standard_normal(8000), np.zeros(4000)]).astype(np.float32)
+  noise = noise_sources.pink_noise(rng, len(speech))
+  mixed = noise_sources.mix_at_snr(speech, noise, 3.0, active_only=False)
+  snr = 10 * np.log10(np.sum(speech.astype(np.float64) ** 2) / np.sum((mixed - speech).astype(np.float64) ** 2))
+  assert snr == pytest.approx(3.0, abs=1e-3)
+
+
+def test_every_noise_type_is_made():
+  sizes = av_speech.CONFIGS["tiny"]
+  rng = np.random.default_rng(1)
+  talkers = [speech_sources.Utterance(rng.uniform(-0.5, 0.5, 8000).astype(np.float32), f"s{i}", "") for i in range(3)]
+  made = {}
+  for split, names in (("train", av_speech.TRAIN_NOISES), ("test", av_speech.TEST_NOISES)):
+    bank = av_speech.NoiseBank(split, talkers, sizes)
+    for name in names:
+      noise = bank(name, np.random.default_rng(2), 24000, "s0")
+      assert noise.shape == (24000,) and noise.dtype == np.float32 and np.isfinite(noise).all()
+      assert noise.std() == pytest.approx(1.0, rel=0.05), name
+      made[name] = noise
+  names = list(made)
+  for i, a in enumerate(names):
+    for b in names[i + 1 :]:
+      assert not np.allclose(made[a], made[b]), (a, b)
+
+
+def _message(excinfo) -> str:
+  message = str(excinfo.value)
+  assert "\n" not in message
+  return message
+
+
+def test_missing_packages_are_named(monkeypatch, tmp_path):
+  monkeypatch.setattr(speech_sources, "POCKETSPHINX_DIR", str(tmp_path / "none"))
+  with pytest.raises(errors.MissingDataPackageError) as excinfo:
+    av_speech.check_packages()
+  assert _message(excinfo) == (
+    "AV-speech needs real 16 kHz speech from the Debian package pocketsphinx-testdata: "
+    "run 'apt-get install -y pocketsphinx-testdata' (as root)"
+  )
+  monkeypatch.setattr(noise_sources, "SONIC_PI_DIR", str(tmp_path / "none"))
+  monkeypatch.setattr(speech_sources, "ESPEAK_LIBRARY", "libno-such-espeak.so.1")
+  monkeypatch.setattr(speech_sources.ctypes.util, "find_library", lambda name: None)
+  with pytest.raises(errors.MissingDataPackageError) as excinfo:
+    av_speech.load(str(tmp_path / "tfds"), config="tiny")
+  message = _message(excinfo)
+  for package in ("pocketsphinx-testdata", "sonic-pi-samples", "espeak-ng"):
+    assert package in message
+  assert "apt-get install -y pocketsphinx-testdata espeak-ng sonic-pi-samples" in message
+  assert not (tmp_path / "tfds" / "av_speech").exists()
+
+
+def test_unknown_config_is_refused(tmp_path):
+  with pytest.raises(errors.UserError, match="unknown AV-speech config 'huge'"):
+    av_speech.load(str(tmp_path), config="huge")
