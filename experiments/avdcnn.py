@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from scipy.signal import resample_poly
 
 from multimodal_jax import audio, cli, loop, train
 from multimodal_jax import sharding as shd
@@ -47,7 +48,6 @@ BUCKET = 8000  # signals are zero-padded to a multiple of this many samples so j
 EVAL_KEYS = (
   "mesh",
   "data_dir",
-  "data_config",
   "eval_utterances",
   "eval_processes",
   "input",
@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.fusion = "joint"
   c.model = "paper"  # preset of models/avdcnn.py: paper | tiny
   c.mu = 1.0
-  c.steps = 3000
+  c.steps = 1500
   c.batch_size = 256  # frames
   c.seed = 0
   c.mesh = "data:-1"
@@ -79,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.ema_decay = 0.0
   c.log_every = 100
   c.eval_every = 0
-  c.checkpoint_every = 1000
+  c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.target_floor = -4.0  # floor of the normalised clean target (digital silence would be ~ -10)
   c.bn_batches = 16  # training batches for the population batch-norm statistics
@@ -165,7 +165,8 @@ class FrameSource:
   def __init__(self, examples, floor: float):
     noisy, target, lips, start, end = [], [], [], [], []
     offset = 0
-    for example in examples:
+    for i in range(len(examples)):
+      example = examples[i]
       x, y = utterance_features(example, floor)
       t = len(x)
       if example["lips"].shape[0] != t:
@@ -351,8 +352,7 @@ def fixed_lips(frames: int) -> np.ndarray:
   """`[frames, 16, 24, 3]` uint8: the data's constant neutral mouth in every frame."""
   from multimodal_jax.data import lips as lips_lib
 
-  image = np.asarray(lips_lib.fixed_mouth(), np.uint8)
-  return np.broadcast_to(image, (frames, *image.shape[-3:])).copy()
+  return lips_lib.fixed_mouth(num_frames=frames)
 
 
 # --- Evaluation ---------------------------------------------------------------------------------------------------
@@ -495,8 +495,16 @@ def _read_video(path: str) -> np.ndarray:
 
 
 def run_enhance(config, workdir):
+  """Enhances `config.input` (a wav) with its mouth frames `config.lips` into `config.output` (16-bit PCM
+  wav of the input's rate and length). Inputs are checked before the model is restored."""
   if not config.input or not config.output:
     raise UserError("enhance needs --config.input=NOISY.wav and --config.output=OUT.wav")
+  out_dir = os.path.dirname(os.path.abspath(config.output))
+  if not os.path.isdir(out_dir):
+    raise UserError(f"the output directory {out_dir!r} does not exist; create it or choose another --config.output")
+  checkpointer, saved = from_checkpoint.saved_config(workdir, config, EVAL_KEYS)
+  checkpointer.close()
+  visual = model_config(saved).visual
   signal, rate = read_wav(config.input)
   if rate != SAMPLE_RATE and not config.resample:
     raise UserError(
@@ -504,21 +512,16 @@ def run_enhance(config, workdir):
       "resample it or drop --config.resample=false"
     )
   length = len(signal)
+  g = math.gcd(rate, SAMPLE_RATE)
   if rate != SAMPLE_RATE:
-    from scipy.signal import resample_poly
-
-    g = math.gcd(rate, SAMPLE_RATE)
     signal = resample_poly(signal, SAMPLE_RATE // g, rate // g).astype(np.float32)
     print(f"note: resampled the input from {rate} Hz to {SAMPLE_RATE} Hz (and the output back)", flush=True)
-  frames = audio.num_frames(len(signal), N_FFT, HOP)
-  config, enhancer, _, _ = _inference(config, workdir)
-  lips = read_lips(config.lips, frames) if enhancer.model.config.visual else None
+  lips = read_lips(config.lips, audio.num_frames(len(signal), N_FFT, HOP)) if visual else None
+  _, enhancer, _, _ = _inference(config, workdir)
   enhanced = enhancer(signal, lips)
   if rate != SAMPLE_RATE:
-    from scipy.signal import resample_poly
-
     enhanced = resample_poly(enhanced, rate // g, SAMPLE_RATE // g)
-    enhanced = np.pad(enhanced, (0, max(0, length - len(enhanced))))[:length]
+  enhanced = np.pad(enhanced, (0, max(0, length - len(enhanced))))[:length]
   write_wav(config.output, enhanced, rate)
   print(json.dumps({"output": config.output, "samples": length, "rate": rate}), flush=True)
 
