@@ -5,12 +5,13 @@ is a mouth drawn from five shape parameters in [0, 1] (SHAPE_PARAMS: opening, wi
 teeth and tongue visibility):
 
 * synthesised speech: espeak-ng's phoneme start times, each phoneme mapped to a viseme (a target
-  shape), held until the next phoneme;
+  shape) held until the next phoneme, its opening scaled by the frame's loudness (the jaw opens
+  wider on louder syllables);
 * recorded speech: the clean signal's frames: loudness -> opening, spectral centroid -> width
   (spread lips), low-band energy share -> rounding, high-band share -> teeth.
 
-The targets are smoothed over about 30 ms (coarticulation) and lead the audio by one frame, as
-lips do. Each speaker has a fixed appearance (skin and lip colour, mouth size, lighting direction)
+The targets are smoothed with a Gaussian of 24 ms (coarticulation) and lead the audio by one frame,
+as lips do. Masks are drawn on a 3x finer grid and averaged (anti-aliasing). Each speaker has a fixed appearance (skin and lip colour, mouth size, lighting direction)
 derived from its name; each utterance adds small head motion, brightness change and sensor noise.
 Frame t is centred on sample t * HOP, as frame t of `multimodal_jax.audio.stft(audio, 512, 320)`,
 and an utterance of n samples has `audio.num_frames(n, 512, 320)` images.

@@ -49,6 +49,7 @@ ASTERISK_VOICES = (
   ("asterisk-core-sounds-it-wav", "it_IT_m_Carlo", "it"),
   ("asterisk-core-sounds-ru-wav", "ru_RU_f_IvrvoiceRU", "ru"),
 )
+ASTERISK_NON_SPEECH = ("ascending-2tone", "descending-2tone", "beep", "beeperr", "tt-monkeys")  # Prompt names.
 # espeak language -> Asterisk transcript language giving its sentences.
 ESPEAK_LANGUAGES = {"en-us": "en", "es": "es", "fr": "fr", "it": "it", "ru": "ru"}
 
@@ -94,9 +95,11 @@ def espeak_library_path() -> str | None:
 def missing_packages() -> list[tuple[str, str]]:
   """The missing Debian packages for clean speech, as (package, what it gives)."""
   missing = []
-  for package, folder, _ in ASTERISK_VOICES:
+  for package, folder, language in ASTERISK_VOICES:
     if not os.path.isfile(os.path.join(_asterisk_folder(folder), "digits", "1.wav")):
       missing.append((package, "real speech recordings"))
+    if not os.path.isfile(_transcripts_path(language)):
+      missing.append((f"asterisk-core-sounds-{language}", "transcripts, the sentences espeak-ng speaks"))
   if not os.path.isdir(os.path.join(POCKETSPHINX_DIR, "librivox")):
     missing.append(("pocketsphinx-testdata", "real 16 kHz speech"))
   if espeak_library_path() is None:
@@ -170,12 +173,16 @@ def _recording_utterances(audio: np.ndarray, speaker: str, text: str) -> list[Ut
 # ---------------------------------------------------------------- Asterisk prompts
 
 
+def _transcripts_path(language: str) -> str:
+  return os.path.join(ASTERISK_DOC_DIR, f"asterisk-core-sounds-{language}", f"core-sounds-{language}.txt.gz")
+
+
 def asterisk_transcripts(language: str) -> dict[str, str]:
   """{prompt name like 'digits/1': transcript} of `asterisk-core-sounds-<language>` ({} if absent).
 
   Descriptions in brackets (tones, beeps) are left out.
   """
-  path = os.path.join(ASTERISK_DOC_DIR, f"asterisk-core-sounds-{language}", f"core-sounds-{language}.txt.gz")
+  path = _transcripts_path(language)
   if not os.path.isfile(path):
     return {}
   out = {}
@@ -216,7 +223,7 @@ def load_asterisk(speakers: tuple[str, ...] | None = None, max_files: int | None
     names = sorted(names)[:max_files]
     for name in names:
       key = name[: -len(".wav")]
-      if key not in transcripts and key.split("/")[-1] in ("beep", "beeperr"):
+      if key.split("/")[-1] in ASTERISK_NON_SPEECH:
         continue
       audio, rate = read_wav(os.path.join(root, name))
       out += _recording_utterances(to_16k(audio, rate), speaker, transcripts.get(key, ""))
