@@ -14,6 +14,15 @@ to 4 kHz; pocketsphinx test utterances) and espeak-ng sentences in 5 languages w
 variants; each utterance gets 0.1-0.4 s of silence before and after. Test speakers are never heard
 in training (espeak variants TEST_VARIANTS in every language and the Asterisk speaker Carlo) and
 test noise types are never heard in training (TEST_NOISES vs TRAIN_NOISES), as in the paper.
+Noise types (NoiseBank), unit RMS before mixing:
+
+* train: white, pink; babble (3-7 other training talkers); music (the 5 music-on-hold tracks, 8 kHz);
+  ambient (two layers of sonic-pi `ambi_*` textures); tabla (sonic-pi tabla hits on a 70-130 bpm
+  grid).
+* test: drums (sonic-pi drum, kick and snare hits and break loops, 90-160 bpm); electronic
+  (sonic-pi `elec_*` / `glitch_*` hits); street (synthetic rumble, passing cars, horns); cafe
+  (babble of 6-10 test talkers, pink room tone, synthetic cutlery clinks).
+
 Train: one random noise and SNR (TRAIN_SNRS) per utterance. Test: every test utterance with every
 test noise at every TEST_SNRS (same noise excerpt and lip video across SNRs).
 
