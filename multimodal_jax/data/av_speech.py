@@ -14,6 +14,7 @@ to 4 kHz; pocketsphinx test utterances) and espeak-ng sentences in 5 languages w
 variants; each utterance gets 0.1-0.4 s of silence before and after. Test speakers are never heard
 in training (espeak variants TEST_VARIANTS in every language and the Asterisk speaker Carlo) and
 test noise types are never heard in training (TEST_NOISES vs TRAIN_NOISES), as in the paper.
+
 Noise types (NoiseBank), unit RMS before mixing:
 
 * train: white, pink; babble (3-7 other training talkers); music (the 5 music-on-hold tracks, 8 kHz);
