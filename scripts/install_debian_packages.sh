@@ -5,6 +5,8 @@ set -euo pipefail
 packages=(
   asterisk-core-sounds-en-wav asterisk-core-sounds-es-wav asterisk-core-sounds-fr-wav
   asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav asterisk-moh-opsound-wav
+  asterisk-core-sounds-en asterisk-core-sounds-es asterisk-core-sounds-fr asterisk-core-sounds-it
+  asterisk-core-sounds-ru
   espeak-ng libtcmalloc-minimal4 sonic-pi-samples pocketsphinx-testdata
 )
 missing=()
