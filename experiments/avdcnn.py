@@ -4,6 +4,7 @@
   python -m experiments.avdcnn --workdir runs/avdcnn --mode=eval      # PESQ / STOI / SDI / segSNR, eval.json
   python -m experiments.avdcnn --workdir runs/avdcnn --mode=enhance \\
       --config.input=noisy.wav --config.lips=mouth.npy --config.output=enhanced.wav
+  python -m experiments.avdcnn --workdir runs/avdcnn --mode=spectrogram --config.output=docs/avdcnn_spectrogram.png
 
 Keys: modalities=audio,visual (audio alone: the ADCNN ablation), fusion=joint|early, mu (weight of
 the mouth-reconstruction loss), steps, batch_size (frames, global), data_config=default|tiny,
@@ -44,7 +45,7 @@ from multimodal_jax.models import avdcnn
 
 SAMPLE_RATE = 16000
 N_FFT, HOP, RADIUS = 512, 320, 2
-BUCKET = 8000  # signals are zero-padded to a multiple of this many samples so jitted shapes repeat
+BUCKET = 16000  # signals are zero-padded to whole seconds so that jitted shapes repeat
 EVAL_KEYS = (
   "mesh",
   "data_dir",
@@ -55,6 +56,7 @@ EVAL_KEYS = (
   "output",
   "resample",
   "bn_batches",
+  "utterance",
 )
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".mpg", ".mpeg", ".webm")
 
@@ -91,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.lips = ""
   c.output = ""
   c.resample = True
+  c.utterance = 0  # spectrogram mode: which test utterance
   return c
 
 
@@ -317,7 +320,7 @@ def _inference(config, workdir, data=None):
 
 class Enhancer:
   """Enhances whole utterances: STFT -> normalised log power -> model per frame -> de-normalise ->
-  resynthesis with the noisy phase. One jitted function per padded length (multiples of 0.5 s)."""
+  resynthesis with the noisy phase. One jitted function per padded length (whole seconds)."""
 
   def __init__(self, model: avdcnn.AVDCNN, params, batch_stats):
     self.model = model
@@ -526,10 +529,46 @@ def run_enhance(config, workdir):
   print(json.dumps({"output": config.output, "samples": length, "rate": rate}), flush=True)
 
 
+def run_spectrogram(config, workdir):
+  """Writes the noisy / enhanced / clean log spectrograms of test utterance `config.utterance` to
+  `config.output` (default WORKDIR/spectrogram.png), with each one's PESQ and STOI."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  output = config.output or os.path.join(workdir, "spectrogram.png")
+  config, enhancer, step, data = _inference(config, workdir)
+  data = data or _load_data(config)
+  if not 0 <= config.utterance < len(data["test"]):
+    raise UserError(f"utterance={config.utterance}: choose 0 to {len(data['test']) - 1}")
+  ex = data["test"][config.utterance]
+  clean, noisy = np.asarray(ex["clean"], np.float32), np.asarray(ex["noisy"], np.float32)
+  enhanced = enhancer(noisy, ex["lips"] if enhancer.model.config.visual else None)
+  signals = {"noisy": noisy, "enhanced": enhanced, "clean": clean}
+  specs = {k: np.asarray(audio.log_power(audio.stft(v, N_FFT, HOP))) / np.log(10) * 10 for k, v in signals.items()}
+  top = max(v.max() for v in specs.values())
+  fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True, constrained_layout=True)
+  seconds = len(clean) / SAMPLE_RATE
+  for ax, (name, spec) in zip(axes, specs.items(), strict=True):
+    image = ax.imshow(
+      spec.T, origin="lower", aspect="auto", extent=(0, seconds, 0, SAMPLE_RATE / 2000), vmin=top - 80, vmax=top
+    )
+    scores = "" if name == "clean" else sq.score(clean, signals[name], SAMPLE_RATE)
+    label = f"{name}" + (f"  (PESQ {scores['pesq']:.2f}, STOI {scores['stoi']:.2f})" if scores else "")
+    ax.set_title(label, fontsize=10)
+    ax.set_ylabel("kHz")
+  axes[-1].set_xlabel("seconds")
+  fig.colorbar(image, ax=axes, label="dB")
+  fig.suptitle(f"{_text(ex['speaker'])}, {_text(ex['noise'])} noise at {float(ex['snr']):g} dB (step {step})")
+  fig.savefig(output, dpi=100)
+  print(json.dumps({"output": output, "utterance": config.utterance}), flush=True)
+
+
 def main(argv=None) -> int:
   return cli.run(
     get_config,
-    {"train": run_train, "eval": run_eval, "enhance": run_enhance},
+    {"train": run_train, "eval": run_eval, "enhance": run_enhance, "spectrogram": run_spectrogram},
     argv,
     prog="python -m experiments.avdcnn",
   )

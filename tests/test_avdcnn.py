@@ -46,13 +46,16 @@ def _init(config, seed=0):
   ],
 )
 def test_shapes_and_flattened_widths(config, widths, heads):
-  model, boxed, params = _init(config)
+  # shapes only (eval_shape): the paper-sized model is never compiled here
+  model = avdcnn.AVDCNN(config)
+  boxed = jax.eval_shape(exp.make_init_params(model), jax.random.key(0))
+  params = nn.meta.unbox(boxed)
   assert avdcnn.flat_widths(config) == widths
   # the first FC layer sees exactly the derived concatenation (2,828 for AV, not the paper's 2,804)
   assert params["fc_0"]["kernel"].shape == (sum(widths.values()), 1000)
   assert params["fc_1"]["kernel"].shape == (1000, 800)
   assert ("visual_cnn" in params) == (config.visual and config.fusion == "joint")
-  out = avdcnn.apply_train(model, params, _batch(3), jax.random.key(1))
+  out = jax.eval_shape(lambda p, b: avdcnn.apply_train(model, p, b, jax.random.key(1)), params, _batch(3))
   assert {k: v.shape for k, v in out.items()} == {k: (3, n) for k, n in heads.items()}
   # every parameter carries logical axis names of the sharding table
   for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
