@@ -142,6 +142,19 @@ def test_save_pretrained_folder_loads_without_torch(tmp_path, monkeypatch):
   _check_parity(model, cfg, params, seed=1)
 
 
+def test_bfloat16_compute_stays_close_to_float32():
+  model = _torch_vae()
+  cfg = AutoencoderKLConfig.from_diffusers(dict(model.config))
+  params = diffusers_vae.convert_autoencoder_kl(_state_dict(model), cfg)
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  outs = {}
+  for dtype in ("float32", "bfloat16"):
+    outs[dtype] = jax.jit(AutoencoderKL(dataclasses.replace(cfg, dtype=dtype)).apply)({"params": params}, x)
+  assert all(o.dtype == jnp.float32 for o in outs["bfloat16"])  # outputs come back in float32
+  for ours, ref in zip(outs["bfloat16"], outs["float32"], strict=True):
+    assert 1e-5 < _rel_err(ours, ref) < 5e-2  # bfloat16 was really used, and stays close
+
+
 def test_params_carry_logical_axis_names():
   cfg = AutoencoderKLConfig.from_diffusers(_tiny_config())
   boxed = jax.eval_shape(AutoencoderKL(cfg).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32))
@@ -149,6 +162,24 @@ def test_params_carry_logical_axis_names():
   assert tuple(specs["encoder"]["conv_in"]["kernel"]) == ("conv_height", "conv_width", "conv_in", "conv_out")
   assert tuple(specs["encoder"]["mid_block"]["attentions_0"]["to_q"]["kernel"]) == ("conv_in", "conv_out")
   assert tuple(specs["decoder"]["up_blocks_0"]["resnets_0"]["norm1"]["scale"]) == ("norm",)
+
+
+def test_sharded_params_and_batch_give_the_same_outputs():
+  from multimodal_jax import sharding
+
+  model = _torch_vae()
+  cfg = AutoencoderKLConfig.from_diffusers(dict(model.config))
+  params = diffusers_vae.convert_autoencoder_kl(_state_dict(model), cfg)
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)), jnp.float32)
+  ours = AutoencoderKL(cfg)
+  mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2")
+  boxed = jax.eval_shape(ours.init, jax.random.key(0), x[:1])["params"]
+  shardings = sharding.tree_shardings(nn.meta.unbox(boxed), nn.get_partition_spec(boxed), mesh)
+  assert shardings["encoder"]["conv_in"]["kernel"].spec == jax.sharding.PartitionSpec(None, None, None, "tensor")
+  apply = jax.jit(lambda p, x: ours.apply({"params": p}, x))
+  sharded = apply(jax.device_put(params, shardings), jax.device_put(x, sharding.batch_sharding(mesh, 4)))
+  for got, want in zip(sharded, apply(params, x), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_sd_preset_matches_the_stable_diffusion_vae_layout():
