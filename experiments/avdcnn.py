@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.fusion = "joint"
   c.model = "paper"  # preset of models/avdcnn.py: paper | tiny
   c.mu = 1.0
+  c.residual = True  # audio head = noisy centre frame + correction; false: the paper's plain head
   c.steps = 1500
   c.batch_size = 256  # frames
   c.seed = 0
@@ -106,7 +107,9 @@ def model_config(config) -> avdcnn.AVDCNNConfig:
   if config.model not in avdcnn.PRESETS:
     raise UserError(f"model={config.model!r}: choose one of {', '.join(avdcnn.PRESETS)}")
   modalities = tuple(m for m in avdcnn.MODALITIES if m in names)
-  return dataclasses.replace(avdcnn.PRESETS[config.model], modalities=modalities, fusion=config.fusion)
+  return dataclasses.replace(
+    avdcnn.PRESETS[config.model], modalities=modalities, fusion=config.fusion, residual=config.residual
+  )
 
 
 # --- Features -----------------------------------------------------------------------------------------------------

@@ -26,6 +26,11 @@ Chosen here, where the paper is not specific:
 - `fusion="early"`: one CNN (the audio CNN's layers) on the stacked inputs: the 5 mouth frames,
   each flattened to 1152 values, are appended to the 257 bins along the feature axis, giving a
   `[1409, 5]` input with the context frames along the width as for audio alone.
+- The audio head predicts the enhanced frame as the noisy centre frame plus a learned correction
+  (`residual=True`, a log-domain gain; zero-initialised, so training starts from "output = input").
+  The loss is the paper's, on the enhanced frame itself. `residual=False` is the paper's plain head:
+  trained the same way (1,500 steps of 256 frames) it lowered the loss but degraded every test
+  score below the noisy input's (audio-only: PESQ 1.11 vs 1.21 noisy, STOI 0.64 vs 0.86).
 - Batch norm: the train step is a pure function, so training normalises with the statistics of
   the current batch and discards the running averages (`apply(..., mutable=["batch_stats"])`).
   Inference uses population statistics computed once from training batches with the final params
@@ -67,6 +72,7 @@ class AVDCNNConfig:
   visual_convs: tuple[tuple[int, int, int], ...] = ((15, 2, 12), (7, 2, 10), (3, 2, 6))
   hidden: tuple[int, ...] = (1000, 800)
   dropout: float = 0.1
+  residual: bool = True  # audio head = noisy centre frame + a learned correction (see the module docstring)
   bins: int = BINS
   context: int = CONTEXT
 
@@ -202,7 +208,16 @@ class AVDCNN(nn.Module):
     for i, width in enumerate(cfg.hidden):
       x = nn.sigmoid(dense(width, ("embed", "mlp"), name=f"fc_{i}")(x))
       x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
-    out = {"audio": dense(cfg.bins, ("mlp", "classes"), name="audio_head")(x)}
+    if cfg.residual:  # starts as the identity: Ŷ = X_t (the noisy centre frame) + W h + b, W = 0 at init
+      head = nn.Dense(
+        cfg.bins,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp", "classes")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("classes",)),
+        name="audio_head",
+      )
+      out = {"audio": audio[:, :, audio.shape[-1] // 2] + head(x)}
+    else:
+      out = {"audio": dense(cfg.bins, ("mlp", "classes"), name="audio_head")(x)}
     if cfg.visual:
       out["visual"] = dense(LIPS_SIZE, ("mlp", "classes"), name="visual_head")(x)
     return out
