@@ -158,7 +158,7 @@ def test_eps_training_on_a_3d_mesh_shards_params_and_makes_the_loss_fall():
   # The sharded step computes the single-device loss (the step's rng is fold_in(key(0), step)).
   expect, _ = jax.jit(loss_fn)(host_params, host_batch, jax.random.fold_in(jax.random.key(0), 0))
   losses = []
-  for i in range(300):
+  for i in range(150):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
     if i == 0:
