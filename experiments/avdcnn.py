@@ -108,7 +108,10 @@ def model_config(config) -> avdcnn.AVDCNNConfig:
     raise UserError(f"model={config.model!r}: choose one of {', '.join(avdcnn.PRESETS)}")
   modalities = tuple(m for m in avdcnn.MODALITIES if m in names)
   return dataclasses.replace(
-    avdcnn.PRESETS[config.model], modalities=modalities, fusion=config.fusion, residual=config.residual
+    avdcnn.PRESETS[config.model],
+    modalities=modalities,
+    fusion=config.fusion,
+    residual=config.get("residual", False),  # runs saved before the key had the plain head
   )
 
 
