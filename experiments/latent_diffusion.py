@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -61,9 +62,10 @@ STAGES = ("all", "autoencoder", "denoiser")
 # Keys that sample / eval take from the command line rather than from the trained run's saved config.
 EVAL_KEYS = (
     "mesh", "data_dir", "prompt", "guidance_scale", "sampler", "sample_steps", "eta", "num_samples", "seed",
-    "eval_samples_per_digit", "eval_batch_size", "classifier_steps",
+    "eval_samples_per_digit", "eval_batch_size", "classifier_steps", "eval_test_images",
 )  # fmt: skip
 SCALE_FILE = "latent_scale.json"
+LATENTS_FILE = "latents.npz"
 CLASSIFIER_FILE = "digit_classifier.npz"
 
 
@@ -77,6 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = "data:-1"
   c.dtype = "float32"
   c.data_dir = ""
+  c.train_images = 0  # 0: all 4,000 distinct training images; N: the first N (quick runs, tests)
   # Prompt encoder.
   c.context_length = 16
   c.text_width = 128
@@ -92,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.cond_drop_prob = 0.1
   c.autoencoder = ml_collections.ConfigDict()
   c.autoencoder.preset = "digits"
-  c.autoencoder.steps = 1500
+  c.autoencoder.steps = 600
   c.autoencoder.batch_size = 64
   c.autoencoder.learning_rate = 1e-3
   c.autoencoder.warmup_steps = 100
@@ -104,15 +107,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.autoencoder.checkpoint_every = 500
   c.autoencoder.keep_checkpoints = 2
   c.denoiser = ml_collections.ConfigDict()
-  c.denoiser.steps = 4000
+  c.denoiser.steps = 1500
   c.denoiser.batch_size = 128
   c.denoiser.learning_rate = 1e-3
-  c.denoiser.warmup_steps = 200
+  c.denoiser.warmup_steps = 100
   c.denoiser.weight_decay = 0.0
   c.denoiser.grad_clip = 1.0
   c.denoiser.ema_decay = 0.995
   c.denoiser.log_every = 50
-  c.denoiser.checkpoint_every = 1000
+  c.denoiser.checkpoint_every = 500
   c.denoiser.keep_checkpoints = 2
   # Sampling and evaluation.
   c.prompt = "a handwritten digit seven"
@@ -124,6 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_samples_per_digit = 50
   c.eval_batch_size = 250
   c.classifier_steps = 300
+  c.eval_test_images = 1000  # held-out images for reconstruction MSE and the FID reference (at most 1,000)
   return c
 
 
@@ -177,6 +181,20 @@ class ArraySource:
 
   def __getitem__(self, i: int) -> dict:
     return {k: v[i] for k, v in self._arrays.items()}
+
+
+def training_set(config, data) -> dict:
+  """The distinct training images (uint8 `images`, `labels`; the first `config.train_images` when
+  set) and the caption records on them (`captions`, `index`: each record's image row)."""
+  images, captions, labels = split_arrays(data["train"])
+  uniq, uniq_labels, index = unique_images(images, labels)
+  keep = np.arange(len(index))
+  if config.train_images:
+    if not 0 < config.train_images <= len(uniq):
+      raise UserError(f"train_images={config.train_images}: choose 1 to {len(uniq)} (0: all)")
+    uniq, uniq_labels = uniq[: config.train_images], uniq_labels[: config.train_images]
+    keep = np.flatnonzero(index < config.train_images)
+  return {"images": uniq, "labels": uniq_labels, "captions": [captions[i] for i in keep], "index": index[keep]}
 
 
 # -------------------------------------------------------------------------------------- prompts
@@ -361,6 +379,8 @@ def train_autoencoder(config, workdir: str, mesh) -> None:
     x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
     return akl.autoencoder_loss(model, params, x, rng, cfg.kl_weight)
 
+  train_set = training_set(config, data)
+  source = ArraySource(image=train_set["images"])
   result = loop.fit(
     workdir=ae_dir,
     cfg=loop.LoopConfig.from_config(cfg),
@@ -368,17 +388,31 @@ def train_autoencoder(config, workdir: str, mesh) -> None:
     loss_fn=loss_fn,
     init_params=_ae_init(model),
     tx=tx,
-    train_data=GrainBatches(data["train"], cfg.batch_size, cfg.seed, transform=lambda r: {"image": r["image"]}),
+    train_data=GrainBatches(source, cfg.batch_size, cfg.seed),
     learning_rate_fn=schedule,
     config_dict=config.to_dict(),
   )
   step = int(result.state.step)
+  mean, _ = training_latents(ae_dir, step, model, result.state.params, train_set["images"])
   saved = _read_scale(ae_dir)
   if saved is None or saved["step"] != step:
-    train_images, _, train_labels = split_arrays(data["train"])
-    uniq, _, _ = unique_images(train_images, train_labels)
-    mean, _ = batched(lambda x: make_encode(model)(result.state.params, x), to_signed_unit(uniq))
     _write_scale(ae_dir, step, akl.measure_scale_factor(mean))
+
+
+def training_latents(ae_dir: str, step: int, model, params, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Posterior `(mean, logvar)` of the training images under the autoencoder at `step`, computed once
+  and cached in `ae_dir/latents.npz`."""
+  path = os.path.join(ae_dir, LATENTS_FILE)
+  if os.path.isfile(path):
+    with np.load(path) as cached:
+      if int(cached["step"]) == step and len(cached["mean"]) == len(images):
+        return cached["mean"], cached["logvar"]
+  mean, logvar = batched(lambda x: make_encode(model)(params, x), to_signed_unit(images))
+  if jax.process_index() == 0:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, step=step, mean=mean, logvar=logvar)
+    os.replace(tmp, path)
+  return mean, logvar
 
 
 def _read_scale(ae_dir: str) -> dict | None:
@@ -463,18 +497,19 @@ def train_denoiser(config, workdir: str, mesh) -> None:
   prompts = Prompts(config)
   ae, ae_params, ae_step = restore_autoencoder(config, workdir, mesh)
   cfg = _stage_config(config, "denoiser")
-  data = _load_data(config)
-  train_images, captions, labels = split_arrays(data["train"])
-  uniq, _, index = unique_images(train_images, labels)
-  mean, logvar = batched(lambda x: make_encode(ae)(ae_params, x), to_signed_unit(uniq))
+  train_set = training_set(config, _load_data(config))
+  ae_dir, _ = _stage_dirs(workdir)
+  mean, logvar = training_latents(ae_dir, ae_step, ae, ae_params, train_set["images"])
   config = ml_collections.ConfigDict(config.to_dict())
   config.scale_factor = _scale_factor(config, workdir, ae_step, lambda: mean)
+  captions, index = train_set["captions"], train_set["index"]
   distinct = sorted(set(captions))
   prompt_index = np.asarray([distinct.index(c) for c in captions], np.int32)
   table = prompts.inputs(distinct, np.asarray([prompt_digit(c) for c in distinct]))
   source = ArraySource(
-    latent_mean=mean[index], latent_std=np.exp(0.5 * logvar)[index], prompt=prompt_index, label=labels
-  )
+    latent_mean=mean[index], latent_std=np.exp(0.5 * logvar)[index], prompt=prompt_index,
+    label=train_set["labels"][index],
+  )  # fmt: skip
   model = denoiser_model(config, prompts, ae)
   tx, lr = train.make_optimizer(cfg)
   saved = {**config.to_dict(), "autoencoder_step": ae_step}
@@ -606,8 +641,11 @@ def run_eval(config, workdir: str) -> dict:
   config = generator.config
   data = _load_data(config)
   train_images, _, train_labels = split_arrays(data["train"])
-  train_images, train_labels, _ = unique_images(train_images, train_labels)
+  train_images, train_labels, _ = unique_images(train_images, train_labels)  # the classifier sees all of them
   test_images, _, test_labels = split_arrays(data["test"])
+  if not 2 <= config.eval_test_images <= len(test_images):
+    raise UserError(f"eval_test_images={config.eval_test_images}: choose 2 to {len(test_images)}")
+  test_images, test_labels = test_images[: config.eval_test_images], test_labels[: config.eval_test_images]
   test_x, train_x = to_signed_unit(test_images), to_signed_unit(train_images)
 
   ae, ae_params = generator.ae, generator.ae_params
@@ -664,13 +702,23 @@ def run_train(config, workdir: str):
         f"{name}.batch_size={config[name].batch_size} must be divisible by the "
         f"{shd.data_parallel_size(mesh)} data-parallel devices"
       )
-  if config.stage in ("all", "autoencoder"):
-    train_autoencoder(config, workdir, mesh)
-  if config.stage in ("all", "denoiser"):
-    train_denoiser(config, workdir, mesh)
-    if config.final_eval:
-      return run_eval(config, workdir)
+  stages = [("autoencoder", train_autoencoder), ("denoiser", train_denoiser)]
+  for name, fn in stages:
+    if config.stage in ("all", name):
+      start = time.time()
+      fn(config, workdir, mesh)
+      _say(f"stage {name} done in {time.time() - start:.0f} s")
+  if config.stage in ("all", "denoiser") and config.final_eval:
+    start = time.time()
+    result = run_eval(config, workdir)
+    _say(f"evaluation done in {time.time() - start:.0f} s")
+    return result
   return None
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:

@@ -21,9 +21,9 @@ TINY = [
     "--config.autoencoder.steps=4", "--config.autoencoder.batch_size=16", "--config.autoencoder.checkpoint_every=2",
     "--config.denoiser.steps=4", "--config.denoiser.batch_size=16", "--config.denoiser.checkpoint_every=2",
     "--config.autoencoder.log_every=1", "--config.denoiser.log_every=1", "--config.text_layers=1",
-    "--config.final_eval=false",
+    "--config.final_eval=false", "--config.train_images=256",
 ]  # fmt: skip
-FAST_SAMPLING = ["--config.sample_steps=2", "--config.eval_batch_size=40"]
+FAST_SAMPLING = ["--config.sample_steps=2", "--config.eval_batch_size=40", "--config.eval_test_images=100"]
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,9 @@ def test_pulse_trains_both_stages_and_samples(trained, captioned_dir):
     assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(np.isfinite(s["loss"]) for s in steps)
   scale = json.loads((trained / "autoencoder" / ld.SCALE_FILE).read_text())
   assert scale["step"] == 4 and scale["scale_factor"] > 0
+  with np.load(trained / "autoencoder" / ld.LATENTS_FILE) as latents:  # the 256 training images, encoded once
+    assert latents["mean"].shape == latents["logvar"].shape == (256, 8, 8, 4) and int(latents["step"]) == 4
+    assert scale["scale_factor"] == pytest.approx(1.0 / latents["mean"].std(), rel=1e-5)
   result = subprocess.run(
       [sys.executable, "-m", "experiments.latent_diffusion", "--workdir", str(trained), "--mode=sample",
        f"--config.data_dir={captioned_dir}", "--config.prompt=a handwritten digit seven; the digit two",
