@@ -12,7 +12,7 @@
    (torch.inference_mode) against our `diffusion.sample` (one jitted lax.scan) around the DiT.
 
 Warm-up first, then the sides interleaved (order alternating), medians over repeats; torch uses
-all CPUs (as XLA does). The CPU time other processes took meanwhile is printed: PyTorch slows more
+all CPUs (as XLA does). Rates per wall-clock second and per CPU-second of the process are printed. The CPU time other processes took meanwhile is printed: PyTorch slows more
 than XLA when the cores are shared, so compare figures from a quiet machine. `python -m` re-execs
 with tcmalloc when installed (MMJ_NO_TCMALLOC=1: glibc malloc).
 """
@@ -28,6 +28,7 @@ if __name__ == "__main__":
   maybe_reexec_with_tcmalloc()
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import time
@@ -96,9 +97,10 @@ class Ours:
     t0 = time.perf_counter()
     self.train_step = step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
-    self.train_flops = mt.compiled_flops(self.train_step)
+    # XLA's cost analysis counts a rolled loop's body once: count the forward on the unrolled twin.
+    twin = dit.DiT(dataclasses.replace(cfg, scan_unroll=True))
     forward = jax.jit(
-      lambda p, b: model.apply({"params": p}, b["x0"], jnp.zeros(TRAIN_BATCH, jnp.int32), b["context"], b["mask"])
+      lambda p, b: twin.apply({"params": p}, b["x0"], jnp.zeros(TRAIN_BATCH, jnp.int32), b["context"], b["mask"])
     )
     self.forward_flops = mt.compiled_flops(forward.lower(self.state.params, self.batch).compile())
 
@@ -192,10 +194,12 @@ class Theirs:
     return float(x[0, 0, 0, 0])
 
 
-def _rate(fn, n: int, examples: int) -> float:
-  t0 = time.perf_counter()
+def _rate(fn, n: int, examples: int) -> tuple[float, float]:
+  """Examples per second of wall time and per CPU-second of this process (both sides run in it,
+  one at a time; the second is less sensitive to other processes on the machine)."""
+  t0, c0 = time.perf_counter(), time.process_time()
   fn(n)
-  return examples * n / (time.perf_counter() - t0)
+  return examples * n / (time.perf_counter() - t0), examples * n / (time.process_time() - c0)
 
 
 def main(argv=None) -> None:
@@ -236,22 +240,27 @@ def main(argv=None) -> None:
   )
   print(
     f"ours: DiT width {cfg.width}, depth {cfg.depth}, heads {cfg.num_heads}, patch {cfg.patch_size} "
-    f"({cfg.num_patches} tokens), compiles in {ours.compile_s:.1f} s, train step {ours.train_flops / 1e9:.1f} GFLOP "
-    "(XLA); forward per batch of 64: "
+    f"({cfg.num_patches} tokens), train step compiles in {ours.compile_s:.1f} s; forward per batch of 64: "
     + ", ".join(f"{k} {v / 1e9:.2f} GFLOP" for k, v in fwd.items())
     + " (ours: XLA cost analysis; diffusers: torch FlopCounterMode, matmuls and convs only)"
   )
-  print(f"{'benchmark':<34} | {'side':>9} | {'examples/s':>10} | all repeats")
+  print(f"{'benchmark':<34} | {'side':>9} | {'examples/s':>10} | {'per CPU-s':>9} | all repeats (examples/s)")
   for title, rates in [
     (f"train step (batch {TRAIN_BATCH}, AdamW)", train_rates),
     (f"DDIM-{SAMPLE_STEPS} sampling (batch {SAMPLE_BATCH})", sample_rates),
   ]:
+    med = {name: [statistics.median(x[k] for x in r) for k in (0, 1)] for name, r in rates.items()}
     for name, r in rates.items():
-      print(f"{title:<34} | {name:>9} | {statistics.median(r):>10.1f} | {' '.join(f'{x:.1f}' for x in r)}")
+      print(
+        f"{title:<34} | {name:>9} | {med[name][0]:>10.1f} | {med[name][1]:>9.1f} | "
+        + " ".join(f"{x[0]:.1f}" for x in r)
+      )
     if "diffusers" in rates:
-      ratio = statistics.median(rates["ours"]) / statistics.median(rates["diffusers"])
-      per = statistics.median(a / b for a, b in zip(rates["ours"], rates["diffusers"], strict=True))
-      print(f"{title:<34} | {'ratio':>9} | {ratio:>9.2f}x | median of per-repeat ratios {per:.2f}x")
+      ratio, cpu_ratio = (med["ours"][k] / med["diffusers"][k] for k in (0, 1))
+      per = statistics.median(a[0] / b[0] for a, b in zip(rates["ours"], rates["diffusers"], strict=True))
+      print(
+        f"{title:<34} | {'ratio':>9} | {ratio:>9.2f}x | {cpu_ratio:>8.2f}x | median of per-repeat ratios {per:.2f}x"
+      )
   if others is not None and others > 0.1:
     print(
       f"warning: other processes took {others:.2f} CPUs while timing: PyTorch's OpenMP threads slow down "
