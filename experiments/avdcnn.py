@@ -8,7 +8,13 @@
 
 Keys: modalities=audio,visual (audio alone: the ADCNN ablation), fusion=joint|early, mu (weight of
 the mouth-reconstruction loss), steps, batch_size (frames, global), data_config=default|tiny,
-eval_utterances (0: the whole test set), eval_processes (PESQ workers). Results: README.md.
+eval_utterances (0: the whole test set), eval_processes (PESQ workers), residual (false: the paper's
+plain audio head).
+
+Default config (800 steps of 256 frames, about 0.6 epoch of the 336,691 training frames), measured on
+the 320 test mixtures (held-out speakers, unseen noises, -5/0/5/10 dB), PESQ wide-band at 16 kHz:
+noisy 1.21 / audio-only 1.23 / AV 1.32 (fixed lips 1.10); STOI 0.857 / 0.758 / 0.815 (fixed lips 0.697).
+Training took 13 min (AV) and 9 min (audio-only) on 2 cores shared with other jobs; eval 2-3 min.
 
 Features (per utterance, as in the paper): the STFT (512-sample Hann window, hop 320, 16 kHz) log
 power of the noisy signal is normalised per utterance and bin (mean / std over its frames); the
@@ -69,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = "paper"  # preset of models/avdcnn.py: paper | tiny
   c.mu = 1.0
   c.residual = True  # audio head = noisy centre frame + correction; false: the paper's plain head
-  c.steps = 1500
+  c.steps = 800
   c.batch_size = 256  # frames
   c.seed = 0
   c.mesh = "data:-1"
@@ -82,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.ema_decay = 0.0
   c.log_every = 100
   c.eval_every = 0
-  c.checkpoint_every = 500
+  c.checkpoint_every = 200
   c.keep_checkpoints = 2
   c.target_floor = -4.0  # floor of the normalised clean target (digital silence would be ~ -10)
   c.bn_batches = 16  # training batches for the population batch-norm statistics
