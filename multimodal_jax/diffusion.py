@@ -292,7 +292,10 @@ def sample(
 
 
 def guided_model_fn(
-  apply_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], cond: Any, null_cond: Any, guidance_scale: float | jax.Array
+  apply_fn: Callable[[jax.Array, jax.Array, Any], jax.Array],
+  cond: Any,
+  null_cond: Any,
+  guidance_scale: float | jax.Array,
 ) -> ModelFn:
   """Classifier-free guidance: `model_fn(x_t, t) = uncond + s * (cond - uncond)`.
 
