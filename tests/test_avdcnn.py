@@ -75,7 +75,7 @@ def test_residual_head_starts_as_the_identity_and_the_plain_head_does_not():
   model, _, params = _init(TINY)
   out = _train_apply(model, params, batch)
   np.testing.assert_array_equal(out["audio"], batch["audio"][:, :, 2])
-  plain = avdcnn.AVDCNNConfig(hidden=(64, 48), residual=False)
+  plain = avdcnn.AVDCNNConfig(modalities=("audio",), hidden=(64, 48), residual=False)
   model, _, params = _init(plain)
   out = _train_apply(model, params, batch)
   assert out["audio"].shape == (4, 257) and np.abs(out["audio"] - batch["audio"][:, :, 2]).mean() > 0.1

@@ -20,7 +20,6 @@ PULSE = [
   "--config.checkpoint_every=4",
   "--config.log_every=1",
   "--config.bn_batches=2",
-  "--config.mesh=data:2",
 ]
 
 
