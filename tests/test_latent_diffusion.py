@@ -2,6 +2,7 @@
 classifier on real digits), prompt checks, and a pulse of the experiment through its command line:
 both stages, resume, sample, eval, and the one-line errors."""
 
+import functools
 import json
 import os
 import shutil
@@ -89,10 +90,10 @@ def test_classifier_is_accurate_on_real_test_digits_and_cached(tmp_path, caption
   assert np.array_equal(train_images[index], records) and np.array_equal(train_labels[index], record_labels)
   test_images, _, test_labels = ld.split_arrays(data["test"])
   path = str(tmp_path / "classifier.npz")
-  config = generative.ClassifierConfig(steps=150)
+  config = generative.ClassifierConfig(steps=100, batch_size=64)
   scorer = generative.cached_scorer(path, generative.to_signed_unit(train_images), train_labels, config)
   test_x = generative.to_signed_unit(test_images)
-  assert scorer.accuracy(test_x, test_labels) >= 0.93
+  assert scorer.accuracy(test_x, test_labels) >= 0.9
   assert scorer.features(test_x[:7]).shape == (7, generative.FEATURE_DIM)
   stamp = os.stat(path).st_mtime_ns
   again = generative.cached_scorer(path, generative.to_signed_unit(train_images), train_labels, config)
@@ -215,10 +216,11 @@ def test_class_and_feature_prompts_condition_the_denoiser():
       ("features", {"features": jnp.ones((2, 5, 24)), "mask": jnp.array([[1, 1, 0, 0, 0]] * 2, bool)}, 24),
   ]:  # fmt: skip
     model = ConditionedDenoiser(dit_config("tiny", width=32, depth=1, context_dim=dim), kind, text_width=32)
-    params = model.init(jax.random.key(0), x, t, inputs)["params"]
-    context, mask = model.apply({"params": params}, inputs, method=model.encode_prompt)
+    params = jax.jit(model.init)(jax.random.key(0), x, t, inputs)["params"]
+    context, mask = jax.eval_shape(functools.partial(model.apply, method="encode_prompt"), {"params": params}, inputs)
     assert context.shape == (2, 1 if kind == "class" else 5, dim) and mask.dtype == bool
-    assert model.apply({"params": params}, x, t, inputs).shape == x.shape
+    out = jax.jit(model.apply)({"params": params}, x, t, inputs)
+    assert out.shape == x.shape and not np.any(out)  # adaLN-zero: the denoiser starts at exactly zero
 
 
 def test_minilm_prompts_count_tokens_and_give_token_features():
