@@ -14,7 +14,8 @@ plain audio head).
 Default config (800 steps of 256 frames, about 0.6 epoch of the 336,691 training frames), measured on
 the 320 test mixtures (held-out speakers, unseen noises, -5/0/5/10 dB), PESQ wide-band at 16 kHz:
 noisy 1.21 / audio-only 1.23 / AV 1.32 (fixed lips 1.10); STOI 0.857 / 0.758 / 0.815 (fixed lips 0.697).
-Training took 13 min (AV) and 9 min (audio-only) on 2 cores shared with other jobs; eval 2-3 min.
+Training took 13 min (AV) and 9 min (audio-only) on 2 cores heavily shared with other jobs (the AV step runs
+about 1,150 frames/s on a quiet machine, i.e. ~4 min); eval 1-3 min.
 
 Features (per utterance, as in the paper): the STFT (512-sample Hann window, hop 320, 16 kHz) log
 power of the noisy signal is normalised per utterance and bin (mean / std over its frames); the
