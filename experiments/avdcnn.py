@@ -8,8 +8,9 @@
 
 Keys: modalities=audio,visual (audio alone: the ADCNN ablation), fusion=joint|early, mu (weight of
 the mouth-reconstruction loss), steps, batch_size (frames, global), data_config=default|tiny,
-eval_utterances (0: the whole test set), eval_processes (PESQ workers), residual (false: the paper's
-plain audio head).
+eval_utterances (0: the whole test set), eval_processes (PESQ workers), head=gain|residual|plain
+(plain: the paper's audio head), grid_dir (train and test on the GRID corpus in DIR instead of the
+embedded data; data_config then picks the noise sample counts).
 
 Default config (800 steps of 256 frames, about 0.6 epoch of the 336,691 training frames), measured on
 the 320 test mixtures (held-out speakers, unseen noises, -5/0/5/10 dB), PESQ wide-band at 16 kHz:
@@ -75,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.fusion = "joint"
   c.model = "paper"  # preset of models/avdcnn.py: paper | tiny
   c.mu = 1.0
-  c.residual = True  # audio head = noisy centre frame + correction; false: the paper's plain head
+  c.head = "gain"  # audio head: gain (noisy centre frame - softplus, default) | residual | plain (the paper's)
   c.steps = 800
   c.batch_size = 256  # frames
   c.seed = 0
@@ -95,6 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.bn_batches = 16  # training batches for the population batch-norm statistics
   c.data_config = "default"  # av_speech config: default | tiny
   c.data_dir = ""
+  c.grid_dir = ""  # a GRID corpus root (multimodal_jax.data.grid): train and test on GRID instead
   c.eval_utterances = 0  # 0: every test utterance
   c.eval_processes = 2
   c.input = ""  # enhance mode
@@ -114,12 +116,13 @@ def model_config(config) -> avdcnn.AVDCNNConfig:
   if config.model not in avdcnn.PRESETS:
     raise UserError(f"model={config.model!r}: choose one of {', '.join(avdcnn.PRESETS)}")
   modalities = tuple(m for m in avdcnn.MODALITIES if m in names)
-  return dataclasses.replace(
-    avdcnn.PRESETS[config.model],
-    modalities=modalities,
-    fusion=config.fusion,
-    residual=config.get("residual", False),  # runs saved before the key had the plain head
-  )
+  if "head" in config:
+    head = config.head
+  else:  # runs saved before the key: residual=true/false, or (earliest) the plain head
+    head = "residual" if config.get("residual", False) else "plain"
+  if head not in avdcnn.HEADS:
+    raise UserError(f"head={head!r}: choose one of {', '.join(avdcnn.HEADS)}")
+  return dataclasses.replace(avdcnn.PRESETS[config.model], modalities=modalities, fusion=config.fusion, head=head)
 
 
 # --- Features -----------------------------------------------------------------------------------------------------
@@ -245,6 +248,12 @@ def make_init_params(model: avdcnn.AVDCNN):
 
 
 def _load_data(config):
+  if config.get("grid_dir", ""):
+    from multimodal_jax.data import grid
+
+    return load_on_every_process(
+      lambda: grid.load(config.grid_dir, config.data_dir or None, noise_config=config.data_config)
+    )
   from multimodal_jax.data import av_speech
 
   return load_on_every_process(lambda: av_speech.load(config.data_dir or None, config=config.data_config))

@@ -58,6 +58,7 @@ LIPS_SHAPE = (16, 24, 3)
 LIPS_SIZE = 16 * 24 * 3
 MODALITIES = ("audio", "visual")
 FUSIONS = ("joint", "early")
+HEADS = ("gain", "residual", "plain")
 CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 
 
@@ -72,7 +73,8 @@ class AVDCNNConfig:
   visual_convs: tuple[tuple[int, int, int], ...] = ((15, 2, 12), (7, 2, 10), (3, 2, 6))
   hidden: tuple[int, ...] = (1000, 800)
   dropout: float = 0.1
-  residual: bool = True  # audio head = noisy centre frame + a learned correction (see the module docstring)
+  head: str = "gain"  # audio head: gain | residual | plain (the paper's); see the module docstring
+  gain_bias: float = -3.0  # gain head: initial attenuation softplus(gain_bias) ~ 0.05 normalised units
   bins: int = BINS
   context: int = CONTEXT
 
@@ -208,16 +210,25 @@ class AVDCNN(nn.Module):
     for i, width in enumerate(cfg.hidden):
       x = nn.sigmoid(dense(width, ("embed", "mlp"), name=f"fc_{i}")(x))
       x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
-    if cfg.residual:  # starts as the identity: Ŷ = X_t (the noisy centre frame) + W h + b, W = 0 at init
+    centre = audio[:, :, audio.shape[-1] // 2]
+    if cfg.head == "plain":
+      out = {"audio": dense(cfg.bins, ("mlp", "classes"), name="audio_head")(x)}
+    else:  # W = 0 at init: the output starts at (or just below) the noisy centre frame
       head = nn.Dense(
         cfg.bins,
         kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp", "classes")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("classes",)),
+        bias_init=nn.with_logical_partitioning(
+          nn.initializers.constant(cfg.gain_bias if cfg.head == "gain" else 0.0), ("classes",)
+        ),
         name="audio_head",
       )
-      out = {"audio": audio[:, :, audio.shape[-1] // 2] + head(x)}
-    else:
-      out = {"audio": dense(cfg.bins, ("mlp", "classes"), name="audio_head")(x)}
+      correction = head(x)
+      if cfg.head == "gain":  # attenuation only: Ŷ = X_t - softplus(W h + b) <= X_t
+        out = {"audio": centre - nn.softplus(correction)}
+      elif cfg.head == "residual":  # Ŷ = X_t + W h + b
+        out = {"audio": centre + correction}
+      else:
+        raise ValueError(f"head={cfg.head!r}: choose one of {', '.join(HEADS)}")
     if cfg.visual:
       out["visual"] = dense(LIPS_SIZE, ("mlp", "classes"), name="visual_head")(x)
     return out
