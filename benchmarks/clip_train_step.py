@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.common import busy_cpu_seconds, matmul_peak, own_cpu_seconds, warn_if_shared
 from multimodal_jax import metrics as mt
 from multimodal_jax import sharding as shd
 from multimodal_jax import train
@@ -173,35 +174,6 @@ def train_flops(batch: int) -> float:
   return 3 * batch * (tower(tokens) + tower(CONTEXT) + patch)
 
 
-def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a jitted float32 [n, n] @ [n, n] (best of `repeats`), the MFU reference."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n**3 / best
-
-
-def _busy_cpu_seconds() -> float | None:
-  """CPU seconds all processes have been busy since boot (Linux /proc/stat), or None."""
-  try:
-    with open("/proc/stat") as f:
-      fields = [int(x) for x in f.readline().split()[1:]]
-  except (OSError, ValueError):
-    return None
-  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-  return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-  t = os.times()
-  return t.user + t.system
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=128)
@@ -221,11 +193,11 @@ def main(argv=None) -> None:
     threads = theirs.torch.get_num_threads()
     sides["open_clip"] = theirs
   rates = {name: [] for name in sides}
-  busy0, own0, wall0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+  busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
   for i in range(args.repeats):  # interleaved, the order alternating
     for name in list(sides)[:: 1 if i % 2 == 0 else -1]:
       rates[name].append(timed(sides[name], args.steps, args.batch))
-  busy1, own1, wall1 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+  busy1, own1, wall1 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
   others = None if busy0 is None else max(busy1 - busy0 - (own1 - own0), 0.0) / (wall1 - wall0)
   peak = matmul_peak()
   med = {name: statistics.median(r) for name, r in rates.items()}
@@ -252,11 +224,7 @@ def main(argv=None) -> None:
       f"ours / open_clip: {med['ours'] / med['open_clip']:.2f}x "
       f"(median of per-repeat ratios {statistics.median(ratios):.2f}x)"
     )
-  if others is not None and others > 0.1:
-    print(
-      f"warning: other processes took {others:.2f} CPUs while timing: PyTorch's OpenMP threads slow down "
-      "far more than XLA's under contention, so the ratio is inflated; rerun on a quiet machine"
-    )
+  warn_if_shared(others, "the ratio is")
 
 
 if __name__ == "__main__":

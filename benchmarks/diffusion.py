@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.clip_train_step import _busy_cpu_seconds, _own_cpu_seconds, matmul_peak
+from benchmarks.common import busy_cpu_seconds, matmul_peak, own_cpu_seconds, warn_if_shared
 from multimodal_jax import diffusion as df
 from multimodal_jax import metrics as mt
 from multimodal_jax import sharding as shd
@@ -220,12 +220,12 @@ def main(argv=None) -> None:
     sides["diffusers"] = Theirs(args.torch_threads)
   train_rates = {name: [] for name in sides}
   sample_rates = {name: [] for name in sides}
-  busy0, own0, wall0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+  busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
   for i in range(args.repeats):
     for name in list(sides)[:: 1 if i % 2 == 0 else -1]:
       train_rates[name].append(_rate(sides[name].train, args.train_steps, TRAIN_BATCH))
       sample_rates[name].append(_rate(sides[name].sample, 1, SAMPLE_BATCH))
-  busy1, own1, wall1 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+  busy1, own1, wall1 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
   others = None if busy0 is None else max(busy1 - busy0 - (own1 - own0), 0.0) / (wall1 - wall0)
   peak = matmul_peak()
 
@@ -261,11 +261,7 @@ def main(argv=None) -> None:
       print(
         f"{title:<34} | {'ratio':>9} | {ratio:>9.2f}x | {cpu_ratio:>8.2f}x | median of per-repeat ratios {per:.2f}x"
       )
-  if others is not None and others > 0.1:
-    print(
-      f"warning: other processes took {others:.2f} CPUs while timing: PyTorch's OpenMP threads slow down "
-      "far more than XLA's under contention, so the ratios are inflated; rerun on a quiet machine"
-    )
+  warn_if_shared(others)
 
 
 if __name__ == "__main__":

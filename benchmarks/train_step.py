@@ -25,27 +25,14 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import matmul_peak
 from experiments import fusion
 from multimodal_jax import metrics as mt
 from multimodal_jax import sharding as shd
 from multimodal_jax import train
 from multimodal_jax.data import av_digits
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a jitted float32 [n, n] @ [n, n] on one device (the ceiling MFU is measured against)."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n**3 / min(times)
 
 
 def synthetic_batch(batch: int) -> dict:
@@ -96,7 +83,7 @@ def main(argv=None) -> None:
   config = fusion.get_config()
   config.fusion = args.fusion
   allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
-  peak = matmul_peak()
+  peak = matmul_peak(2048)
   print(
     f"fusion={args.fusion} batch={args.batch} float32, {allocator}; "
     f"matmul peak (2048^2, 1 device): {peak / 1e9:.1f} GFLOP/s"
