@@ -124,7 +124,11 @@ class Throughput:
 
 
 def compiled_flops(compiled: Any) -> float | None:
-  """FLOPs of one call of a compiled jax function according to XLA's cost analysis."""
+  """FLOPs of one call of a compiled jax function according to XLA's cost analysis.
+
+  XLA counts the body of a loop once: for layers under a rolled `nn.scan`, count an unrolled twin
+  (as `benchmarks/diffusion.py` does) or multiply by the trip count.
+  """
   try:
     analysis = compiled.cost_analysis()
   except Exception:  # noqa: BLE001 - not every backend implements it
