@@ -13,7 +13,16 @@
   scores) and the script prints PESQ (wide-band, 16 kHz) and STOI of noisy and DFN3 per SNR and overall (same
   `speech_quality.score_utterances` / `mean_scores` as the AVDCNN eval), and DFN3's real-time factor: seconds
   of resampling and frame processing per second of audio, one fresh model state per utterance, the state's
-  creation (model load, reported apart) excluded. Without the package the script says so and skips it.
+  creation (model load, reported apart) excluded. The final JSON has per-noise tables too. Without the
+  package the script says so and skips it.
+
+DFN3 on the default test split (320 mixtures, 709 s; 2 shared CPUs, load average 3.5-4.7), PESQ wide-band:
+  SNR dB      -5     0     5    10   mean      STOI   -5     0     5    10   mean
+  noisy     1.07  1.12  1.24  1.41   1.21           0.730 0.832 0.909 0.957 0.857
+  DFN3      1.27  1.43  1.61  1.88   1.55           0.714 0.807 0.865 0.898 0.821
+  RTF 0.048 (model load 0.19 s per utterance apart). DFN3 lowers STOI on the real (asterisk, telephone-band)
+  recordings even when given the clean signal (STOI 0.90 of clean vs DFN3(clean), 25 utterances), and raises
+  it slightly on espeak speech (0.836 -> 0.846 noisy, 15 utterances).
 
 Other processes sharing the CPU slow every number; the script prints the load average.
 """
@@ -94,7 +103,7 @@ def deepfilternet_peer(data_dir: str | None, config: str, limit: int, processes:
   enhancer = deepfilternet.DeepFilterNet(rate=av_speech.SAMPLE_RATE)
   test = av_speech.load(data_dir, config=config)["test"]
   count = len(test) if not limit else min(limit, len(test))
-  pairs, snrs = [], []
+  pairs, snrs, noises = [], [], []
   audio_seconds = compute_seconds = load_seconds = 0.0
   for i in range(count):
     ex = test[i]
@@ -105,6 +114,7 @@ def deepfilternet_peer(data_dir: str | None, config: str, limit: int, processes:
     audio_seconds += len(ex["noisy"]) / av_speech.SAMPLE_RATE
     pairs += [(ex["clean"], ex["noisy"]), (ex["clean"], enhanced)]
     snrs.append(float(ex["snr"]))
+    noises.append(ex["noise"])
   scores = sq.score_utterances(pairs, av_speech.SAMPLE_RATE, processes)
   noisy, dfn3 = scores[0::2], scores[1::2]
 
@@ -125,6 +135,7 @@ def deepfilternet_peer(data_dir: str | None, config: str, limit: int, processes:
     "model_load_seconds_per_utterance": load_seconds / count,
     **summary(list(range(count))),
     "per_snr": per_snr,
+    "per_noise": {n: summary([i for i, m in enumerate(noises) if m == n]) for n in sorted(set(noises))},
   }
 
 
