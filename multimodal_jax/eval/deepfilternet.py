@@ -28,7 +28,7 @@ from multimodal_jax.errors import UserError
 
 MODEL_RATE = 48000
 DELAY_48K = 1440  # Samples of algorithmic delay at 48 kHz (see the module docstring).
-NO_ATTENUATION_LIMIT_DB = 100.0  # libDF treats >= 100 dB as "no limit".
+NO_ATTENUATION_LIMIT_DB = 100.0  # DeepFilterNet's default: in effect no limit on the attenuation.
 
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
 
