@@ -345,14 +345,18 @@ def avdcnn_loss(
   visual_pred: jnp.ndarray | None = None,
   visual_target: jnp.ndarray | None = None,
   mu: float = 1.0,
+  under_weight: float = 1.0,
 ) -> tuple[jnp.ndarray, dict]:
   """AVDCNN's multi-task loss `(1/K) Σ_k (‖Ŷ_k − Y_k‖² + μ ‖X̂_V,k − X_V,k‖²)` over the K frames of a batch.
 
   `audio_*` `[K, bins]` (enhanced vs clean log-power frames), `visual_*` `[K, pixels]` (reconstructed
   vs input mouth image; None for the audio-only model). Squared norms are summed over each frame's
-  values and averaged over frames, in float32. Returns `(loss, {"audio_loss", "visual_loss"})`.
+  values and averaged over frames, in float32. `under_weight` (1: the paper's loss) multiplies the
+  squared audio errors where Ŷ < Y (over-suppression). Returns `(loss, {"audio_loss", "visual_loss"})`.
   """
-  audio = jnp.sum((audio_pred.astype(jnp.float32) - audio_target.astype(jnp.float32)) ** 2, axis=-1).mean()
+  error = audio_pred.astype(jnp.float32) - audio_target.astype(jnp.float32)
+  weight = jnp.where(error < 0, under_weight, 1.0) if under_weight != 1.0 else 1.0
+  audio = jnp.sum(weight * error**2, axis=-1).mean()
   parts = {"audio_loss": audio}
   loss = audio
   if visual_pred is not None:

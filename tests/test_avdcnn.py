@@ -113,6 +113,10 @@ def test_loss_equals_the_formula():
   audio_only, parts = avdcnn_loss(y_hat, y)
   assert set(parts) == {"audio_loss"}
   np.testing.assert_allclose(float(audio_only), np.mean(np.sum((y_hat - y) ** 2, -1)), rtol=1e-5)
+  # under_weight scales only the errors below the target (over-suppression)
+  weighted, _ = avdcnn_loss(y_hat, y, under_weight=3.0)
+  w = np.where(y_hat < y, 3.0, 1.0)
+  np.testing.assert_allclose(float(weighted), np.mean(np.sum(w * (y_hat - y) ** 2, -1)), rtol=1e-5)
 
 
 def test_population_statistics_and_batch_independent_inference():

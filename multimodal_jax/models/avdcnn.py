@@ -26,11 +26,15 @@ Chosen here, where the paper is not specific:
 - `fusion="early"`: one CNN (the audio CNN's layers) on the stacked inputs: the 5 mouth frames,
   each flattened to 1152 values, are appended to the 257 bins along the feature axis, giving a
   `[1409, 5]` input with the context frames along the width as for audio alone.
-- The audio head predicts the enhanced frame as the noisy centre frame plus a learned correction
-  (`residual=True`, a log-domain gain; zero-initialised, so training starts from "output = input").
-  The loss is the paper's, on the enhanced frame itself. `residual=False` is the paper's plain head:
-  trained the same way (1,500 steps of 256 frames) it lowered the loss but degraded every test
-  score below the noisy input's (audio-only: PESQ 1.11 vs 1.21 noisy, STOI 0.64 vs 0.86).
+- The audio head (`head`): the loss is always the paper's, on the enhanced frame itself.
+  `"gain"` (default): attenuation only, `Ŷ = X_t - softplus(W h + b)` with X_t the noisy centre
+  frame, W = 0 and b = `gain_bias` = -3 at init (output = input - 0.05); the enhanced frame can
+  never exceed the noisy one, so the model cannot add energy or hallucinate speech.
+  `"residual"`: `Ŷ = X_t + W h + b` (zero-initialised, starts as the identity). `"plain"`: the
+  paper's linear head. Measured with the experiment's default (800 steps of 256 frames, 320 test
+  mixtures, PESQ wide-band; noisy 1.212 / STOI 0.857): gain AV 1.331 / 0.831, residual AV
+  1.322 / 0.815; the plain head (1,500 steps) degraded every score below the noisy input's
+  (audio-only PESQ 1.11, STOI 0.64). The gain head is the default: the best PESQ and better STOI.
 - Batch norm: the train step is a pure function, so training normalises with the statistics of
   the current batch and discards the running averages (`apply(..., mutable=["batch_stats"])`).
   Inference uses population statistics computed once from training batches with the final params
