@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -48,7 +47,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from scipy.signal import resample_poly
 
 from multimodal_jax import audio, cli, loop, train
 from multimodal_jax import sharding as shd
@@ -546,15 +544,13 @@ def run_enhance(config, workdir):
       "resample it or drop --config.resample=false"
     )
   length = len(signal)
-  g = math.gcd(rate, SAMPLE_RATE)
   if rate != SAMPLE_RATE:
-    signal = resample_poly(signal, SAMPLE_RATE // g, rate // g).astype(np.float32)
+    signal = audio.resample(signal, rate, SAMPLE_RATE)
     print(f"note: resampled the input from {rate} Hz to {SAMPLE_RATE} Hz (and the output back)", flush=True)
   lips = read_lips(config.lips, audio.num_frames(len(signal), N_FFT, HOP)) if visual else None
   _, enhancer, _, _ = _inference(config, workdir)
   enhanced = enhancer(signal, lips)
-  if rate != SAMPLE_RATE:
-    enhanced = resample_poly(enhanced, rate // g, SAMPLE_RATE // g)
+  enhanced = audio.resample(enhanced, SAMPLE_RATE, rate)
   enhanced = np.pad(enhanced, (0, max(0, length - len(enhanced))))[:length]
   write_wav(config.output, enhanced, rate)
   print(json.dumps({"output": config.output, "samples": length, "rate": rate}), flush=True)

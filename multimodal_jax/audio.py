@@ -10,8 +10,11 @@ Hann 512 / hop 320 at 16 kHz). Nothing here imports the rest of the package.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
+from scipy import signal as sps
 
 
 def hann_window(n: int) -> jnp.ndarray:
@@ -105,3 +108,11 @@ def resynthesize(
   complex spectrum (the noisy input's, as AVDCNN does), by overlap-add."""
   magnitude = jnp.sqrt(jnp.exp(log_power_spectrum))
   return istft(magnitude * jnp.exp(1j * jnp.angle(phase_source)), length, n_fft, hop)
+
+
+def resample(signal: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+  """Polyphase resampling (zero phase, no delay) of float `[n]` from `rate` to `target_rate` Hz, float32."""
+  if rate == target_rate:
+    return np.asarray(signal, np.float32)
+  g = math.gcd(rate, target_rate)
+  return sps.resample_poly(signal, target_rate // g, rate // g).astype(np.float32)

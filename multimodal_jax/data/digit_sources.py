@@ -18,7 +18,6 @@ and peak-normalised.
 import dataclasses
 import gzip
 import importlib.util
-import math
 import os
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ import wave
 import numpy as np
 from scipy import signal
 
+from multimodal_jax import audio as audio_lib
 from multimodal_jax import errors
 
 SAMPLE_RATE = 8000
@@ -150,11 +150,7 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 def resample(audio: np.ndarray, rate: int) -> np.ndarray:
   """Resamples float `[n]` from `rate` Hz to SAMPLE_RATE (polyphase)."""
-  if rate == SAMPLE_RATE:
-    return audio.astype(np.float32)
-  g = math.gcd(rate, SAMPLE_RATE)
-  out = signal.resample_poly(audio, SAMPLE_RATE // g, rate // g)
-  return out.astype(np.float32)
+  return audio_lib.resample(audio, rate, SAMPLE_RATE)
 
 
 def pcm16_to_float(data: bytes, channels: int = 1) -> np.ndarray:
@@ -164,13 +160,17 @@ def pcm16_to_float(data: bytes, channels: int = 1) -> np.ndarray:
   return x.reshape(-1, channels).mean(axis=1)
 
 
-def read_wav(path: str) -> np.ndarray:
-  """Reads a 16-bit PCM WAV file as float32 `[n]` at 8 kHz mono."""
+def read_wav_native(path: str) -> tuple[np.ndarray, int]:
+  """A 16-bit PCM WAV file as float32 `[n]` mono (channel mean) and its sample rate."""
   with wave.open(path, "rb") as w:
     if w.getsampwidth() != 2:
       raise ValueError(f"{path}: expected 16-bit PCM")
-    x = pcm16_to_float(w.readframes(w.getnframes()), w.getnchannels())
-    return resample(x, w.getframerate())
+    return pcm16_to_float(w.readframes(w.getnframes()), w.getnchannels()), w.getframerate()
+
+
+def read_wav(path: str) -> np.ndarray:
+  """Reads a 16-bit PCM WAV file as float32 `[n]` at 8 kHz mono."""
+  return resample(*read_wav_native(path))
 
 
 def trim_and_normalise(audio: np.ndarray, threshold_db: float = -30.0) -> np.ndarray:

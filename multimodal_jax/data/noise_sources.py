@@ -15,6 +15,7 @@ import os
 import numpy as np
 from scipy import signal
 
+from multimodal_jax import audio as audio_lib
 from multimodal_jax.data import digit_sources
 
 ASTERISK_MOH_DIR = "/usr/share/asterisk/moh"
@@ -347,8 +348,7 @@ def load_sonic_pi(paths: list[str], rate: int, max_seconds: float = 4.0) -> list
   for path in paths:
     audio, native = read_flac(path, max_seconds=max_seconds)
     audio = audio.mean(axis=1)[: int(max_seconds * native)]
-    g = math.gcd(native, rate)
-    audio = signal.resample_poly(audio, rate // g, native // g)
+    audio = audio_lib.resample(audio, native, rate)
     out.append((audio / (np.abs(audio).max() + 1e-9)).astype(np.float32))
   return out
 

@@ -20,17 +20,15 @@ import dataclasses
 import functools
 import gzip
 import json
-import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import wave
 
 import numpy as np
-from scipy import signal
 
+from multimodal_jax import audio as audio_lib
 from multimodal_jax.data import digit_sources
 
 SAMPLE_RATE = 16000
@@ -110,20 +108,12 @@ def missing_packages() -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- audio helpers
 
 
-def read_wav(path: str) -> tuple[np.ndarray, int]:
-  """A 16-bit PCM WAV file as float32 `[n]` mono (channel mean) and its sample rate."""
-  with wave.open(path, "rb") as w:
-    if w.getsampwidth() != 2:
-      raise ValueError(f"{path}: expected 16-bit PCM")
-    return digit_sources.pcm16_to_float(w.readframes(w.getnframes()), w.getnchannels()), w.getframerate()
+read_wav = digit_sources.read_wav_native
 
 
 def to_16k(audio: np.ndarray, rate: int) -> np.ndarray:
-  """Polyphase resampling of float `[n]` from `rate` to 16 kHz, float32."""
-  if rate == SAMPLE_RATE:
-    return np.asarray(audio, np.float32)
-  g = math.gcd(rate, SAMPLE_RATE)
-  return signal.resample_poly(audio, SAMPLE_RATE // g, rate // g).astype(np.float32)
+  """Float `[n]` at `rate` -> float32 at 16 kHz."""
+  return audio_lib.resample(audio, rate, SAMPLE_RATE)
 
 
 def active_range(audio: np.ndarray, threshold_db: float = TRIM_DB) -> tuple[int, int]:
