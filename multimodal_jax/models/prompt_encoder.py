@@ -6,7 +6,8 @@ A prompt encoder turns a condition into cross-attention context: tokens `[B, L, 
 * `TextEncoder`: a small bidirectional Transformer over word-level token ids, trained jointly with
   the denoiser (pad tokens are masked out of the context).
 * `ClassEncoder`: one learned embedding per class, a context of one token.
-* precomputed features (e.g. a locked MiniLM's token features, `MiniLMTokenFeatures`): passed through.
+* precomputed features (a locked tower's token features: `MiniLMTokenFeatures`, or a trained CLIP
+  run's text tower, `ClipTokenFeatures`): passed through.
 
 `ConditionedDenoiser` = a prompt encoder + `DiT`: `encode_prompt(inputs) -> (context, mask)`,
 `denoise(x_t, t, context, mask) -> model output`; params `{"prompt": ..., "dit": ...}`.
@@ -14,14 +15,22 @@ A prompt encoder turns a condition into cross-attention context: tokens `[B, L, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from multimodal_jax import train
+from multimodal_jax.checkpoint import Checkpointer
+from multimodal_jax.errors import UserError
+from multimodal_jax.eval import from_checkpoint
 from multimodal_jax.layers import Transformer, layer_norm
+from multimodal_jax.models.clip import CLIP, ClipConfig
 from multimodal_jax.models.dit import DiT, DiTConfig
 
 PROMPT_KINDS = ("text", "class", "features")
@@ -143,5 +152,72 @@ class MiniLMTokenFeatures:
       features = np.asarray(self._features(self.params, jnp.asarray(ids), jnp.asarray(mask)), np.float32)
       for i, text in enumerate(chunk):
         self._cache[text] = (features[i], mask[i].astype(bool))
+    rows = [self._cache[t] for t in texts]
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+
+class ClipTokenFeatures:
+  """A locked CLIP text tower's token features: texts -> (`[n, L, width]` float32, the sequence after
+  `ln_final`, no projection; mask bool `[n, L]`, True up to and including the end-of-text token, see
+  `clip.TextTransformer`), computed once per distinct text. `L` is the CLIP run's context length.
+
+  `tokenizer` is the one the CLIP model was trained with (`encode(texts) -> int [n, L]`, `tokenize(text)`
+  without start / end tokens). `from_workdir` builds one from a trained CLIP run.
+  """
+
+  def __init__(self, cfg: ClipConfig, params: Any, tokenizer, batch_size: int = 64, step: int | None = None):
+    if cfg.text_tower != "transformer":
+      raise ValueError(f"CLIP token features need the transformer text tower, not {cfg.text_tower!r}")
+    self.tokenizer = tokenizer
+    self.width = cfg.text.width
+    self.context_length = cfg.text.context_length
+    self.batch_size = batch_size
+    self.step = step  # the CLIP run's step the params come from (from_workdir), else None
+    self.params = params
+    model = CLIP(cfg)
+    self._features = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=model.encode_text_tokens))
+    self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+  @classmethod
+  def from_workdir(
+    cls,
+    workdir: str,
+    describe: Callable[[ml_collections.ConfigDict], tuple[ClipConfig, Any, Callable[[jax.Array], Any]]],
+    mesh: jax.sharding.Mesh,
+    batch_size: int = 64,
+  ) -> ClipTokenFeatures:
+    """From the workdir of a finished CLIP run: its saved config, its latest params (the EMA ones
+    when the run kept an EMA), sharded for `mesh`. `describe(saved_config) -> (ClipConfig, tokenizer,
+    init_params)` rebuilds the run's model (experiments.clip knows how) and raises UserError for a run
+    of another kind. UserError when `workdir` holds no checkpoint."""
+    fix = f"train one first with python -m experiments.clip --workdir {workdir or 'DIR'}"
+    if not workdir or not os.path.isdir(os.path.join(workdir, "checkpoints")):  # checked first: opening creates it
+      raise UserError(f"no CLIP checkpoint in {workdir!r}: {fix}")
+    checkpointer = Checkpointer(workdir)
+    try:
+      if checkpointer.latest_step() is None:
+        raise UserError(f"no CLIP checkpoint in {checkpointer.directory}: {fix}")
+      config = ml_collections.ConfigDict(checkpointer.restore_config())
+      cfg, tokenizer, init_params = describe(config)
+      tx, _ = train.make_optimizer(config)
+    except BaseException:
+      checkpointer.close()
+      raise
+    ema = config.get("ema_decay", 0.0) > 0
+    step, params = from_checkpoint.restore_params(checkpointer, init_params, tx, mesh, ema=ema)
+    return cls(cfg, params, tokenizer, batch_size, step)
+
+  def token_count(self, text: str) -> int:
+    """Tokens of `text` before truncation, start and end tokens included."""
+    return len(self.tokenizer.tokenize(text)) + 2
+
+  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    missing = sorted({t for t in texts if t not in self._cache})
+    for start in range(0, len(missing), self.batch_size):
+      chunk = missing[start : start + self.batch_size]
+      ids = self.tokenizer.encode(chunk + [""] * (self.batch_size - len(chunk)))
+      features, mask = jax.device_get(self._features(self.params, jnp.asarray(ids)))
+      for i, text in enumerate(chunk):
+        self._cache[text] = (np.asarray(features[i], np.float32), np.asarray(mask[i], bool))
     rows = [self._cache[t] for t in texts]
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])

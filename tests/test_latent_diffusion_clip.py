@@ -1,0 +1,144 @@
+"""Latent diffusion conditioned on a trained CLIP run's text tower: the tower's token sequence, the
+locked features restored from a CLIP workdir, and a pulse of both experiments through their command
+lines (CLIP, then both LD stages with condition=clip, then sampling from the LD workdir alone)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from experiments import clip as clip_exp
+from experiments import latent_diffusion as ld
+from multimodal_jax import sharding as shd
+from multimodal_jax import train
+from multimodal_jax.checkpoint import Checkpointer
+from multimodal_jax.errors import UserError
+from multimodal_jax.eval import from_checkpoint
+from multimodal_jax.eval.images import decode_png
+from multimodal_jax.models import clip as clip_model
+from multimodal_jax.models.prompt_encoder import ClipTokenFeatures
+
+CLIP_TINY = ["--config.steps=2", "--config.batch_size=16", "--config.log_every=1", "--config.checkpoint_every=2"]
+LD_TINY = [
+    "--config.autoencoder.steps=2", "--config.autoencoder.batch_size=16", "--config.autoencoder.checkpoint_every=2",
+    "--config.denoiser.steps=2", "--config.denoiser.batch_size=16", "--config.denoiser.checkpoint_every=2",
+    "--config.autoencoder.log_every=1", "--config.denoiser.log_every=1", "--config.final_eval=false",
+    "--config.train_images=64", "--config.dit=tiny", "--config.condition=clip",
+]  # fmt: skip
+FAST_SAMPLING = ["--config.sample_steps=2", "--config.eval_batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def captioned_dir(tmp_path_factory):
+  from multimodal_jax.data import captioned_digits
+
+  data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
+  captioned_digits.load(data_dir)
+  return data_dir
+
+
+def _main(module, capsys, workdir, data_dir, *args):
+  status = module.main(["--workdir", str(workdir), f"--config.data_dir={data_dir}", *args])
+  out = capsys.readouterr()
+  return status, out.out, out.err.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory, captioned_dir):
+  """A CLIP workdir trained for 2 steps (the default tiny model, 8 devices)."""
+  workdir = tmp_path_factory.mktemp("clip")
+  assert clip_exp.main(["--workdir", str(workdir), f"--config.data_dir={captioned_dir}", *CLIP_TINY]) == 0
+  return workdir
+
+
+def test_text_tower_tokens_end_at_the_end_token_and_pool_to_encode_text():
+  model = clip_model.CLIP(clip_model.PRESETS["tiny"])
+  # CLIP BPE's "!" is id 0, like pad: the mask runs to the end token (2), not over non-pad ids.
+  tokens = jnp.array([[1, 0, 9, 2] + [0] * 12, [1, 7, 8, 5, 2] + [0] * 11], jnp.int32)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 32, 32, 1)), tokens))
+  seq, mask = model.apply(params, tokens, method=model.encode_text_tokens)
+  assert seq.shape == (2, 16, 128) and mask.dtype == bool
+  np.testing.assert_array_equal(mask.sum(axis=1), [4, 5])
+  assert mask[0, :4].all() and not mask[0, 4:].any()
+  # The pooled features are the sequence at the end token: projected, exactly what encode_text gives.
+  pooled = seq[jnp.arange(2), jnp.array([3, 4])] @ params["params"]["text_projection"]["kernel"]
+  np.testing.assert_allclose(pooled, model.apply(params, tokens, False, method=model.encode_text), rtol=1e-5, atol=1e-6)
+
+
+def test_clip_features_are_the_runs_own_text_tower(clip_dir):
+  mesh = shd.make_mesh("data:-1")
+  features = ClipTokenFeatures.from_workdir(str(clip_dir), ld.clip_run, mesh)
+  assert features.step == 2 and features.width == 128 and features.context_length == 16
+  texts = ["a handwritten digit seven", "the number two", "a handwritten digit seven"]
+  seq, mask = features(texts)
+  assert seq.shape == (3, 16, 128) and seq.dtype == np.float32 and mask.dtype == bool
+  np.testing.assert_array_equal(mask.sum(axis=1), [features.token_count(t) for t in texts])
+  np.testing.assert_array_equal(seq[0], seq[2])
+  # Different prompts, different features; causal: equal at the shared start token only.
+  np.testing.assert_allclose(seq[0, 0], seq[1, 0], rtol=1e-5, atol=1e-6)
+  assert np.abs(seq[0, 1] - seq[1, 1]).max() > 1e-2
+  # The CLIP run's params restored on their own, through the CLIP experiment's eval path: its text
+  # embeddings are these features at the end token, projected.
+  checkpointer, config = from_checkpoint.saved_config(str(clip_dir), clip_exp.get_config(), clip_exp.EVAL_KEYS)
+  model = clip_model.CLIP(clip_exp.model_config(config))
+  tokenizer = clip_exp.tokenizer_for(config)
+  init = clip_exp.make_init_params(model, config, tokenizer.encode)
+  _, params = from_checkpoint.restore_params(checkpointer, init, train.make_optimizer(config)[0], mesh, ema=False)
+  own = model.apply({"params": params}, jnp.asarray(tokenizer.encode(texts[:2])), False, method=model.encode_text)
+  eot = mask.sum(axis=1)[:2] - 1
+  pooled = seq[[0, 1], eot] @ np.asarray(params["text_projection"]["kernel"])
+  np.testing.assert_allclose(pooled, own, rtol=1e-4, atol=1e-5)
+
+
+def test_missing_or_wrong_clip_workdir_is_one_line(clip_dir, captioned_dir, tmp_path, capsys):
+  for clip_workdir, message in [
+      ("", "no CLIP checkpoint in ''"), (tmp_path / "nothing", "no CLIP checkpoint"),
+  ]:  # fmt: skip
+    status, _, err = _main(
+      ld, capsys, tmp_path / "ld", captioned_dir, *LD_TINY, f"--config.clip_workdir={clip_workdir}"
+    )
+    assert status == 2 and len(err) == 1 and message in err[0], err
+    assert "python -m experiments.clip --workdir" in err[0]
+    assert not os.path.exists(tmp_path / "ld") and not os.path.exists(tmp_path / "nothing")
+  config = ld.get_config()
+  config.condition, config.clip_workdir = "clip", str(clip_dir)
+  checkpointer = Checkpointer(str(clip_dir))
+  saved = checkpointer.restore_config()
+  checkpointer.close()
+  with pytest.raises(UserError, match="another experiment, not a CLIP run"):
+    ld.clip_run(config)  # the LD config itself has no image_tower
+  with pytest.raises(UserError, match="text_tower=minilm, which has no token features"):
+    ld.clip_run(ld.ml_collections.ConfigDict({**saved, "text_tower": "minilm"}))
+
+
+def test_pulse_trains_on_clip_features_and_samples_from_the_workdir_alone(
+  clip_dir, captioned_dir, tmp_path, capsys, monkeypatch
+):
+  monkeypatch.chdir(clip_dir.parent)  # a relative clip_workdir is recorded as an absolute path
+  status, _, err = _main(ld, capsys, tmp_path, captioned_dir, *LD_TINY, f"--config.clip_workdir={clip_dir.name}")
+  assert status == 0, err
+  with open(tmp_path / "denoiser" / "metrics.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2]
+  saved = Checkpointer(str(tmp_path / "denoiser"))
+  config = saved.restore_config()
+  saved.close()
+  assert config["clip_workdir"] == str(clip_dir) and config["clip_step"] == 2 and config["condition"] == "clip"
+  monkeypatch.chdir(tmp_path)
+  prompts = "--config.prompt=a handwritten digit seven; the number two"
+  status, _, err = _main(
+    ld, capsys, tmp_path, captioned_dir, "--mode=sample", prompts, "--config.num_samples=2", *FAST_SAMPLING
+  )
+  assert status == 0, err
+  assert decode_png((tmp_path / "samples.png").read_bytes()).shape == (2 * 34 + 2, 2 * 34 + 2)
+  for prompt, message in [
+      ("a fancy seven", "words the CLIP run's text tower never saw in training (fancy)"),
+      ("a photo of the number seven " * 3, "is 20 tokens but the context holds 16"),
+  ]:  # fmt: skip
+    status, _, err = _main(
+      ld, capsys, tmp_path, captioned_dir, "--mode=sample", f"--config.prompt={prompt}", *FAST_SAMPLING
+    )
+    assert status == 2 and len(err) == 1 and message in err[0], err
