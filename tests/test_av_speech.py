@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from multimodal_jax import audio, errors
-from multimodal_jax.data import av_speech, lips, noise_sources, speech_sources
+from multimodal_jax.data import av_speech, flac, lips, noise_sources, speech_sources
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_espeak_phonemes_are_timed():
 def test_flac_decoder_matches_the_stream_md5():
   for name in ("drum_cymbal_closed", "misc_burp"):  # 16-bit stereo; 24-bit mono.
     (path,) = noise_sources.sonic_pi_files((name,))
-    samples, rate = noise_sources.read_flac(path, verify=True)  # Raises on an MD5 mismatch.
+    samples, rate = flac.read_flac(path, verify=True)  # Raises on an MD5 mismatch.
     assert rate == 44100 and samples.dtype == np.float32 and samples.ndim == 2
     assert 0.01 < np.abs(samples).max() <= 1.0
 

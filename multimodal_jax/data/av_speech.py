@@ -17,15 +17,23 @@ test noise types are never heard in training (TEST_NOISES vs TRAIN_NOISES), as i
 
 Noise types (NoiseBank), unit RMS before mixing:
 
-* train: white, pink; babble (3-7 other training talkers); music (the 5 music-on-hold tracks, 8 kHz);
-  ambient (two layers of sonic-pi `ambi_*` textures); tabla (sonic-pi tabla hits on a 70-130 bpm
-  grid).
+* train (18 types): synthetic white, pink, brown; coloured (random spectral tilt and resonances);
+  modulated (white, pink or coloured noise under a slow random envelope); hum (a harmonic machine
+  tone); siren (a swept alarm tone); talker (one other training talker); babble (3-7 of them);
+  music (the 5 music-on-hold tracks, 8 kHz); sonic-pi ambient (`ambi_*` textures), tabla (hits on
+  a 70-130 bpm grid), bass (`bass_*` hits), guitar (`guit_*` textures), percussion (`perc_*` and
+  `misc_*` one-shots: bells, doors, impacts, snaps), vinyl (`vinyl_*` hiss and scratches), loops
+  (the non-drum `loop_*` files: 3d printer, drone, compus, electric, garzul, mika, safari, weirdo);
+  mixed (two of the others, -6 to +6 dB apart).
 * test: drums (sonic-pi drum, kick and snare hits and break loops, 90-160 bpm); electronic
   (sonic-pi `elec_*` / `glitch_*` hits); street (synthetic rumble, passing cars, horns); cafe
-  (babble of 6-10 test talkers, pink room tone, synthetic cutlery clinks).
+  (babble of 6-10 test talkers, pink room tone, synthetic cutlery clinks). No test sample file is
+  used in training (the drum breaks, `elec_*`, `glitch_*` and the `mehackit_*` synth sounds stay out).
 
-Train: one random noise and SNR (TRAIN_SNRS) per utterance. Test: every test utterance with every
-test noise at every TEST_SNRS (same noise excerpt and lip video across SNRs).
+Train: `train_mixtures` mixtures per utterance (2 in the default config), each with a random noise
+type and SNR (TRAIN_SNRS). Test: every test utterance with every test noise at every TEST_SNRS
+(same noise excerpt and lip video across SNRs). Version 1.1.0 changed only the training mixtures
+(6 -> 18 noise types, 1 -> 2 mixtures per utterance); the test split is byte-identical to 1.0.0's.
 
 TFDS writes array_record files without TensorFlow; `load()` decodes the stored 16-bit audio to
 float32 and the strings to str on access. Preparation is deterministic.
@@ -33,6 +41,7 @@ float32 and the strings to str on access. Preparation is deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import zlib
@@ -49,7 +58,26 @@ from multimodal_jax.data import noise_sources, speech_sources
 SEED = 20240705
 SAMPLE_RATE = speech_sources.SAMPLE_RATE
 N_FFT, HOP = 512, 320
-TRAIN_NOISES = ("white", "pink", "babble", "music", "ambient", "tabla")
+TRAIN_NOISES = (
+  "white",
+  "pink",
+  "brown",
+  "coloured",
+  "modulated",
+  "hum",
+  "siren",
+  "talker",
+  "babble",
+  "music",
+  "ambient",
+  "tabla",
+  "bass",
+  "guitar",
+  "percussion",
+  "vinyl",
+  "loops",
+  "mixed",
+)
 TEST_NOISES = ("drums", "electronic", "street", "cafe")
 TRAIN_SNRS = tuple(float(s) for s in range(-5, 11))  # dB, drawn uniformly.
 TEST_SNRS = (-5.0, 0.0, 5.0, 10.0)
@@ -63,9 +91,17 @@ MAX_PEAK = 0.99
 SONIC_PI_GROUPS = {
   "ambient": ("ambi_",),
   "tabla": ("tabla_", "loop_tabla"),
+  "bass": ("bass_",),
+  "guitar": ("guit_",),
+  "percussion": ("perc_", "misc_"),
+  "vinyl": ("vinyl_",),
+  "loops": tuple(
+    f"loop_{name}" for name in ("3d_printer", "compus", "drone", "electric", "garzul", "mika", "safari", "weirdo")
+  ),
   "drums": ("drum_", "bd_", "sn_", "loop_amen", "loop_breakbeat"),
   "electronic": ("elec_", "glitch_"),
 }
+TEXTURES = ("ambient", "guitar", "vinyl", "loops")  # Long clips, played as overlaid loops (up to 8 s each).
 BABBLE_TALKERS = (3, 7)
 
 
@@ -79,6 +115,7 @@ class Sizes:
     asterisk_files: per Asterisk voice folder, read only this many prompts (None: all).
     sonic_pi_files: per noise type, use only this many sonic-pi samples (None: all).
     music_tracks: how many music-on-hold tracks the 'music' noise uses.
+    train_mixtures: noisy versions of each training utterance (each its own noise type and SNR).
   """
 
   train_synth: int
@@ -88,10 +125,11 @@ class Sizes:
   asterisk_files: int | None = None
   sonic_pi_files: int | None = None
   music_tracks: int = len(noise_sources.MUSIC_TRACKS)
+  train_mixtures: int = 1
 
 
 CONFIGS = {
-  "default": Sizes(train_synth=1200, train_real=1200, test_synth=10, test_real=10),
+  "default": Sizes(train_synth=1200, train_real=1200, test_synth=10, test_real=10, train_mixtures=2),
   "tiny": Sizes(
     train_synth=12, train_real=12, test_synth=1, test_real=1, asterisk_files=12, sonic_pi_files=2, music_tracks=1
   ),
@@ -178,7 +216,7 @@ class NoiseBank:
     for name in self.names:
       if name in SONIC_PI_GROUPS:
         paths = noise_sources.sonic_pi_files(SONIC_PI_GROUPS[name])[: sizes.sonic_pi_files]
-        self._samples[name] = noise_sources.load_sonic_pi(paths, SAMPLE_RATE)
+        self._samples[name] = noise_sources.load_sonic_pi(paths, SAMPLE_RATE, 8.0 if name in TEXTURES else 4.0)
     if "music" in self.names:
       music = noise_sources.load_music(noise_sources.MUSIC_TRACKS[: sizes.music_tracks])
       self._music = speech_sources.to_16k(music, noise_sources.digit_sources.SAMPLE_RATE)
@@ -194,14 +232,38 @@ class NoiseBank:
       return noise_sources.white_noise(rng, n)
     if name == "pink":
       return noise_sources.pink_noise(rng, n)
+    if name == "brown":
+      return noise_sources.brown_noise(rng, n)
+    if name == "coloured":
+      return noise_sources.coloured_noise(rng, n, SAMPLE_RATE)
+    if name == "modulated":
+      base = ("white", "pink", "coloured")[int(rng.integers(3))]
+      return noise_sources.modulated(rng, self(base, rng, n, speaker), SAMPLE_RATE)
+    if name == "hum":
+      return noise_sources.hum(rng, n, SAMPLE_RATE)
+    if name == "siren":
+      return noise_sources.siren(rng, n, SAMPLE_RATE)
+    if name == "talker":
+      return self._babble(rng, speaker, n, (1, 1))
     if name == "babble":
       return self._babble(rng, speaker, n, BABBLE_TALKERS)
     if name == "music":
       return noise_sources.random_segment(rng, self._music, n)
-    if name == "ambient":
-      return noise_sources.texture(rng, self._samples[name], n)
+    if name in TEXTURES:
+      return noise_sources.texture(
+        rng, self._samples[name], n, layers=int(rng.integers(1, 3)) if name != "ambient" else 2
+      )
     if name == "tabla":
       return noise_sources.sequence(rng, self._samples[name], n, SAMPLE_RATE, bpm=(70, 130))
+    if name == "bass":
+      return noise_sources.sequence(rng, self._samples[name], n, SAMPLE_RATE, bpm=(60, 130))
+    if name == "percussion":
+      return noise_sources.sequence(rng, self._samples[name], n, SAMPLE_RATE, bpm=(30, 90))
+    if name == "mixed":
+      first, second = rng.choice(len(TRAIN_NOISES) - 1, 2, replace=False)  # Any two but "mixed" (the last).
+      gain = 10 ** (rng.uniform(-6.0, 6.0) / 20)
+      out = self(TRAIN_NOISES[first], rng, n, speaker) + gain * self(TRAIN_NOISES[second], rng, n, speaker)
+      return (out / (out.std() + 1e-9)).astype(np.float32)
     if name == "drums":
       return noise_sources.sequence(rng, self._samples[name], n, SAMPLE_RATE, bpm=(90, 160))
     if name == "electronic":
@@ -249,9 +311,12 @@ def generate(split: str, pool: list[speech_sources.Utterance], sizes: Sizes, see
     clean, phonemes = pad_utterance(utterance, rng)
     lips = lips_lib.render_utterance(clean, utterance.speaker, phonemes, seed=zlib.crc32(f"{split}{i}".encode()))
     if split == "train":
-      name = TRAIN_NOISES[int(rng.integers(len(TRAIN_NOISES)))]
-      snr = float(rng.choice(TRAIN_SNRS))
-      yield i, make_example(clean, lips, bank(name, rng, len(clean), utterance.speaker), name, snr, utterance)
+      for m in range(sizes.train_mixtures):
+        mixture_rng = rng if m == 0 else _rng(seed, 4, i, m)
+        name = TRAIN_NOISES[int(mixture_rng.integers(len(TRAIN_NOISES)))]
+        snr = float(mixture_rng.choice(TRAIN_SNRS))
+        noise = bank(name, mixture_rng, len(clean), utterance.speaker)
+        yield i * sizes.train_mixtures + m, make_example(clean, lips, noise, name, snr, utterance)
       continue
     for j, name in enumerate(TEST_NOISES):
       noise = bank(name, _rng(seed, 3, i, j), len(clean), utterance.speaker)
@@ -286,10 +351,13 @@ def features() -> tfds.features.FeaturesDict:
 class AvSpeech(tfds.core.GeneratorBasedBuilder):
   """AV-speech: clean and noisy 16 kHz speech with a rendered 50 fps lip stream."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "18 training noise types (was 6), 2 mixtures per training utterance; test split unchanged.",
+  }
   BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
-    tfds.core.BuilderConfig(name="default", description="2,400 train and 320 test examples."),
+    tfds.core.BuilderConfig(name="default", description="4,800 train (2,400 utterances) and 320 test examples."),
     tfds.core.BuilderConfig(name="tiny", description="24 train and 32 test examples, for tests."),
   ]
   code_path = None  # We download nothing (see av_digits.AvDigits).
@@ -340,12 +408,27 @@ class DecodedSource:
     return f"DecodedSource({self._source!r})"
 
 
+@contextlib.contextmanager
+def _in_memory_shuffle(limit: int):
+  """Raises TFDS's in-memory shuffle buffer to `limit` bytes while preparing: past its 1 GB default
+  TFDS spills to temporary files through TensorFlow's file API, and TensorFlow is not a dependency
+  (the default train split is about 1.3 GB)."""
+  from tensorflow_datasets.core import shuffle
+
+  saved = shuffle.MAX_MEM_BUFFER_SIZE
+  shuffle.MAX_MEM_BUFFER_SIZE = max(saved, limit)
+  try:
+    yield
+  finally:
+    shuffle.MAX_MEM_BUFFER_SIZE = saved
+
+
 def load(data_dir: str | None = None, config: str = "default") -> dict[str, DecodedSource]:
   """{'train': source, 'test': source}, random access, prepared on first use.
 
   Args:
     data_dir: TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).
-    config: 'default' (2,400 train and 320 test examples, built in about a minute) or
+    config: 'default' (4,800 train mixtures of 2,400 utterances and 320 test examples) or
       'tiny' (24 and 32, a few seconds; for tests).
 
   Returns:
@@ -362,7 +445,8 @@ def load(data_dir: str | None = None, config: str = "default") -> dict[str, Deco
   builder = AvSpeech(config=config, data_dir=data_dir, file_format="array_record")
   if not builder.data_path.exists():
     check_packages()
-    builder.download_and_prepare()
+    with _in_memory_shuffle(4 << 30):
+      builder.download_and_prepare()
   return {split: DecodedSource(source) for split, source in builder.as_data_source().items()}
 
 

@@ -3,13 +3,11 @@
 Real music: the 8 kHz on-hold music tracks of the Debian package
 `asterisk-moh-opsound-wav` (`/usr/share/asterisk/moh/*.wav`); real samples
 (ambient textures, drums, tabla, electronic sounds): the 44.1 kHz FLAC files of
-the Debian package `sonic-pi-samples`, read by the NumPy FLAC decoder below.
+the Debian package `sonic-pi-samples`, read by the NumPy FLAC decoder in `flac.py`.
 The AV-digits helpers work at 8 kHz; white, pink, babble and the AVDCNN helpers
 at any rate.
 """
 
-import hashlib
-import math
 import os
 
 import numpy as np
@@ -17,6 +15,7 @@ from scipy import signal
 
 from multimodal_jax import audio as audio_lib
 from multimodal_jax.data import digit_sources
+from multimodal_jax.data.flac import read_flac
 
 ASTERISK_MOH_DIR = "/usr/share/asterisk/moh"
 MUSIC_TRACKS = (
@@ -103,230 +102,6 @@ def mix_at_snr(speech: np.ndarray, noise: np.ndarray, snr_db: float, active_only
   p_noise = np.mean(noise**2) + 1e-12
   gain = np.sqrt(p_speech / (p_noise * 10 ** (snr_db / 10)))
   return (speech + gain * noise).astype(np.float32)
-
-
-# ---------------------------------------------------------------- FLAC (sonic-pi samples)
-#
-# The sonic-pi samples are FLAC files and no FLAC decoder is a dependency, so here is a small
-# one in NumPy (format: https://xiph.org/flac/format.html). Rice codes are parsed with vectorised
-# look-ups over the positions of the 1 bits; the linear predictors of all subframes of a file are
-# run together, one sample index at a time.
-
-_FIXED_COEFS = ((), (1,), (2, -1), (3, -3, 1), (4, -6, 4, -1))
-_MAX_LPC_ORDER = 32
-
-
-class _Bits:
-  """A FLAC file as an array of bits with a read position."""
-
-  def __init__(self, data: bytes):
-    self.bits = np.unpackbits(np.frombuffer(data, np.uint8))
-    self.ones = np.flatnonzero(self.bits)
-    self.pos = 0
-
-  def uint(self, n: int) -> int:
-    value = 0
-    for b in self.bits[self.pos : self.pos + n].tolist():
-      value = (value << 1) | b
-    self.pos += n
-    return value
-
-  def sint(self, n: int) -> int:
-    value = self.uint(n)
-    return value - (1 << n) if n and value >> (n - 1) else value
-
-  def sints(self, count: int, n: int) -> np.ndarray:
-    """`count` signed `n`-bit integers, int64 `[count]`."""
-    if count == 0 or n == 0:
-      self.pos += count * n
-      return np.zeros(count, np.int64)
-    chunk = self.bits[self.pos : self.pos + count * n].reshape(count, n).astype(np.int64)
-    self.pos += count * n
-    values = chunk @ (1 << np.arange(n - 1, -1, -1, dtype=np.int64))
-    return np.where(values >> (n - 1) == 1, values - (1 << n), values)
-
-  def unary(self) -> int:
-    start = self.pos
-    self.pos = int(self.ones[np.searchsorted(self.ones, start)]) + 1
-    return self.pos - 1 - start
-
-  def rice(self, count: int, k: int) -> np.ndarray:
-    """`count` Rice-coded signed integers with parameter k, int64 `[count]`."""
-    if count == 0:
-      return np.zeros(0, np.int64)
-    a = int(np.searchsorted(self.ones, self.pos))
-    window = self.ones[a : a + count * (k + 1)]
-    if k == 0:
-      stops = window[:count]
-    else:
-      # The next stop after a stop is the first 1 past its k remainder bits. Follow that chain
-      # from the first stop by doubling: orbit[m:2m] = jump^m(orbit[:m]).
-      jump = np.append(np.searchsorted(window, window + 1 + k), len(window))
-      index = np.zeros(1, np.int64)
-      while len(index) < count:
-        index = np.concatenate([index, jump[index]])
-        jump = jump[jump]
-      stops = window[index[:count]]
-    starts = np.concatenate([[self.pos], stops[:-1] + 1 + k])
-    quotient = (stops - starts).astype(np.int64)
-    if k:
-      rest = self.bits[(stops + 1)[:, None] + np.arange(k)].astype(np.int64)
-      remainder = rest @ (1 << np.arange(k - 1, -1, -1, dtype=np.int64))
-    else:
-      remainder = 0
-    self.pos = int(stops[-1]) + 1 + k
-    folded = (quotient << k) | remainder
-    return (folded >> 1) ^ -(folded & 1)
-
-
-def _residual(bits: _Bits, block: int, order: int) -> np.ndarray:
-  method = bits.uint(2)
-  param_bits = 4 if method == 0 else 5
-  partition_order = bits.uint(4)
-  parts = []
-  for p in range(1 << partition_order):
-    count = (block >> partition_order) - (order if p == 0 else 0)
-    k = bits.uint(param_bits)
-    if k == (1 << param_bits) - 1:  # Escape: raw signed samples.
-      parts.append(bits.sints(count, bits.uint(5)))
-    else:
-      parts.append(bits.rice(count, k))
-  return np.concatenate(parts)
-
-
-def _predict(warm: list, coefs: list, shifts: list, residuals: list, block: int) -> np.ndarray:
-  """Runs the linear predictors of several subframes of one block size together.
-
-  Returns int64 `[len(warm), block]`: sample i >= order is residual + (sum_j coef_j * s[i-1-j] >>
-  shift); the first `order` samples are the warm-up samples.
-  """
-  n = len(warm)
-  orders = np.array([len(w) for w in warm])
-  c = np.zeros((n, _MAX_LPC_ORDER), np.int64)
-  out = np.zeros((n, _MAX_LPC_ORDER + block), np.int64)
-  res = np.zeros((n, block), np.int64)
-  for r in range(n):
-    c[r, : orders[r]] = coefs[r]
-    out[r, _MAX_LPC_ORDER : _MAX_LPC_ORDER + orders[r]] = warm[r]
-    res[r, orders[r] :] = residuals[r]
-  c = c[:, ::-1]  # c[:, -1] multiplies the previous sample.
-  shift = np.asarray(shifts, np.int64)
-  for i in range(orders.min(), block):
-    pred = (out[:, i : i + _MAX_LPC_ORDER] * c).sum(axis=1) >> shift
-    value = res[:, i] + pred
-    out[:, _MAX_LPC_ORDER + i] = np.where(i >= orders, value, out[:, _MAX_LPC_ORDER + i])
-  return out[:, _MAX_LPC_ORDER:]
-
-
-def read_flac(path: str, verify: bool = False, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
-  """Decodes a FLAC file.
-
-  Args:
-    path: the file.
-    verify: check the decoded samples against the MD5 signature of the stream header.
-    max_seconds: stop after the frame that reaches this duration (the result may be a little
-      longer); None decodes everything. Cannot be combined with verify.
-
-  Returns:
-    float32 `[n, channels]` in [-1, 1) and the sample rate.
-  """
-  with open(path, "rb") as f:
-    data = f.read()
-  if data[:4] != b"fLaC":
-    raise ValueError(f"{path}: not a FLAC file")
-  pos, last = 4, False
-  while not last:
-    last, kind, length = data[pos] >> 7, data[pos] & 0x7F, int.from_bytes(data[pos + 1 : pos + 4], "big")
-    if kind == 0:
-      info = int.from_bytes(data[pos + 4 : pos + 4 + 34], "big")
-      rate = (info >> 172) & 0xFFFFF
-      depth = ((info >> 164) & 0x1F) + 1
-      md5 = data[pos + 4 + 18 : pos + 4 + 34]
-    pos += 4 + length
-  bits = _Bits(data)
-  bits.pos = pos * 8
-  frames, groups = [], {}  # groups: block size -> ([warm], [coefs], [shift], [residual], [(frame, channel)])
-  end = len(data) * 8
-  limit, decoded = (math.inf if max_seconds is None else max_seconds * rate), 0
-  while bits.pos + 16 < end and decoded < limit:
-    if bits.uint(14) != 0x3FFE:
-      raise ValueError(f"{path}: lost frame sync at byte {bits.pos // 8}")
-    bits.uint(2)
-    block_code, rate_code, assignment, size_code = bits.uint(4), bits.uint(4), bits.uint(4), bits.uint(3)
-    bits.uint(1)
-    first = bits.uint(8)  # UTF-8 coded frame number: skip its continuation bytes.
-    bits.uint(8 * (max(0, bin(first).index("0", 2) - 3) if first >= 0xC0 else 0))
-    if block_code == 1:
-      block = 192
-    elif 2 <= block_code <= 5:
-      block = 576 << (block_code - 2)
-    elif block_code == 6:
-      block = bits.uint(8) + 1
-    elif block_code == 7:
-      block = bits.uint(16) + 1
-    else:
-      block = 256 << (block_code - 8)
-    bits.uint({12: 8, 13: 16, 14: 16}.get(rate_code, 0))
-    bits.uint(8)  # CRC-8
-    bps = {0: depth, 1: 8, 2: 12, 4: 16, 5: 20, 6: 24, 7: 32}[size_code]
-    n_channels = assignment + 1 if assignment < 8 else 2
-    subframes = []
-    for ch in range(n_channels):
-      width = bps + (1 if (assignment in (8, 10) and ch == 1) or (assignment == 9 and ch == 0) else 0)
-      bits.uint(1)
-      kind = bits.uint(6)
-      wasted = bits.unary() + 1 if bits.uint(1) else 0
-      width -= wasted
-      if kind == 0:
-        subframes.append((np.full(block, bits.sint(width), np.int64), wasted))
-      elif kind == 1:
-        subframes.append((bits.sints(block, width), wasted))
-      else:
-        if 8 <= kind <= 12:
-          order = kind - 8
-          warm = bits.sints(order, width)
-          coefs, shift = _FIXED_COEFS[order], 0
-        elif kind >= 32:
-          order = kind - 31
-          warm = bits.sints(order, width)
-          precision = bits.uint(4) + 1
-          shift = bits.sint(5)
-          coefs = bits.sints(order, precision).tolist()
-        else:
-          raise ValueError(f"{path}: reserved subframe type {kind}")
-        group = groups.setdefault(block, ([], [], [], [], []))
-        for store, value in zip(group, (warm, coefs, shift, _residual(bits, block, order), (len(frames), ch))):
-          store.append(value)
-        subframes.append((None, wasted))
-    bits.pos = (bits.pos + 7) // 8 * 8 + 16  # Byte padding, CRC-16.
-    frames.append((assignment, subframes))
-    decoded += block
-  for block, (warm, coefs, shifts, residuals, where) in groups.items():
-    for samples, (f, ch) in zip(_predict(warm, coefs, shifts, residuals, block), where):
-      frames[f][1][ch] = (samples, frames[f][1][ch][1])
-  out = []
-  for assignment, subframes in frames:
-    a, b = (s << w for s, w in subframes[:2]) if assignment >= 8 else (None, None)
-    if assignment == 8:
-      chans = [a, a - b]
-    elif assignment == 9:
-      chans = [a + b, b]
-    elif assignment == 10:
-      mid = (a << 1) | (b & 1)
-      chans = [(mid + b) >> 1, (mid - b) >> 1]
-    else:
-      chans = [s << w for s, w in subframes]
-    out.append(np.stack(chans, axis=1))
-  samples = np.concatenate(out)
-  if verify:
-    if max_seconds is not None:
-      raise ValueError("verify needs the whole file: leave max_seconds at None")
-
-    width = (depth + 7) // 8
-    raw = samples.astype("<i4").view(np.uint8).reshape(-1, 4)[:, :width].tobytes()
-    if hashlib.md5(raw).digest() != md5:
-      raise ValueError(f"{path}: decoded samples do not match the MD5 signature")
-  return (samples / float(1 << (depth - 1))).astype(np.float32), rate
 
 
 # ---------------------------------------------------------------- noise for AVDCNN (any sample rate)
@@ -421,3 +196,68 @@ def clinks(rng: np.random.Generator, n: int, rate: int, per_second: float = 1.5)
     head = sound[: n - start]
     out[start : start + len(head)] += rng.uniform(0.3, 1.0) * head
   return out.astype(np.float32)
+
+
+def brown_noise(rng: np.random.Generator, n: int) -> np.ndarray:
+  """1/f² (brown) noise by spectral shaping, float32 `[n]`, unit RMS: rumble."""
+  spectrum = np.fft.rfft(rng.standard_normal(n))
+  f = np.arange(len(spectrum), dtype=np.float64)
+  f[0] = 1.0
+  x = np.fft.irfft(spectrum / f, n)
+  x -= x.mean()
+  return (x / (x.std() + 1e-9)).astype(np.float32)
+
+
+def coloured_noise(rng: np.random.Generator, n: int, rate: int) -> np.ndarray:
+  """Stationary noise with a random spectrum, float32 `[n]`, unit RMS: a random tilt (-9 to +3 dB
+  per octave) times 1-3 random resonances (200 Hz to 0.45 rate, Q 1-8): fans, engines, hiss."""
+  spectrum = np.fft.rfft(rng.standard_normal(n))
+  f = np.maximum(np.fft.rfftfreq(n, 1.0 / rate), 20.0)
+  gain_db = rng.uniform(-9.0, 3.0) * np.log2(f / 1000.0)
+  for _ in range(int(rng.integers(1, 4))):
+    centre = np.exp(rng.uniform(np.log(200.0), np.log(0.45 * rate)))
+    q = rng.uniform(1.0, 8.0)
+    gain_db += rng.uniform(6.0, 20.0) / (1.0 + (q * (f / centre - centre / f)) ** 2)
+  x = np.fft.irfft(spectrum * 10 ** (gain_db / 20), n)
+  x -= x.mean()
+  return (x / (x.std() + 1e-9)).astype(np.float32)
+
+
+def modulated(rng: np.random.Generator, noise: np.ndarray, rate: int) -> np.ndarray:
+  """`noise` under a random slow envelope (0.3-6 Hz, 6-30 dB deep), float32, unit RMS: gusts, machines
+  cycling, traffic swells."""
+  n = len(noise)
+  t = np.arange(n) / rate
+  depth = 1.0 - 10 ** (-rng.uniform(6.0, 30.0) / 20)
+  freq = np.exp(rng.uniform(np.log(0.3), np.log(6.0)))
+  wobble = np.cumsum(rng.standard_normal(n)) / np.sqrt(rate) * 0.5  # Slow phase drift: no fixed period.
+  envelope = 1.0 - depth * 0.5 * (1.0 + np.sin(2 * np.pi * freq * t + rng.uniform(0, 6.3) + wobble))
+  out = noise * envelope
+  return (out / (out.std() + 1e-9)).astype(np.float32)
+
+
+def hum(rng: np.random.Generator, n: int, rate: int) -> np.ndarray:
+  """Machine hum, float32 `[n]`, unit RMS: a 40-300 Hz fundamental with random harmonic amplitudes
+  up to 4 kHz, slight frequency drift, plus a little coloured noise."""
+  f0 = np.exp(rng.uniform(np.log(40.0), np.log(300.0)))
+  drift = 1.0 + 0.01 * np.cumsum(rng.standard_normal(n)) / np.sqrt(n)
+  phase = 2 * np.pi * np.cumsum(f0 * drift) / rate
+  harmonics = int(min(40, 4000.0 // f0))
+  amplitudes = rng.uniform(0.0, 1.0, harmonics) / np.arange(1, harmonics + 1) ** rng.uniform(0.3, 1.5)
+  out = sum(a * np.sin(k * phase + rng.uniform(0, 6.3)) for k, a in enumerate(amplitudes, 1))
+  out = out / (np.std(out) + 1e-9) + 0.2 * coloured_noise(rng, n, rate)
+  return (out / (out.std() + 1e-9)).astype(np.float32)
+
+
+def siren(rng: np.random.Generator, n: int, rate: int) -> np.ndarray:
+  """An alarm or siren, float32 `[n]`, unit RMS: a tone with 3 harmonics swept between two pitches
+  (500-1800 Hz) by a sine or a square wave at 0.2-3 Hz."""
+  t = np.arange(n) / rate
+  low = rng.uniform(500.0, 1000.0)
+  high = low * rng.uniform(1.2, 1.8)
+  sweep = np.sin(2 * np.pi * rng.uniform(0.2, 3.0) * t + rng.uniform(0, 6.3))
+  if rng.random() < 0.5:
+    sweep = np.sign(sweep)
+  phase = 2 * np.pi * np.cumsum(low + (high - low) * 0.5 * (1.0 + sweep)) / rate
+  out = sum(np.sin(k * phase) / k for k in (1, 2, 3))
+  return (out / (out.std() + 1e-9)).astype(np.float32)
