@@ -310,7 +310,7 @@ def run_train(config, workdir):
     loss_fn=make_loss_fn(model, config.mu, config.get("under_weight", 1.0)),
     init_params=make_init_params(model),
     tx=tx,
-    train_data=GrainBatches(frames, config.batch_size, config.seed),
+    train_data=GrainBatches(frames, config.batch_size, config.seed, fetch_batches=True),
     learning_rate_fn=schedule,
     config_dict=config.to_dict(),
   )
@@ -402,8 +402,8 @@ def _summary(rows: list[dict]) -> dict:
   for variant in [k for k in ("enhanced", "noisy", "fixed_lips") if k in rows[0]]:
     means = sq.mean_scores([r[variant] for r in rows])
     suffix = "" if variant == "enhanced" else f"_{variant}"
-    for name in ("pesq", "stoi", "sdi", "ssnr"):
-      if variant != "fixed_lips" or name in ("pesq", "stoi"):
+    for name in ("pesq", "pesq_nb", "stoi", "sdi", "ssnr"):
+      if name in means and (variant != "fixed_lips" or name in ("pesq", "pesq_nb", "stoi")):
         out[name + suffix] = means[name]
     out["pesq_failures" + suffix] = means["pesq_failures"]
   return out

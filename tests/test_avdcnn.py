@@ -95,6 +95,56 @@ def test_av_width_differs_from_the_papers_2804():
   assert sum(avdcnn.flat_widths(AV).values()) == 2828 != paper
 
 
+@pytest.mark.parametrize(
+  "x_shape, kernel_shape",
+  [((3, 257, 5, 1), (12, 2, 1, 10)), ((3, 24, 80, 3), (15, 2, 3, 12)), ((2, 10, 79, 12), (7, 2, 12, 10))],
+)
+def test_banded_conv_equals_lax_conv_with_gradients(x_shape, kernel_shape):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+
+  def lax_conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  ref = lax_conv(x, kernel)
+  np.testing.assert_allclose(avdcnn.banded_conv(x, kernel), ref, atol=1e-5 * float(jnp.abs(ref).max()))
+  cotangent = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
+
+  def vjp(conv):
+    return jax.grad(lambda x, k: jnp.sum(conv(x, k) * cotangent), (0, 1))(x, kernel)
+
+  grads = [vjp(lax_conv), vjp(avdcnn.banded_conv)]
+  for ours, theirs in zip(grads[1], grads[0]):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * float(jnp.abs(theirs).max()))
+
+
+def test_max_pool_equals_flax_max_pool():
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 245, 4, 10)), jnp.float32)
+  for window in ((2, 1), (3, 2)):
+    np.testing.assert_array_equal(avdcnn.max_pool(x, window), nn.max_pool(x, window, strides=window))
+
+
+def test_conv_impls_share_parameters_and_agree():
+  rng = np.random.default_rng(1)
+  batch = {"audio": rng.normal(size=(4, 257, 5)).astype(np.float32), "lips": rng.integers(0, 255, (4, 5, 16, 24, 3))}
+  batch["lips"] = batch["lips"].astype(np.uint8)
+  outputs = {}
+  for impl in avdcnn.CONV_IMPLS:
+    model = avdcnn.AVDCNN(dataclasses.replace(avdcnn.PRESETS["paper"], conv_impl=impl, head="residual"))
+    params = model.init({"params": jax.random.key(0)}, *avdcnn.model_inputs(batch, model.config), train=False)["params"]
+    params = jax.tree.map(lambda p: p + 0.01, params)  # the residual head's zero weights would hide the CNNs
+    outputs[impl] = (params, avdcnn.apply_train(model, params, batch, jax.random.key(1)))
+  reference_params, reference = outputs["xla"]
+  for impl in ("auto", "banded"):
+    params, out = outputs[impl]
+    assert jax.tree.structure(params) == jax.tree.structure(reference_params)
+    jax.tree.map(np.testing.assert_array_equal, params, reference_params)
+    for key in ("audio", "visual"):
+      np.testing.assert_allclose(out[key], reference[key], atol=1e-4 * float(jnp.abs(reference[key]).max()))
+  assert avdcnn.use_banded(24, 15, "auto") and not avdcnn.use_banded(257, 12, "auto")
+
+
 def test_lips_layout_puts_frames_side_by_side_transposed():
   lips = np.arange(2 * 5 * 16 * 24 * 3).reshape(2, 5, 16, 24, 3)
   laid = np.asarray(avdcnn.lips_layout(jnp.asarray(lips)))
@@ -203,8 +253,9 @@ def test_wrappers_agree_with_the_packages_and_rank_clean_above_noisy():
   nb_noisy = nb_clean + 0.003 * rng.normal(size=nb_clean.shape).astype(np.float32)
   assert sq.pesq(nb_clean, nb_noisy, 8000) == pytest.approx(pesq_lib.pesq(8000, nb_clean, nb_noisy, "nb"), abs=1e-6)
   scores = [sq.score(clean, x, 16000) for x in (clean, noisy, very_noisy)]
-  for key in ("pesq", "stoi", "ssnr"):
+  for key in ("pesq", "pesq_nb", "stoi", "ssnr"):
     assert scores[0][key] > scores[1][key] > scores[2][key]
+  assert scores[1]["pesq_nb"] == pytest.approx(pesq_lib.pesq(16000, clean, noisy, "nb"), abs=1e-6)
   assert scores[0]["sdi"] == 0.0 < scores[1]["sdi"] < scores[2]["sdi"]
   # the pool returns the same, in order
   pooled = sq.score_utterances([(clean, noisy), (clean, very_noisy)], 16000, processes=2)

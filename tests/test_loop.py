@@ -109,6 +109,30 @@ def test_data_stream_seek_matches_a_consumed_stream():
   np.testing.assert_array_equal(next(a)["x"], next(b)["x"])
 
 
+class _BatchableToySource(toy.ToySource):
+  def batch(self, rows):
+    return {"x": self.x[rows], "label": self.label[rows]}
+
+
+def test_batch_fetching_stream_covers_the_data_and_seeks():
+  source = _BatchableToySource()
+  shards = [GrainBatches(source, 32, seed=1, process_index=i, process_count=2, fetch_batches=True) for i in (0, 1)]
+  rows = []
+  for _ in range(16):  # one epoch: 512 records = 16 steps of 2 x 16 rows
+    for shard in shards:
+      batch = next(shard)
+      assert batch["x"].shape == (16, toy.DIM) and batch["label"].shape == (16,)
+      rows.append(batch["x"])
+  seen = np.concatenate(rows)
+  np.testing.assert_array_equal(np.sort(seen, axis=0), np.sort(source.x, axis=0))  # every record once
+  a = GrainBatches(source, 32, seed=1, process_index=1, process_count=2, fetch_batches=True)
+  for _ in range(20):  # past an epoch boundary
+    next(a)
+  b = GrainBatches(source, 32, seed=1, process_index=1, process_count=2, fetch_batches=True)
+  b.seek(20)
+  np.testing.assert_array_equal(next(a)["x"], next(b)["x"])
+
+
 def test_a_half_written_checkpoint_is_ignored(tmp_path):
   _fit(tmp_path, steps=8, checkpoint_every=4)
   # What a save killed midway leaves: orbax's temporary directory, never renamed to "12".
@@ -125,7 +149,9 @@ def test_a_half_written_checkpoint_is_ignored(tmp_path):
 def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, monkeypatch):
   _fit(tmp_path, steps=4, checkpoint_every=4)
   wider = toy.MLP(hidden=(48,), out=toy.CLASSES)
-  monkeypatch.setattr(toy, "init_params", lambda rng: wider.init({"params": rng}, np.zeros((1, toy.DIM), np.float32))["params"])
+  monkeypatch.setattr(
+    toy, "init_params", lambda rng: wider.init({"params": rng}, np.zeros((1, toy.DIM), np.float32))["params"]
+  )
   with pytest.raises(ckpt.CheckpointMismatchError, match=r"hidden_0.bias has shape \(32,\) there but \(48,\) here"):
     _fit(tmp_path, steps=8)
   assert ckpt.Checkpointer(str(tmp_path)).all_steps() == [4]

@@ -2,6 +2,8 @@
 
 - `pesq`: ITU-T P.862 through the `pesq` package; wide-band (P.862.2) at 16 kHz, narrow-band at
   8 kHz (`mode="nb"`, or any 8 kHz input). Scores are MOS-LQO (wide-band about 1.04-4.64).
+  `score` at 16 kHz also gives `pesq_nb`, narrow-band P.862 of the same 16 kHz pair (the PESQ of
+  most speech-enhancement papers before wide-band, AVDCNN's included as far as its scores tell).
 - `stoi`: short-time objective intelligibility through `pystoi` (0-1; it resamples to 10 kHz itself).
 - `sdi`: speech distortion index `Σ (s - ŝ)² / Σ s²` (0 is perfect).
 - `segmental_snr`: mean over 32 ms frames (50% overlap) of the per-frame SNR in dB, each clamped
@@ -44,7 +46,7 @@ def _pair(ref, deg, rate: int, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def pesq(ref, deg, rate: int, mode: str | None = None) -> float:
   """PESQ of `deg` against `ref` (1-D, same length). rate 16000 -> wide-band, 8000 -> narrow-band
-  (or `mode="nb"` at 8000). Raises ScoreInputError for other rates and `pesq.NoUtterancesError` when
+  (`mode="nb"`: narrow-band at either rate). Raises ScoreInputError for other rates and `pesq.NoUtterancesError` when
   the reference holds no speech the algorithm can find."""
   import pesq as pesq_lib
 
@@ -91,15 +93,18 @@ def segmental_snr(ref, deg, rate: int, frame_ms: float = 32.0) -> float:
 
 
 def score(ref, deg, rate: int) -> dict:
-  """All four scores of one pair; `pesq` is NaN (and `pesq_error` says why) when PESQ finds no utterance."""
+  """All scores of one pair (`pesq_nb` too at 16 kHz); a PESQ score is NaN (and `pesq_error` says why)
+  when PESQ finds no utterance."""
   import pesq as pesq_lib
 
   result = {"stoi": stoi(ref, deg, rate), "sdi": sdi(ref, deg, rate), "ssnr": segmental_snr(ref, deg, rate)}
-  try:
-    result["pesq"] = pesq(ref, deg, rate)
-  except pesq_lib.PesqError as e:  # e.g. NoUtterancesError on a (near) silent reference
-    result["pesq"] = float("nan")
-    result["pesq_error"] = f"{type(e).__name__}: {e}"
+  modes = {"pesq": None, "pesq_nb": "nb"} if rate == 16000 else {"pesq": None}
+  for key, mode in modes.items():
+    try:
+      result[key] = pesq(ref, deg, rate, mode)
+    except pesq_lib.PesqError as e:  # e.g. NoUtterancesError on a (near) silent reference
+      result[key] = float("nan")
+      result["pesq_error"] = f"{type(e).__name__}: {e}"
   return result
 
 
@@ -117,10 +122,11 @@ def score_utterances(pairs: Sequence[tuple[np.ndarray, np.ndarray]], rate: int, 
     return pool.map(_score_args, args, chunksize=max(1, len(args) // (4 * processes)))
 
 
-def mean_scores(rows: Sequence[dict], keys: Sequence[str] = ("pesq", "stoi", "sdi", "ssnr")) -> dict:
-  """Means of `keys` over rows, ignoring NaN (PESQ failures); `pesq_failures` counts those."""
+def mean_scores(rows: Sequence[dict], keys: Sequence[str] = ("pesq", "pesq_nb", "stoi", "sdi", "ssnr")) -> dict:
+  """Means of `keys` over rows (those the rows have), ignoring NaN (PESQ failures); `pesq_failures`
+  counts those."""
   out = {}
-  for k in keys:
+  for k in [k for k in keys if all(k in r for r in rows)]:
     values = np.asarray([r[k] for r in rows], np.float64)
     finite = values[np.isfinite(values)]
     out[k] = float(finite.mean()) if len(finite) else float("nan")

@@ -63,6 +63,7 @@ LIPS_SIZE = 16 * 24 * 3
 MODALITIES = ("audio", "visual")
 FUSIONS = ("joint", "early")
 HEADS = ("gain", "residual", "plain")
+CONV_IMPLS = ("auto", "xla", "banded")
 CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 
 
@@ -81,6 +82,7 @@ class AVDCNNConfig:
   gain_bias: float = -3.0  # gain head: initial attenuation softplus(gain_bias) ~ 0.05 normalised units
   bins: int = BINS
   context: int = CONTEXT
+  conv_impl: str = "auto"  # auto | xla | banded: how convolutions are computed (same parameters; see ConvBN)
 
   @property
   def visual(self) -> bool:
@@ -142,22 +144,86 @@ def flat_widths(config: AVDCNNConfig) -> dict[str, int]:
   return widths
 
 
-class ConvBN(nn.Module):
-  """Conv (VALID, stride 1, linear) -> batch norm. Input and output `[batch, height, width, channels]`."""
+def banded_conv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+  """VALID, stride-1 2-D convolution as `kw` matmuls with banded matrices, equal to
+  `lax.conv_general_dilated(x, kernel, (1, 1), "VALID")` in NHWC / HWIO.
+
+  Each input column (all heights and channels, `H*C` values) maps to a whole output column
+  (`H'*O` values) through a `[H*C, H'*O]` matrix that holds the kernel's taps on its band, one per
+  kernel column. That is `H/kh` times the direct convolution's FLOPs, but as large matmuls: for
+  AVDCNN's short visual kernels on CPU, 2-4x faster (with the gradient) than XLA's convolution.
+  """
+  _, h, w, c = x.shape
+  kh, kw, _, o = kernel.shape
+  out_h, out_w = h - kh + 1, w - kw + 1
+  band = np.zeros((kh, h, out_h), np.float32)  # band[i, r, q] = 1 where input row r = output row q + i
+  for i in range(kh):
+    band[i, np.arange(out_h) + i, np.arange(out_h)] = 1.0
+  matrices = jnp.einsum("irq,ijco->jrcqo", band, kernel.astype(jnp.float32)).reshape(kw, h * c, out_h * o)
+  columns = jnp.swapaxes(x, 1, 2).reshape(x.shape[0], w, h * c)  # [batch, W, H*C]
+  matrices = matrices.astype(x.dtype)
+  out = sum(columns[:, j : j + out_w] @ matrices[j] for j in range(kw))  # [batch, W', H'*O]
+  return jnp.swapaxes(out.reshape(x.shape[0], out_w, out_h, o), 1, 2)
+
+
+def use_banded(height: int, kernel_height: int, impl: str) -> bool:
+  """`conv_impl` -> whether a conv over inputs `height` tall uses `banded_conv`: "auto" when it costs at
+  most 4x the direct convolution's FLOPs (AVDCNN's visual convs, not its 257-bin audio convs)."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl={impl!r}: choose one of {', '.join(CONV_IMPLS)}")
+  return impl == "banded" or (impl == "auto" and height <= 4 * kernel_height)
+
+
+def max_pool(x: jnp.ndarray, window: tuple[int, int]) -> jnp.ndarray:
+  """Non-overlapping max pooling (stride = window, VALID) of `[batch, H, W, C]` by reshape and max:
+  equal to `nn.max_pool(x, window, strides=window)`, and its gradient is far cheaper on CPU than
+  XLA's select-and-scatter (the audio CNN's train step: 82 -> 40 ms for conv + pool at batch 256)."""
+  b, h, w, c = x.shape
+  ph, pw = window
+  x = x[:, : h // ph * ph, : w // pw * pw]
+  return x.reshape(b, h // ph, ph, w // pw, pw, c).max(axis=(2, 4))
+
+
+class _BandedConv(nn.Module):
+  """`nn.Conv(filters, kernel, padding="VALID")`'s parameters (same names, shapes and init), applied
+  with `banded_conv`."""
 
   filters: int
   kernel: tuple[int, int]
 
   @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES)
+    kernel = self.param("kernel", init, (*self.kernel, x.shape[-1], self.filters))
+    bias = self.param(
+      "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)), (self.filters,)
+    )
+    return banded_conv(x, kernel) + bias
+
+
+class ConvBN(nn.Module):
+  """Conv (VALID, stride 1, linear) -> batch norm. Input and output `[batch, height, width, channels]`.
+
+  `impl`: "xla" (`nn.Conv`), "banded" (`banded_conv`) or "auto" (see `use_banded`); the parameters
+  are the same (those of `nn.Conv` named "conv") whichever computes the convolution."""
+
+  filters: int
+  kernel: tuple[int, int]
+  impl: str = "auto"
+
+  @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    x = nn.Conv(
-      self.filters,
-      self.kernel,
-      padding="VALID",
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-      name="conv",
-    )(x)
+    if use_banded(x.shape[1], self.kernel[0], self.impl):
+      x = _BandedConv(self.filters, self.kernel, name="conv")(x)
+    else:
+      x = nn.Conv(
+        self.filters,
+        self.kernel,
+        padding="VALID",
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        name="conv",
+      )(x)
     return nn.BatchNorm(
       use_running_average=not train,
       momentum=0.0,  # the returned 'running' statistics are this batch's (population_batch_stats)
@@ -176,9 +242,9 @@ class AudioCNN(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     x = x[..., None]
     for i, (kh, kw, filters) in enumerate(self.config.audio_convs):
-      x = ConvBN(filters, (kh, kw), name=f"conv_{i}")(x, train)
+      x = ConvBN(filters, (kh, kw), self.config.conv_impl, name=f"conv_{i}")(x, train)
       if i == 0:
-        x = nn.max_pool(x, self.config.audio_pool, strides=self.config.audio_pool)
+        x = max_pool(x, self.config.audio_pool)
     return x.reshape(x.shape[0], -1)
 
 
@@ -190,7 +256,7 @@ class VisualCNN(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     for i, (kh, kw, filters) in enumerate(self.config.visual_convs):
-      x = ConvBN(filters, (kh, kw), name=f"conv_{i}")(x, train)
+      x = ConvBN(filters, (kh, kw), self.config.conv_impl, name=f"conv_{i}")(x, train)
     return x.reshape(x.shape[0], -1)
 
 
