@@ -81,6 +81,9 @@ def test_clip_features_are_the_runs_own_text_tower(clip_dir):
   with pytest.raises(UserError, match="is 20 tokens but the context holds 16"):
     prompts.check("a photo of the number seven " * 3)
   assert features.step == 2 and features.width == 128 and features.context_length == 16
+  ld._check_clip_step({"clip_step": 2}, prompts, "DIR")  # the step a denoiser was trained on: fine
+  with pytest.raises(UserError, match="features of CLIP step 1 but .* is now at step 2: retrain the denoiser"):
+    ld._check_clip_step({"clip_step": 1, "clip_workdir": str(clip_dir)}, prompts, "DIR")
   texts = ["a handwritten digit seven", "the number two", "a handwritten digit seven"]
   seq, mask = features(texts)
   assert seq.shape == (3, 16, 128) and seq.dtype == np.float32 and mask.dtype == bool
