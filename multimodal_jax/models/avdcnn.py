@@ -93,6 +93,8 @@ PRESETS = {
   "paper": AVDCNNConfig(),
   # For tests: the paper's layer types and the audio CNN, narrower FC layers.
   "tiny": AVDCNNConfig(hidden=(64, 48)),
+  # Wider shared layers (not the paper's): 2,048 + 2,048 sigmoid units.
+  "wide": AVDCNNConfig(hidden=(2048, 2048)),
 }
 
 
