@@ -21,10 +21,12 @@ in brackets): noisy 1.224 (1.711) / audio-only 1.399 / AV 1.484 (1.976), fixed l
 asks. Steps of the way (AV, PESQ / STOI): the paper's log-power loss, 6 training noise types, 800
 steps 1.331 / 0.831 (on a pre-release test build); 18 noise types, 1,600 steps 1.369 / 0.837;
 4,000 steps 1.400 / 0.847; compressed loss 1.484 / 0.859; 6,000 steps 1.487 / 0.861; the `wide`
-preset (2,048 + 2,048 shared units) 1.506 / 0.863 (log-power loss: 1.440 / 0.849). DeepFilterNet3
+preset (2,048 + 2,048 shared units) 1.506 / 0.863 (log-power loss: 1.440 / 0.849), 6,000 steps
+1.517 / 0.864. DeepFilterNet3
 scores 1.525 / 0.823 on the same mixtures (benchmarks/avdcnn.py). An oracle (the clean log power,
 capped at the noisy one, floored at -4, noisy phase) scores PESQ 3.03 / STOI 0.97 on 40 of them.
-Alone on the 2 cores the AV train step runs ~2,300 frames/s (4,000 steps about 7.5 min); the runs
+Alone on the 2 cores the AV training loop ran ~2,300 frames/s (so 4,000 steps about 7.5 min, not
+timed whole); the runs
 above shared the machine and took 15-25 min (audio-only alone: 4 min); eval of the 320 mixtures
 1-2.5 min.
 
