@@ -30,22 +30,18 @@ timed whole); the runs
 above shared the machine and took 15-25 min (audio-only alone: 4 min); eval of the 320 mixtures
 1-2.5 min.
 
-Features (per utterance, as in the paper): the STFT (512-sample Hann window, hop 320, 16 kHz) log
-power of the noisy signal is normalised per utterance and bin (mean / std over its frames); the
-clean target is the clean log power normalised with the NOISY utterance's mean and std (the only
-statistics known at inference), floored at `target_floor`; the enhanced frames are de-normalised
-with the same noisy statistics and resynthesised with the noisy phase by overlap-add.
+Features, the training-frame store and whole-utterance enhancement are in
+`multimodal_jax/speech_enhancement.py` (per-utterance normalised log power with ±2 context frames, the
+clean target normalised with the noisy utterance's statistics, resynthesis with the noisy phase).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import sys
 import time
-import wave
 
 import jax
 import jax.numpy as jnp
@@ -54,16 +50,25 @@ import numpy as np
 
 from multimodal_jax import audio, cli, loop, train
 from multimodal_jax import sharding as shd
+from multimodal_jax.config import check_divisible
 from multimodal_jax.data.pipeline import GrainBatches, load_on_every_process
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import from_checkpoint
 from multimodal_jax.eval import speech_quality as sq
 from multimodal_jax.losses import avdcnn_loss
 from multimodal_jax.models import avdcnn
+from multimodal_jax.speech_enhancement import (
+  HOP,
+  N_FFT,
+  RADIUS,
+  SAMPLE_RATE,
+  Enhancer,
+  FrameSource,
+  read_lips,
+  read_wav,
+  write_wav,
+)
 
-SAMPLE_RATE = 16000
-N_FFT, HOP, RADIUS = 512, 320, 2
-BUCKET = 16000  # signals are zero-padded to whole seconds so that jitted shapes repeat
 EVAL_KEYS = (
   "mesh",
   "data_dir",
@@ -76,7 +81,6 @@ EVAL_KEYS = (
   "bn_batches",
   "utterance",
 )
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".mpg", ".mpeg", ".webm")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -135,113 +139,6 @@ def model_config(config) -> avdcnn.AVDCNNConfig:
   if head not in avdcnn.HEADS:
     raise UserError(f"head={head!r}: choose one of {', '.join(avdcnn.HEADS)}")
   return dataclasses.replace(avdcnn.PRESETS[config.model], modalities=modalities, fusion=config.fusion, head=head)
-
-
-# --- Features -----------------------------------------------------------------------------------------------------
-
-
-def _bucket(n: int) -> int:
-  return max(BUCKET, -(-n // BUCKET) * BUCKET)
-
-
-def _pad(x: np.ndarray, length: int) -> np.ndarray:
-  return np.pad(x, [(0, length - len(x))] + [(0, 0)] * (x.ndim - 1), mode="edge" if x.ndim > 1 else "constant")
-
-
-def _noisy_statistics(log_power: jnp.ndarray, frames: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Per-bin mean and std over the first `frames` frames (audio.normalize_utterance's, with padding masked)."""
-  valid = (jnp.arange(log_power.shape[0]) < frames)[:, None]
-  mean = jnp.sum(log_power * valid, axis=0, keepdims=True) / frames
-  var = jnp.sum(((log_power - mean) * valid) ** 2, axis=0, keepdims=True) / frames
-  return mean, jnp.sqrt(var) + 1e-5
-
-
-def _context_index(total: int, frames: jnp.ndarray) -> jnp.ndarray:
-  """`[total, 5]` frame indices of each frame's ±2 context, clamped to the utterance's frames."""
-  offsets = jnp.arange(-RADIUS, RADIUS + 1)
-  return jnp.clip(jnp.arange(total)[:, None] + offsets[None, :], 0, frames - 1)
-
-
-@functools.partial(jax.jit, static_argnames=("floor",))
-def _training_features(noisy: jnp.ndarray, clean: jnp.ndarray, frames: jnp.ndarray, floor: float):
-  """Normalised noisy log power and clean target `[frames_of_bucket, 257]` of zero-padded signals,
-  and the noisy statistics (mean, std) `[1, 257]` that normalised them."""
-  noisy_lp = audio.log_power(audio.stft(noisy, N_FFT, HOP))
-  clean_lp = audio.log_power(audio.stft(clean, N_FFT, HOP))
-  mean, std = _noisy_statistics(noisy_lp, frames)
-  return (noisy_lp - mean) / std, jnp.maximum((clean_lp - mean) / std, floor), mean, std
-
-
-def utterance_features(example: dict, floor: float, statistics: bool = False):
-  """`(noisy_normalised, clean_target)`, each float32 `[T, 257]`, of one example; with `statistics`,
-  also the noisy utterance's per-bin log-power mean and std, float32 `[257]` each."""
-  n = len(example["noisy"])
-  frames = audio.num_frames(n, N_FFT, HOP)
-  padded = _bucket(n)
-  x, y, mean, std = _training_features(
-    _pad(np.asarray(example["noisy"], np.float32), padded),
-    _pad(np.asarray(example["clean"], np.float32), padded),
-    np.int32(frames),
-    floor,
-  )
-  out = (np.asarray(x[:frames]), np.asarray(y[:frames]))
-  return out + (np.asarray(mean[0]), np.asarray(std[0])) if statistics else out
-
-
-class FrameSource:
-  """Random access to training frames with their ±2 context (grain-compatible: `__len__`, `__getitem__`).
-
-  Record i: `audio` float32 `[257, 5]` (normalised noisy log power), `lips` uint8 `[5, 16, 24, 3]`,
-  `target` float32 `[257]` (the normalised clean frame), `mean`, `std` float32 `[257]` (the noisy
-  utterance's log-power statistics, which de-normalise `audio` and `target`). Context frames past an
-  utterance's ends repeat its edge frame. Features are computed once, at construction.
-  """
-
-  def __init__(self, examples, floor: float):
-    noisy, target, lips, start, end, means, stds, utterance = [], [], [], [], [], [], [], []
-    offset = 0
-    for i in range(len(examples)):
-      example = examples[i]
-      x, y, mean, std = utterance_features(example, floor, statistics=True)
-      means.append(mean)
-      stds.append(std)
-      utterance.append(np.full(len(x), i, np.int32))
-      t = len(x)
-      if example["lips"].shape[0] != t:
-        raise ValueError(f"an example has {example['lips'].shape[0]} mouth frames for {t} audio frames")
-      noisy.append(x)
-      target.append(y)
-      lips.append(np.asarray(example["lips"], np.uint8))
-      start.append(np.full(t, offset, np.int64))
-      end.append(np.full(t, offset + t - 1, np.int64))
-      offset += t
-    if not offset:
-      raise ValueError("no training frames")
-    self.noisy = np.concatenate(noisy)
-    self.target = np.concatenate(target)
-    self.lips = np.concatenate(lips)
-    self._start = np.concatenate(start)
-    self._end = np.concatenate(end)
-    self._offsets = np.arange(-RADIUS, RADIUS + 1)
-    self.mean, self.std = np.stack(means), np.stack(stds)  # [utterances, 257]
-    self._utterance = np.concatenate(utterance)
-
-  def __len__(self) -> int:
-    return len(self.noisy)
-
-  def __getitem__(self, i) -> dict:
-    i = int(i)
-    index = np.clip(i + self._offsets, self._start[i], self._end[i])
-    u = self._utterance[i]
-    record = {"audio": self.noisy[index].T, "lips": self.lips[index], "target": self.target[i]}
-    return record | {"mean": self.mean[u], "std": self.std[u]}
-
-  def batch(self, rows: np.ndarray) -> dict:
-    """The records `rows` stacked (vectorised)."""
-    index = np.clip(rows[:, None] + self._offsets[None, :], self._start[rows, None], self._end[rows, None])
-    u = self._utterance[rows]
-    batch = {"audio": np.swapaxes(self.noisy[index], 1, 2), "lips": self.lips[index], "target": self.target[rows]}
-    return batch | {"mean": self.mean[u], "std": self.std[u]}
 
 
 # --- Training -----------------------------------------------------------------------------------------------------
@@ -305,12 +202,6 @@ def _load_data(config):
   return load_on_every_process(lambda: av_speech.load(config.data_dir or None, config=config.data_config))
 
 
-def _check_divisible(key, value, mesh):
-  size = shd.data_parallel_size(mesh)
-  if value % size:
-    raise UserError(f"{key}={value} must be divisible by the {size} data-parallel devices of the mesh")
-
-
 def _bn_path(workdir: str, step: int) -> str:
   return os.path.join(workdir, "bn_stats", f"step_{step}.npz")
 
@@ -335,7 +226,7 @@ def batch_stats_for(workdir: str, step: int, model, params, frames: FrameSource,
 
 def run_train(config, workdir):
   mesh = shd.make_mesh(config.mesh)
-  _check_divisible("batch_size", config.batch_size // max(config.grad_accum_steps, 1), mesh)
+  check_divisible("batch_size", config.batch_size // max(config.grad_accum_steps, 1), mesh)
   model = avdcnn.AVDCNN(model_config(config))
   data = _load_data(config)
   started = time.time()
@@ -381,42 +272,6 @@ def _inference(config, workdir, data=None):
   else:
     stats = avdcnn.load_batch_stats(_bn_path(workdir, step))
   return config, Enhancer(model, params, stats), step, data
-
-
-# --- Enhancement --------------------------------------------------------------------------------------------------
-
-
-class Enhancer:
-  """Enhances whole utterances: STFT -> normalised log power -> model per frame -> de-normalise ->
-  resynthesis with the noisy phase. One jitted function per padded length (whole seconds)."""
-
-  def __init__(self, model: avdcnn.AVDCNN, params, batch_stats):
-    self.model = model
-    self.params = params
-    self.batch_stats = batch_stats
-    self._fn = jax.jit(self._enhance_padded)
-
-  def _enhance_padded(self, params, batch_stats, noisy, lips, frames):
-    spectrum = audio.stft(noisy, N_FFT, HOP)
-    log_power = audio.log_power(spectrum)
-    mean, std = _noisy_statistics(log_power, frames)
-    index = _context_index(log_power.shape[0], frames)
-    batch = {"audio": jnp.swapaxes(((log_power - mean) / std)[index], 1, 2), "lips": lips[index]}
-    out = avdcnn.apply_inference(self.model, params, batch_stats, batch)["audio"]
-    valid = (jnp.arange(log_power.shape[0]) < frames)[:, None]
-    enhanced = jnp.where(valid, out * std + mean, log_power)
-    return audio.resynthesize(enhanced, spectrum, noisy.shape[0], N_FFT, HOP)
-
-  def __call__(self, noisy: np.ndarray, lips: np.ndarray | None) -> np.ndarray:
-    """Enhanced float32 `[N]` of a 16 kHz float signal `[N]` and its uint8 mouth frames `[T, 16, 24, 3]`."""
-    n = len(noisy)
-    frames = audio.num_frames(n, N_FFT, HOP)
-    padded = _bucket(n)
-    if lips is None:
-      lips = np.zeros((frames, *avdcnn.LIPS_SHAPE), np.uint8)
-    lips = _pad(np.asarray(lips), audio.num_frames(padded, N_FFT, HOP))
-    out = self._fn(self.params, self.batch_stats, _pad(np.asarray(noisy, np.float32), padded), lips, np.int32(frames))
-    return np.asarray(out[:n])
 
 
 def fixed_lips(frames: int) -> np.ndarray:
@@ -492,77 +347,6 @@ def run_eval(config, workdir):
 
 
 # --- Enhance a user's recording -----------------------------------------------------------------------------------
-
-
-def read_wav(path: str) -> tuple[np.ndarray, int]:
-  """`(float32 mono signal in [-1, 1], rate)` of a PCM wav (8/16/32-bit; channels are averaged)."""
-  if not os.path.isfile(path):
-    raise UserError(f"input {path!r} does not exist; pass a wav file with --config.input=FILE.wav")
-  try:
-    with wave.open(path, "rb") as f:
-      rate, width, channels, count = f.getframerate(), f.getsampwidth(), f.getnchannels(), f.getnframes()
-      raw = f.readframes(count)
-  except (wave.Error, EOFError) as e:
-    raise UserError(f"input {path!r} is not a readable PCM wav file ({e}); convert it to 16-bit PCM wav") from None
-  if width == 1:
-    signal = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-  elif width in (2, 4):
-    dtype = np.int16 if width == 2 else np.int32
-    signal = np.frombuffer(raw, dtype).astype(np.float32) / float(np.iinfo(dtype).max + 1)
-  else:
-    raise UserError(f"input {path!r} has {8 * width}-bit samples; convert it to 16-bit PCM wav")
-  return signal.reshape(-1, channels).mean(axis=1), rate
-
-
-def write_wav(path: str, signal: np.ndarray, rate: int) -> None:
-  """Writes a mono 16-bit PCM wav (samples clipped to [-1, 1])."""
-  pcm = np.round(np.clip(signal, -1.0, 1.0) * 32767.0).astype("<i2")
-  with wave.open(path, "wb") as f:
-    f.setnchannels(1)
-    f.setsampwidth(2)
-    f.setframerate(rate)
-    f.writeframes(pcm.tobytes())
-
-
-def read_lips(path: str, frames: int) -> np.ndarray:
-  """uint8 `[frames, 16, 24, 3]` mouth images from a `.npy` (uint8 0-255, or float 0-1 / 0-255) or a video."""
-  if not path:
-    raise UserError(
-      "this model sees the lips: pass --config.lips=FILE.npy (uint8 [T, 16, 24, 3] mouth frames at 50 fps)"
-    )
-  if not os.path.isfile(path):
-    raise UserError(f"lips file {path!r} does not exist; pass --config.lips=FILE.npy with [T, 16, 24, 3] mouth frames")
-  if path.lower().endswith(VIDEO_SUFFIXES):
-    lips = _read_video(path)
-  else:
-    try:
-      lips = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-      raise UserError(f"lips file {path!r} is not a .npy array ({e}); save the mouth frames with numpy.save") from None
-  expected = (frames, *avdcnn.LIPS_SHAPE)
-  if lips.shape != expected:
-    raise UserError(
-      f"lips {path!r} have shape {tuple(lips.shape)}, expected {expected}: {frames} mouth images of 16x24 RGB, "
-      "one per 20 ms of audio (50 fps, T = number of STFT frames of the input)"
-    )
-  if lips.dtype == np.uint8:
-    return lips
-  if not np.issubdtype(lips.dtype, np.floating) and not np.issubdtype(lips.dtype, np.integer):
-    raise UserError(f"lips {path!r} have dtype {lips.dtype}; expected uint8 or float")
-  lips = lips.astype(np.float32)
-  scale = 255.0 if lips.max(initial=0.0) <= 1.0 else 1.0
-  return np.clip(np.round(lips * scale), 0, 255).astype(np.uint8)
-
-
-def _read_video(path: str) -> np.ndarray:
-  try:
-    import imageio.v3 as iio
-  except ImportError:
-    raise UserError(
-      f"no video decoder is installed to read {path!r}: extract the 16x24 mouth frames at 50 fps to a .npy "
-      "array [T, 16, 24, 3] (or pip install imageio[ffmpeg])"
-    ) from None
-  return np.asarray(iio.imread(path))
 
 
 def run_enhance(config, workdir):

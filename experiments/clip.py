@@ -20,6 +20,7 @@ import numpy as np
 
 from multimodal_jax import cli, loop, losses, train
 from multimodal_jax import sharding as shd
+from multimodal_jax.config import check_divisible
 from multimodal_jax.data import captioned_digits as cd
 from multimodal_jax.data.pipeline import GrainBatches, eval_batches, load_on_every_process
 from multimodal_jax.errors import UserError
@@ -214,8 +215,7 @@ def _load_data(config):
 
 def run_train(config, workdir):
   mesh = shd.make_mesh(config.mesh)
-  if config.batch_size % shd.data_parallel_size(mesh):
-    raise UserError(f"batch_size={config.batch_size} must be divisible by the {shd.data_parallel_size(mesh)} data-parallel devices")
+  check_divisible("batch_size", config.batch_size, mesh)
   model = clip_model.CLIP(model_config(config))
   text_inputs = text_inputs_for(config)
   data = _load_data(config)

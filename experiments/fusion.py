@@ -21,6 +21,7 @@ from flax import linen as nn
 
 from multimodal_jax import cli, loop, train
 from multimodal_jax import sharding as shd
+from multimodal_jax.config import check_divisible
 from multimodal_jax.data import av_digits
 from multimodal_jax.data.pipeline import GrainBatches, eval_batches, load_on_every_process
 from multimodal_jax.errors import UserError
@@ -144,7 +145,7 @@ def make_init_params(model, source, config):
 def make_evaluator(model, config, mesh, source):
   """`evaluate(params) -> metrics`: test accuracy, also with each modality zeroed."""
   modalities = modalities_of(config)
-  _check_divisible("eval_batch_size", config.eval_batch_size, mesh)
+  check_divisible("eval_batch_size", config.eval_batch_size, mesh)
 
   @jax.jit
   def correct(params, batch):
@@ -169,19 +170,13 @@ def make_evaluator(model, config, mesh, source):
   return evaluate
 
 
-def _check_divisible(key, value, mesh):
-  size = shd.data_parallel_size(mesh)
-  if value % size:
-    raise UserError(f"{key}={value} must be divisible by the {size} data-parallel devices of the mesh")
-
-
 def _load_data(config):
   return load_on_every_process(lambda: av_digits.load(config.data_dir or None))
 
 
 def run_train(config, workdir):
   mesh = shd.make_mesh(config.mesh)
-  _check_divisible("batch_size", config.batch_size // max(config.grad_accum_steps, 1), mesh)
+  check_divisible("batch_size", config.batch_size // max(config.grad_accum_steps, 1), mesh)
   data = _load_data(config)
   model = build_model(config)
   tx, schedule = train.make_optimizer(config)

@@ -59,6 +59,7 @@ from experiments import clip as clip_experiment
 from multimodal_jax import cli, diffusion, loop, train
 from multimodal_jax import sharding as shd
 from multimodal_jax.checkpoint import Checkpointer
+from multimodal_jax.config import check_divisible
 from multimodal_jax.data import captioned_digits as cd
 from multimodal_jax.data.pipeline import GrainBatches, load_on_every_process
 from multimodal_jax.errors import UserError
@@ -761,11 +762,7 @@ def run_train(config, workdir: str):
   Prompts(config)  # a bad condition (or a missing extra) fails before anything is written
   mesh = shd.make_mesh(config.mesh)
   for name in ("autoencoder", "denoiser"):
-    if config[name].batch_size % shd.data_parallel_size(mesh):
-      raise UserError(
-        f"{name}.batch_size={config[name].batch_size} must be divisible by the "
-        f"{shd.data_parallel_size(mesh)} data-parallel devices"
-      )
+    check_divisible(f"{name}.batch_size", config[name].batch_size, mesh)
   stages = [("autoencoder", train_autoencoder), ("denoiser", train_denoiser)]
   for name, fn in stages:
     if config.stage in ("all", name):

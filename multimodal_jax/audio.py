@@ -75,15 +75,34 @@ def log_power(spectrum: jnp.ndarray, eps: float = 1e-10) -> jnp.ndarray:
   return jnp.log(jnp.abs(spectrum).astype(jnp.float32) ** 2 + eps)
 
 
-def normalize_utterance(features: jnp.ndarray, eps: float = 1e-5) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def normalize_utterance(
+  features: jnp.ndarray, eps: float = 1e-5, frames: jnp.ndarray | int | None = None
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
   """Per-utterance mean/std normalisation over frames of `[..., frames, bins]` (per bin).
+
+  With `frames` (an int or a traced scalar), only the first `frames` frames count (the rest are
+  padding, e.g. of a signal zero-padded to a fixed length so that a jitted shape repeats); the
+  padding is normalised with the same statistics.
 
   Returns `(normalised, mean, std)`, mean and std `[..., 1, bins]`, so that an enhanced output can
   be mapped back with `x * std + mean`.
   """
-  mean = features.mean(axis=-2, keepdims=True)
-  std = features.std(axis=-2, keepdims=True) + eps
+  if frames is None:
+    mean = features.mean(axis=-2, keepdims=True)
+    std = features.std(axis=-2, keepdims=True) + eps
+  else:
+    valid = (jnp.arange(features.shape[-2]) < frames)[:, None]
+    mean = jnp.sum(features * valid, axis=-2, keepdims=True) / frames
+    std = jnp.sqrt(jnp.sum(((features - mean) * valid) ** 2, axis=-2, keepdims=True) / frames) + eps
   return (features - mean) / std, mean, std
+
+
+def context_index(total: int, radius: int = 2, frames: jnp.ndarray | int | None = None) -> jnp.ndarray:
+  """`[total, 2r + 1]` indices of each frame's ±radius neighbours, clamped to the first `frames`
+  frames (default all `total`): frames past either end repeat the edge frame."""
+  last = (total if frames is None else frames) - 1
+  offsets = jnp.arange(-radius, radius + 1)
+  return jnp.clip(jnp.arange(total)[:, None] + offsets[None, :], 0, last)
 
 
 def context_frames(features: jnp.ndarray, radius: int = 2) -> jnp.ndarray:

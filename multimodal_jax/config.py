@@ -1,4 +1,4 @@
-"""Command-line overrides for `ml_collections.ConfigDict`s: `--config.key=value`."""
+"""Command-line overrides for `ml_collections.ConfigDict`s (`--config.key=value`) and checks of their values."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from multimodal_jax import sharding as shd
 from multimodal_jax.errors import UserError
 
 
@@ -47,3 +48,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
       raise UserError(f"unknown config key {key!r}; {hint}known keys: {', '.join(known)}")
     node[leaf] = _parse_value(key, text, node[leaf])
   return config
+
+
+def check_divisible(key: str, value: int, mesh) -> None:
+  """A one-line UserError unless `value` (a global batch size, config key `key`) splits evenly over the
+  mesh's data-parallel devices."""
+  size = shd.data_parallel_size(mesh)
+  if value % size:
+    raise UserError(f"{key}={value} must be divisible by the {size} data-parallel devices of the mesh")

@@ -67,6 +67,22 @@ def test_context_frames_and_normalisation():
   assert mean.shape == std.shape == (1, 257)
 
 
+def test_padding_is_masked_out_of_the_statistics_and_the_context():
+  rng = np.random.default_rng(1)
+  feats = jnp.asarray(rng.normal(3, 2, (30, 257)), jnp.float32)
+  padded = jnp.concatenate([feats, jnp.full((20, 257), -50.0)])  # 20 padding frames
+  want, want_mean, want_std = audio.normalize_utterance(feats)
+  got, mean, std = audio.normalize_utterance(padded, frames=jnp.int32(30))
+  np.testing.assert_allclose(mean, want_mean, rtol=1e-5)
+  np.testing.assert_allclose(std, want_std, rtol=1e-4)
+  np.testing.assert_allclose(got[:30], want, atol=1e-4)
+  index = audio.context_index(50, radius=2, frames=jnp.int32(30))
+  assert index.shape == (50, 5)
+  np.testing.assert_array_equal(index[29], [27, 28, 29, 29, 29])  # the last real frame repeats
+  np.testing.assert_array_equal(index[0], [0, 0, 0, 1, 2])
+  np.testing.assert_array_equal(audio.context_index(4, radius=2)[3], [1, 2, 3, 3, 3])
+
+
 def test_istft_refuses_a_length_that_does_not_match():
   with pytest.raises(ValueError, match="frames do not match"):
     audio.istft(audio.stft(jnp.zeros(16000)), 8000)

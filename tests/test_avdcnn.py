@@ -14,6 +14,8 @@ from flax import linen as nn
 
 from experiments import avdcnn as exp
 from multimodal_jax import audio
+from multimodal_jax import speech_enhancement as se
+from multimodal_jax.errors import UserError
 from multimodal_jax.eval import speech_quality as sq
 from multimodal_jax.losses import avdcnn_loss
 from multimodal_jax.models import avdcnn
@@ -313,13 +315,13 @@ def _fake_examples(count=3, seed=0):
 
 def test_features_match_the_audio_front_end_and_frames_keep_to_their_utterance():
   examples = _fake_examples()
-  x, y = exp.utterance_features(examples[1], floor=-4.0)
+  x, y = se.utterance_features(examples[1], floor=-4.0)
   lp = audio.log_power(audio.stft(examples[1]["noisy"]))
   normalised, mean, std = audio.normalize_utterance(lp)
   np.testing.assert_allclose(x, normalised, rtol=1e-4, atol=1e-4)
   clean_lp = audio.log_power(audio.stft(examples[1]["clean"]))
   np.testing.assert_allclose(y, np.maximum((clean_lp - mean) / std, -4.0), rtol=1e-4, atol=1e-4)
-  source = exp.FrameSource(examples, floor=-4.0)
+  source = se.FrameSource(examples, floor=-4.0)
   sizes = [len(e["lips"]) for e in examples]
   assert len(source) == sum(sizes)
   first_of_second = sizes[0]
@@ -339,7 +341,7 @@ def test_features_match_the_audio_front_end_and_frames_keep_to_their_utterance()
 def test_compressed_loss_is_the_squared_error_of_compressed_magnitudes():
   examples = _fake_examples(2)
   model, _, params = _init(TINY)
-  source = exp.FrameSource(examples, floor=-4.0)
+  source = se.FrameSource(examples, floor=-4.0)
   batch = source.batch(np.arange(0, len(source), 3))
   loss, parts = exp.make_loss_fn(model, mu=0.5, loss="compressed")(params, batch, jax.random.key(0))
   out = avdcnn.apply_train(model, params, batch, jax.random.key(0))
@@ -351,16 +353,16 @@ def test_compressed_loss_is_the_squared_error_of_compressed_magnitudes():
   by_hand = exp.COMPRESSED_SCALE * np.mean(np.sum((magnitude(out["audio"]) - magnitude(batch["target"])) ** 2, -1))
   np.testing.assert_allclose(parts["audio_loss"], by_hand, rtol=1e-4)
   assert loss == pytest.approx(float(parts["audio_loss"]) + 0.5 * float(parts["visual_loss"]), rel=1e-5)
-  with pytest.raises(exp.UserError, match="loss='l1'"):
+  with pytest.raises(UserError, match="loss='l1'"):
     exp.make_loss_fn(model, mu=1.0, loss="l1")
 
 
 def test_enhancer_equals_the_unpadded_pipeline_and_keeps_the_length():
   examples = _fake_examples(2)
   model, _, params = _init(TINY)
-  source = exp.FrameSource(examples, floor=-4.0)
+  source = se.FrameSource(examples, floor=-4.0)
   stats = avdcnn.population_batch_stats(model, params, [source.batch(np.arange(len(source)))])
-  enhancer = exp.Enhancer(model, params, stats)
+  enhancer = se.Enhancer(model, params, stats)
   ex = examples[1]
   enhanced = enhancer(ex["noisy"], ex["lips"])
   assert enhanced.shape == ex["noisy"].shape and enhanced.dtype == np.float32

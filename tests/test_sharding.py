@@ -2,6 +2,8 @@ import jax
 import pytest
 
 from multimodal_jax import sharding as shd
+from multimodal_jax.config import check_divisible
+from multimodal_jax.errors import UserError
 
 
 def test_eight_devices_are_forced():
@@ -36,6 +38,13 @@ def test_make_mesh(spec, shape):
 def test_bad_mesh_specs_are_explained(spec, message):
   with pytest.raises(shd.MeshSpecError, match=message):
     shd.make_mesh(spec)
+
+
+def test_batch_sizes_must_split_over_the_data_parallel_devices():
+  mesh = shd.make_mesh("data:4,fsdp:2")  # 8 data-parallel devices (data x fsdp)
+  check_divisible("batch_size", 16, mesh)
+  with pytest.raises(UserError, match="batch_size=12 must be divisible by the 8 data-parallel devices"):
+    check_divisible("batch_size", 12, mesh)
 
 
 def test_logical_rules_shard_divisible_dims_and_replicate_the_rest():
