@@ -25,10 +25,11 @@ preset (2,048 + 2,048 shared units) 1.506 / 0.863 (log-power loss: 1.440 / 0.849
 1.517 / 0.864. DeepFilterNet3
 scores 1.525 / 0.823 on the same mixtures (benchmarks/avdcnn.py). An oracle (the clean log power,
 capped at the noisy one, floored at -4, noisy phase) scores PESQ 3.03 / STOI 0.97 on 40 of them.
-Alone on the 2 cores the AV training loop ran ~2,300 frames/s (so 4,000 steps about 7.5 min, not
-timed whole); the runs
-above shared the machine and took 15-25 min (audio-only alone: 4 min); eval of the 320 mixtures
-1-2.5 min.
+Alone on the 2 cores the AV training loop runs ~2,400 frames/s: a run of the default recipe took
+7 min 42 s wall (459 s from loading the data to the saved checkpoint); `wide` ~1,700 frames/s
+(4,000 steps about 11 min). Tried without gain on the default recipe (AV PESQ): fresh noise each
+epoch 1.482, under_weight=0.5 1.480, |S|^0.5 1.483, |S|^0.2 1.457, no gradient clipping 1.463,
+ReLU shared layers 1.463 (README). Eval of the 320 mixtures 1-2.5 min.
 
 Features, the training-frame store and whole-utterance enhancement are in
 `multimodal_jax/speech_enhancement.py` (per-utterance normalised log power with ±2 context frames, the
