@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.modalities = "audio,visual"
   c.fusion = "joint"
-  c.model = "paper"  # preset of models/avdcnn.py: paper | tiny
+  c.model = "paper"  # preset of models/avdcnn.py: paper | wide | tiny
   c.mu = 1.0
   c.loss = "compressed"  # compressed (|S|^0.3 magnitudes, default) | log_power (the paper's); see make_loss_fn
   c.under_weight = 1.0  # weight of squared audio errors below the target (over-suppression); 1: the paper's loss

@@ -110,10 +110,7 @@ def context_frames(features: jnp.ndarray, radius: int = 2) -> jnp.ndarray:
 
   Frames past either end repeat the edge frame.
   """
-  frames = features.shape[-2]
-  offsets = np.arange(-radius, radius + 1)
-  index = np.clip(np.arange(frames)[:, None] + offsets[None, :], 0, frames - 1)  # [frames, 2r + 1]
-  return jnp.moveaxis(features[..., index, :], -2, -1)
+  return jnp.moveaxis(features[..., context_index(features.shape[-2], radius), :], -2, -1)
 
 
 def resynthesize(

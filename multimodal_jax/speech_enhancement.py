@@ -159,13 +159,17 @@ class Enhancer:
     return audio.resynthesize(enhanced, spectrum, noisy.shape[0], N_FFT, HOP)
 
   def __call__(self, noisy: np.ndarray, lips: np.ndarray | None) -> np.ndarray:
-    """Enhanced float32 `[N]` of a 16 kHz float signal `[N]` and its uint8 mouth frames `[T, 16, 24, 3]`."""
+    """Enhanced float32 `[N]` of a 16 kHz float signal `[N]` and its uint8 mouth frames `[T, 16, 24, 3]`
+    (ignored by the audio-only model; None is fine there)."""
     n = len(noisy)
     frames = audio.num_frames(n, N_FFT, HOP)
     padded = bucket_length(n)
-    if lips is None:
-      lips = np.zeros((frames, *avdcnn.LIPS_SHAPE), np.uint8)
-    lips = pad_to(np.asarray(lips), audio.num_frames(padded, N_FFT, HOP))
+    if not self.model.config.visual:
+      lips = None  # the audio-only model takes no lips
+    elif lips is None:
+      raise ValueError("this model sees the lips: pass the mouth frames, uint8 [T, 16, 24, 3]")
+    else:
+      lips = pad_to(np.asarray(lips), audio.num_frames(padded, N_FFT, HOP))
     out = self._fn(self.params, self.batch_stats, pad_to(np.asarray(noisy, np.float32), padded), lips, np.int32(frames))
     return np.asarray(out[:n])
 

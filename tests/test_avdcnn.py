@@ -374,3 +374,5 @@ def test_enhancer_equals_the_unpadded_pipeline_and_keeps_the_length():
   _, mean, std = audio.normalize_utterance(audio.log_power(spectrum))
   expected = audio.resynthesize(out * std + mean, spectrum, len(ex["noisy"]))
   np.testing.assert_allclose(enhanced, expected, rtol=1e-3, atol=2e-5)
+  with pytest.raises(ValueError, match="sees the lips"):
+    enhancer(ex["noisy"], None)
