@@ -29,7 +29,9 @@ Alone on the 2 cores the AV training loop runs ~2,400 frames/s: a run of the def
 7 min 42 s wall (459 s from loading the data to the saved checkpoint); `wide` ~1,700 frames/s
 (4,000 steps about 11 min). Tried without gain on the default recipe (AV PESQ): fresh noise each
 epoch 1.482, under_weight=0.5 1.480, |S|^0.5 1.483, |S|^0.2 1.457, no gradient clipping 1.463,
-ReLU shared layers 1.463, ±4 context frames 1.471 (README). Eval of the 320 mixtures 1-2.5 min.
+ReLU shared layers 1.463, ±4 context frames 1.471, mu=0.1 1.485, no dropout 1.475, a noise-aware
+input channel 1.476, attenuation smoothed over time 1.484; `wide` 5,000 steps 1.505 (README). Eval
+of the 320 mixtures 1-2.5 min.
 
 Features, the training-frame store and whole-utterance enhancement are in
 `multimodal_jax/speech_enhancement.py` (per-utterance normalised log power with ±2 context frames, the
