@@ -99,16 +99,16 @@ def model_config(config) -> clip_model.ClipConfig:
     raise UserError(f"loss={config.loss!r}, loss_impl={config.loss_impl!r}: choose softmax|sigmoid and gather|chunked")
   base = clip_model.PRESETS[config.model]
   text = dataclasses.replace(
-      base.text, vocab_size=tokenizer_for(config).vocab_size, context_length=config.context_length, pad_id=0
+    base.text, vocab_size=tokenizer_for(config).vocab_size, context_length=config.context_length, pad_id=0
   )
   return dataclasses.replace(
-      base,
-      vision=dataclasses.replace(base.vision, tower=config.image_tower, image_size=32),
-      text=text,
-      text_tower="transformer" if config.text_tower == "clip" else "precomputed",
-      init_logit_bias=-10.0 if config.loss == "sigmoid" else None,
-      init_logit_scale=float(np.log(10.0)) if config.loss == "sigmoid" else base.init_logit_scale,
-      remat=config.remat,
+    base,
+    vision=dataclasses.replace(base.vision, tower=config.image_tower, image_size=32),
+    text=text,
+    text_tower="transformer" if config.text_tower == "clip" else "precomputed",
+    init_logit_bias=-10.0 if config.loss == "sigmoid" else None,
+    init_logit_scale=float(np.log(10.0)) if config.loss == "sigmoid" else base.init_logit_scale,
+    remat=config.remat,
   )
 
 
@@ -125,7 +125,7 @@ def random_shift(images: jnp.ndarray, rng: jax.Array, max_shift: int) -> jnp.nda
   pad_value = -IMAGE_MEAN / IMAGE_STD  # a black pixel after normalisation
   padded = jnp.pad(images, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)), constant_values=pad_value)
   offsets = jax.random.randint(rng, (b, 2), 0, 2 * max_shift + 1)
-  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))  # noqa: E731
+  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
   return jax.vmap(crop)(padded, offsets)
 
 
@@ -172,9 +172,7 @@ def make_init_params(model, config, text_inputs):
 
 def encode_split(model, params, source, config, mesh, text_inputs):
   """(image embeddings, caption embeddings, labels, captions) of a whole split, in order."""
-  encode = jax.jit(
-      lambda p, b: model.apply({"params": p}, normalize_images(b["image"]), b["text"])[:2]
-  )
+  encode = jax.jit(lambda p, b: model.apply({"params": p}, normalize_images(b["image"]), b["text"])[:2])
   imgs, txts, labels = [], [], []
   captions = [_text(source[i]["caption"]) for i in range(len(source))]
   for batch in eval_batches(source, config.eval_batch_size, transform=make_transform(text_inputs)):
@@ -201,10 +199,10 @@ def evaluate(model, params, data, config, mesh, text_inputs) -> dict:
   seen = zero_shot_classifier(encode_texts, cd.CLASS_NAMES, cd.TRAIN_TEMPLATES)
   train_img, _, train_labels, _ = encode_split(model, params, data["train"], config, mesh, text_inputs)
   result = {
-      "zero_shot_accuracy": zero_shot_accuracy(img, held_out, labels),
-      "zero_shot_accuracy_train_templates": zero_shot_accuracy(img, seen, labels),
-      **recall_at_k(img, txt[first], ks=(1, 5, 10), image_labels=labels, text_labels=labels[first]),
-      "linear_probe_accuracy": linear_probe_accuracy(train_img[::2], train_labels[::2], img, labels, 10),
+    "zero_shot_accuracy": zero_shot_accuracy(img, held_out, labels),
+    "zero_shot_accuracy_train_templates": zero_shot_accuracy(img, seen, labels),
+    **recall_at_k(img, txt[first], ks=(1, 5, 10), image_labels=labels, text_labels=labels[first]),
+    "linear_probe_accuracy": linear_probe_accuracy(train_img[::2], train_labels[::2], img, labels, 10),
   }
   return result
 
@@ -221,15 +219,15 @@ def run_train(config, workdir):
   data = _load_data(config)
   tx, schedule = train.make_optimizer(config)
   result = loop.fit(
-      workdir=workdir,
-      cfg=loop.LoopConfig.from_config(config),
-      mesh=mesh,
-      loss_fn=make_loss_fn(model, config, mesh),
-      init_params=make_init_params(model, config, text_inputs),
-      tx=tx,
-      train_data=GrainBatches(data["train"], config.batch_size, config.seed, transform=make_transform(text_inputs)),
-      learning_rate_fn=schedule,
-      config_dict=config.to_dict(),
+    workdir=workdir,
+    cfg=loop.LoopConfig.from_config(config),
+    mesh=mesh,
+    loss_fn=make_loss_fn(model, config, mesh),
+    init_params=make_init_params(model, config, text_inputs),
+    tx=tx,
+    train_data=GrainBatches(data["train"], config.batch_size, config.seed, transform=make_transform(text_inputs)),
+    learning_rate_fn=schedule,
+    config_dict=config.to_dict(),
   )
   return result
 

@@ -109,9 +109,9 @@ class Checkpointer:
   def _check_matches(self, step: int, abstract_state: Any) -> None:
     """Raises CheckpointMismatchError naming the first array whose name or shape differs."""
     saved = {
-        leaf.name: tuple(leaf.shape)
-        for leaf in jax.tree.leaves(self._manager.item_metadata(step)["state"].tree)
-        if hasattr(leaf, "shape")
+      leaf.name: tuple(leaf.shape)
+      for leaf in jax.tree.leaves(self._manager.item_metadata(step)["state"].tree)
+      if hasattr(leaf, "shape")
     }
     expected = {_dotted(path): tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
     for name, shape in expected.items():
@@ -122,14 +122,14 @@ class Checkpointer:
       else:
         continue
       raise CheckpointMismatchError(
-          f"the checkpoint at step {step} in {self.directory} holds a different model: {problem}; "
-          "rerun with the config it was trained with, or use a new --workdir"
+        f"the checkpoint at step {step} in {self.directory} holds a different model: {problem}; "
+        "rerun with the config it was trained with, or use a new --workdir"
       )
     extra = sorted(set(saved) - set(expected))
     if extra:
       raise CheckpointMismatchError(
-          f"the checkpoint at step {step} in {self.directory} holds a different model: it has {extra[0]} "
-          f"{saved[extra[0]]}, which this model lacks; rerun with the config it was trained with, or use a new --workdir"
+        f"the checkpoint at step {step} in {self.directory} holds a different model: it has {extra[0]} "
+        f"{saved[extra[0]]}, which this model lacks; rerun with the config it was trained with, or use a new --workdir"
       )
 
   def _set_aside(self, step: int) -> None:

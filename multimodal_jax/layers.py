@@ -130,10 +130,10 @@ def flatten_batch(x: Any) -> jnp.ndarray:
 
 def layer_norm(name: str | None = None, eps: float = 1e-5) -> nn.LayerNorm:
   return nn.LayerNorm(
-      epsilon=eps,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-      name=name,
+    epsilon=eps,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+    name=name,
   )
 
 
@@ -173,9 +173,9 @@ def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
 
 
 ACTIVATIONS = {
-    "gelu": gelu_erf,  # exact (erf), as torch.nn.GELU()
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": quick_gelu,
+  "gelu": gelu_erf,  # exact (erf), as torch.nn.GELU()
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "quick_gelu": quick_gelu,
 }
 
 
@@ -272,23 +272,23 @@ class SelfAttention(nn.Module):
     width = x.shape[-1]
     head_dim = width // self.heads
     qkv = nn.DenseGeneral(
-        (3, self.heads, head_dim),
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None, "heads", "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "heads", "kv")),
-        dot_general=projection_dot_general,
-        name="qkv",
+      (3, self.heads, head_dim),
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None, "heads", "kv")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "heads", "kv")),
+      dot_general=projection_dot_general,
+      name="qkv",
     )(x)
     impl = self.implementation or ("cpu" if jax.default_backend() == "cpu" else "xla")
     if impl not in ("cpu", "xla"):
       raise ValueError(f"attention implementation {impl!r}: choose cpu or xla")
     out = (attend_qkv if impl == "cpu" else attend_qkv_xla)(qkv, self.causal)  # [batch, length, heads, head_dim]
     return nn.DenseGeneral(
-        width,
-        axis=(-2, -1),
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-        dot_general=projection_dot_general,
-        name="out",
+      width,
+      axis=(-2, -1),
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("heads", "kv", "embed")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+      dot_general=projection_dot_general,
+      name="out",
     )(out)
 
 
@@ -306,7 +306,7 @@ class TransformerBlock(nn.Module):
     width = x.shape[-1]
     x = x + SelfAttention(self.heads, self.causal, name="attn")(layer_norm("ln_1")(x))
     h = dense(int(width * self.mlp_ratio), ("embed", "mlp"), name="fc1", dot_general=projection_dot_general)(
-        layer_norm("ln_2")(x)
+      layer_norm("ln_2")(x)
     )
     h = activation_fn(self.activation or ("gelu" if self.exact_gelu else "gelu_tanh"))(h)
     x = x + dense(width, ("mlp", "embed"), name="fc2", dot_general=projection_dot_general)(h)
@@ -339,20 +339,20 @@ class Transformer(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
     kw = {
-        "heads": self.heads,
-        "mlp_ratio": self.mlp_ratio,
-        "causal": self.causal,
-        "exact_gelu": self.exact_gelu,
-        "activation": self.activation,
+      "heads": self.heads,
+      "mlp_ratio": self.mlp_ratio,
+      "causal": self.causal,
+      "exact_gelu": self.exact_gelu,
+      "activation": self.activation,
     }
     if self.scan:
       stack = nn.scan(
-          block,
-          variable_axes={"params": 0},
-          split_rngs={"params": True, "dropout": True},
-          length=self.layers,
-          unroll=(jax.default_backend() == "cpu") if self.unroll is None else self.unroll,
-          metadata_params={nn.PARTITION_NAME: "layers"},
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        length=self.layers,
+        unroll=(jax.default_backend() == "cpu") if self.unroll is None else self.unroll,
+        metadata_params={nn.PARTITION_NAME: "layers"},
       )
       x, _ = stack(**kw, name="blocks")(x, None)
       return x

@@ -37,7 +37,7 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     _truncate_jsonl(self.path, start_step)
-    self._file = open(self.path, "a")
+    self._file = open(self.path, "a")  # noqa: SIM115 (held open for the run; closed in close())
     try:
       from tensorboardX import SummaryWriter  # optional: events only when installed
     except ImportError:

@@ -10,11 +10,11 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import jax  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
-from multimodal_jax import distributed  # noqa: E402
+from multimodal_jax import distributed
 
 
 def main(workdir: str, steps: int, out: str) -> None:

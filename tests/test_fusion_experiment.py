@@ -28,6 +28,7 @@ def _cli(workdir, data_dir, *args):
     [sys.executable, "-m", "experiments.fusion", "--workdir", str(workdir), f"--config.data_dir={data_dir}", *args],
     cwd=ROOT,
     env=env,
+    check=False,  # callers assert on the return code and show stderr
     capture_output=True,
     text=True,
     timeout=300,

@@ -26,21 +26,21 @@ from multimodal_jax.data import av_digits, digit_sources
 SEED = 20241127
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TRAIN_TEMPLATES = (
-    "a photo of the number {}.",
-    "a handwritten {}.",
-    "the digit {}.",
-    "an image of a {}.",
-    "a drawing of the number {}.",
-    "a scan of a handwritten {}.",
-    "the number {} written by hand.",
-    "a black and white photo of a {}.",
-    "a small image of the digit {}.",
-    "{}.",
+  "a photo of the number {}.",
+  "a handwritten {}.",
+  "the digit {}.",
+  "an image of a {}.",
+  "a drawing of the number {}.",
+  "a scan of a handwritten {}.",
+  "the number {} written by hand.",
+  "a black and white photo of a {}.",
+  "a small image of the digit {}.",
+  "{}.",
 )
 HELD_OUT_TEMPLATES = (
-    "a photo of a handwritten digit {}.",
-    "a scan of the number {}.",
-    "an image of the digit {} written by hand.",
+  "a photo of a handwritten digit {}.",
+  "a scan of the number {}.",
+  "an image of the digit {} written by hand.",
 )
 CAPTIONS_PER_TRAIN_IMAGE = 2
 
@@ -63,22 +63,20 @@ def make_splits(seed: int = SEED) -> dict[str, dict[str, np.ndarray]]:
   train_images = np.repeat(images[train_idx], CAPTIONS_PER_TRAIN_IMAGE, axis=0)
   train_labels = np.repeat(labels[train_idx], CAPTIONS_PER_TRAIN_IMAGE)
   templates = np.concatenate(
-      [rng.choice(len(TRAIN_TEMPLATES), CAPTIONS_PER_TRAIN_IMAGE, replace=False) for _ in train_idx]
+    [rng.choice(len(TRAIN_TEMPLATES), CAPTIONS_PER_TRAIN_IMAGE, replace=False) for _ in train_idx]
   )
   test_templates = rng.integers(0, len(HELD_OUT_TEMPLATES), len(test_idx))
   return {
-      "train": {
-          "image": train_images,
-          "caption": np.asarray([caption(TRAIN_TEMPLATES[t], y) for t, y in zip(templates, train_labels)]),
-          "label": train_labels.astype(np.int64),
-      },
-      "test": {
-          "image": images[test_idx],
-          "caption": np.asarray(
-              [caption(HELD_OUT_TEMPLATES[t], y) for t, y in zip(test_templates, labels[test_idx])]
-          ),
-          "label": labels[test_idx].astype(np.int64),
-      },
+    "train": {
+      "image": train_images,
+      "caption": np.asarray([caption(TRAIN_TEMPLATES[t], y) for t, y in zip(templates, train_labels)]),
+      "label": train_labels.astype(np.int64),
+    },
+    "test": {
+      "image": images[test_idx],
+      "caption": np.asarray([caption(HELD_OUT_TEMPLATES[t], y) for t, y in zip(test_templates, labels[test_idx])]),
+      "label": labels[test_idx].astype(np.int64),
+    },
   }
 
 
@@ -91,15 +89,15 @@ class CaptionedDigits(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Real MNIST digits with captions from class names and templates.",
-        features=tfds.features.FeaturesDict(
-            {
-                "image": tfds.features.Tensor(shape=(32, 32, 1), dtype=np.uint8),
-                "caption": tfds.features.Text(),
-                "label": tfds.features.Tensor(shape=(), dtype=np.int64, encoding=tfds.features.Encoding.BYTES),
-            }
-        ),
+      builder=self,
+      description="Real MNIST digits with captions from class names and templates.",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(32, 32, 1), dtype=np.uint8),
+          "caption": tfds.features.Text(),
+          "label": tfds.features.Tensor(shape=(), dtype=np.int64, encoding=tfds.features.Encoding.BYTES),
+        }
+      ),
     )
 
   def _split_generators(self, dl_manager):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import json
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -17,7 +17,7 @@ from multimodal_jax.errors import UserError
 
 
 def saved_config(
-    workdir: str, config: ml_collections.ConfigDict, keep: Sequence[str]
+  workdir: str, config: ml_collections.ConfigDict, keep: Sequence[str]
 ) -> tuple[Checkpointer, ml_collections.ConfigDict]:
   """The config the run in `workdir` was trained with, except the `keep` keys (e.g. mesh, data_dir),
   which come from `config`. Raises UserError when the workdir holds no checkpoint."""
@@ -31,11 +31,11 @@ def saved_config(
 
 
 def restore_params(
-    checkpointer: Checkpointer,
-    init_params: Callable[[jax.Array], Any],
-    tx: optax.GradientTransformation,
-    mesh: jax.sharding.Mesh,
-    ema: bool,
+  checkpointer: Checkpointer,
+  init_params: Callable[[jax.Array], Any],
+  tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  ema: bool,
 ) -> tuple[int, Any]:
   """`(step, params)` of the newest readable checkpoint, sharded for `mesh`; the EMA params when
   the run kept an EMA."""

@@ -9,13 +9,13 @@ import optax
 
 
 def linear_probe_accuracy(
-    train_features: np.ndarray,
-    train_labels: np.ndarray,
-    test_features: np.ndarray,
-    test_labels: np.ndarray,
-    num_classes: int,
-    l2: float = 1e-4,
-    steps: int = 300,
+  train_features: np.ndarray,
+  train_labels: np.ndarray,
+  test_features: np.ndarray,
+  test_labels: np.ndarray,
+  num_classes: int,
+  l2: float = 1e-4,
+  steps: int = 300,
 ) -> float:
   """Test accuracy of an L2-regularised softmax classifier fit on standardised train features."""
   mean, std = train_features.mean(0), train_features.std(0) + 1e-6

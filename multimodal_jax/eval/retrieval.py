@@ -8,11 +8,11 @@ import numpy as np
 
 
 def recall_at_k(
-    image_emb: np.ndarray,
-    text_emb: np.ndarray,
-    ks: Sequence[int] = (1, 5, 10),
-    image_labels: np.ndarray | None = None,
-    text_labels: np.ndarray | None = None,
+  image_emb: np.ndarray,
+  text_emb: np.ndarray,
+  ks: Sequence[int] = (1, 5, 10),
+  image_labels: np.ndarray | None = None,
+  text_labels: np.ndarray | None = None,
 ) -> dict[str, float]:
   """Recall@k for `[n_images, d]` images and `[n_texts, d]` texts (cosine similarity).
 

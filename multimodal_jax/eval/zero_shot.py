@@ -15,9 +15,9 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 
 def zero_shot_classifier(
-    encode_text: Callable[[Sequence[str]], np.ndarray],
-    class_names: Sequence[str],
-    templates: Sequence[str],
+  encode_text: Callable[[Sequence[str]], np.ndarray],
+  class_names: Sequence[str],
+  templates: Sequence[str],
 ) -> np.ndarray:
   """Class embeddings `[classes, dim]`: for each class, the mean of the normalised embeddings of
   its prompts (every template filled with the class name), normalised again (as CLIP does)."""
