@@ -30,7 +30,8 @@ Alone on the 2 cores the AV training loop runs ~2,400 frames/s: a run of the def
 (4,000 steps about 11 min). Tried without gain on the default recipe (AV PESQ): fresh noise each
 epoch 1.482, under_weight=0.5 1.480, |S|^0.5 1.483, |S|^0.2 1.457, no gradient clipping 1.463,
 ReLU shared layers 1.463, ±4 context frames 1.471, mu=0.1 1.485, no dropout 1.475, a noise-aware
-input channel 1.476, attenuation smoothed over time 1.484; `wide` 5,000 steps 1.505 (README). Eval
+input channel 1.476, attenuation smoothed over time 1.484, batch 128 x 8,000 steps 1.484; `wide`
+5,000 steps 1.505, `wide` batch 128 x 8,000 steps 1.512 (README). Eval
 of the 320 mixtures 1-2.5 min.
 
 Features, the training-frame store and whole-utterance enhancement are in
