@@ -193,6 +193,25 @@ def test_missing_packages_are_named(monkeypatch, tmp_path):
   assert not (tmp_path / "tfds" / "av_speech").exists()
 
 
+def test_a_tfds_without_the_shuffle_limit_is_one_line(monkeypatch):
+  from tensorflow_datasets.core import shuffle
+
+  monkeypatch.delattr(shuffle, "MAX_MEM_BUFFER_SIZE")
+  expected = "has no shuffle.MAX_MEM_BUFFER_SIZE.*pip install -e"
+  with pytest.raises(errors.UserError, match=expected) as excinfo, av_speech._in_memory_shuffle(1 << 30):
+    pass
+  assert "\n" not in str(excinfo.value)
+
+
+def test_the_shuffle_limit_is_raised_only_while_preparing():
+  from tensorflow_datasets.core import shuffle
+
+  before = shuffle.MAX_MEM_BUFFER_SIZE
+  with av_speech._in_memory_shuffle(before + 1):
+    assert shuffle.MAX_MEM_BUFFER_SIZE == before + 1
+  assert shuffle.MAX_MEM_BUFFER_SIZE == before
+
+
 def test_unknown_config_is_refused(tmp_path):
   with pytest.raises(errors.UserError, match="unknown AV-speech config 'huge'"):
     av_speech.load(str(tmp_path), config="huge")

@@ -415,7 +415,12 @@ def _in_memory_shuffle(limit: int):
   (the default train split is about 1.3 GB)."""
   from tensorflow_datasets.core import shuffle
 
-  saved = shuffle.MAX_MEM_BUFFER_SIZE
+  saved = getattr(shuffle, "MAX_MEM_BUFFER_SIZE", None)  # private: pinned by pyproject's tensorflow-datasets range
+  if saved is None:
+    raise errors.UserError(
+      f"tensorflow-datasets {tfds.__version__} has no shuffle.MAX_MEM_BUFFER_SIZE, which AV-speech raises to "
+      "prepare its train split in memory: install the version pyproject.toml pins (pip install -e .)"
+    )
   shuffle.MAX_MEM_BUFFER_SIZE = max(saved, limit)
   try:
     yield
