@@ -87,13 +87,10 @@ def normalize_utterance(
   Returns `(normalised, mean, std)`, mean and std `[..., 1, bins]`, so that an enhanced output can
   be mapped back with `x * std + mean`.
   """
-  if frames is None:
-    mean = features.mean(axis=-2, keepdims=True)
-    std = features.std(axis=-2, keepdims=True) + eps
-  else:
-    valid = (jnp.arange(features.shape[-2]) < frames)[:, None]
-    mean = jnp.sum(features * valid, axis=-2, keepdims=True) / frames
-    std = jnp.sqrt(jnp.sum(((features - mean) * valid) ** 2, axis=-2, keepdims=True) / frames) + eps
+  count = features.shape[-2] if frames is None else frames
+  valid = (jnp.arange(features.shape[-2]) < count)[:, None]
+  mean = jnp.sum(features * valid, axis=-2, keepdims=True) / count
+  std = jnp.sqrt(jnp.sum(((features - mean) * valid) ** 2, axis=-2, keepdims=True) / count) + eps
   return (features - mean) / std, mean, std
 
 

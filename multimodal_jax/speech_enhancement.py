@@ -121,11 +121,7 @@ class FrameSource:
     return len(self.noisy)
 
   def __getitem__(self, i) -> dict:
-    i = int(i)
-    index = np.clip(i + self._offsets, self._start[i], self._end[i])
-    u = self._utterance[i]
-    record = {"audio": self.noisy[index].T, "lips": self.lips[index], "target": self.target[i]}
-    return record | {"mean": self.mean[u], "std": self.std[u]}
+    return {key: value[0] for key, value in self.batch(np.asarray([int(i)])).items()}
 
   def batch(self, rows: np.ndarray) -> dict:
     """The records `rows` stacked (vectorised)."""
