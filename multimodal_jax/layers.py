@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from multimodal_jax.errors import UserError
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _project(x: jnp.ndarray, w: jnp.ndarray, c: int) -> jnp.ndarray:
@@ -244,31 +246,130 @@ attend_qkv.defvjp(_attend_fwd, _attend_bwd)
 
 
 def attend_qkv_xla(qkv: jnp.ndarray, causal: bool = False) -> jnp.ndarray:
-  """`attend_qkv` written as plain einsums (XLA picks the layouts; for GPU / TPU)."""
-  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, length, heads, head_dim]
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k)
-  if causal:
-    length = qkv.shape[1]
-    logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, jnp.finfo(logits.dtype).min)
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(qkv.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  """`attend_qkv` written as plain einsums (XLA picks the layouts)."""
+  return _attend_einsum(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None, causal)
+
+
+# "auto" (or None): by backend, see `attention_implementation`; "cpu": `attend_qkv` (laid out for
+# XLA:CPU) for unmasked self-attention, einsums elsewhere; "einsum": plain einsums, any backend;
+# "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation (cuDNN's fused kernel
+# keeps memory linear in the sequence length; it needs an NVIDIA GPU and bfloat16 / float16).
+ATTENTION_IMPLEMENTATIONS = ("auto", "cpu", "einsum", "xla", "cudnn")
+
+
+def attention_implementation(
+  name: str | None, dtype: Any = jnp.float32, head_dim: int = 64, self_attention: bool = True
+) -> str:
+  """The concrete implementation ("cpu", "einsum", "xla" or "cudnn") that `name` means here.
+
+  "auto" keeps the CPU's fastest path (`attend_qkv` for unmasked self-attention, einsums for the
+  rest), picks cuDNN on a GPU when the dtype and head size suit its fused kernel, else "xla".
+  Raises UserError for an unknown name or "cudnn" off a GPU.
+  """
+  name = "auto" if name is None else name
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise UserError(f"attention={name!r}: choose one of {'|'.join(ATTENTION_IMPLEMENTATIONS)}")
+  backend = jax.default_backend()
+  if name == "cudnn" and backend != "gpu":
+    raise UserError(f"attention='cudnn' needs an NVIDIA GPU (this backend is {backend}): use auto or xla")
+  if name != "auto":
+    return name
+  if backend == "cpu":
+    return "cpu" if self_attention else "einsum"
+  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128:
+    return "cudnn"
+  return "xla"
+
+
+def _key_mask(mask: jnp.ndarray | None) -> jnp.ndarray | None:
+  """A key mask `[B, S]` as `[B, 1, 1, S]`; a 4-D mask (broadcastable to `[B, N, T, S]`) as is."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask, bool)
+  if mask.ndim == 2:
+    return mask[:, None, None, :]
+  if mask.ndim != 4:
+    raise ValueError(f"attention mask has shape {mask.shape}: give [batch, keys] or [batch, heads, queries, keys]")
+  return mask
+
+
+def _attend_einsum(q, k, v, mask, is_causal):
+  """Softmax attention as einsums; `q [B, T, N, H]`, `k, v [B, S, N, H]`, `mask` 4-D or None.
+
+  The softmax is in float32 with the row maximum held constant (the softmax does not depend on
+  it), masked logits are -inf and a row with no valid key gives zeros.
+  """
+  logits = jnp.einsum("btnh,bsnh->bnts", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k).astype(jnp.float32)
+  if is_causal:
+    mask = _and_causal(mask, q.shape[1], k.shape[1])
+  if mask is None:
+    probs = jax.nn.softmax(logits, axis=-1)
+  else:
+    logits = jnp.where(mask, logits, -jnp.inf)
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0))
+    probs = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)
+  return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+
+
+def _and_causal(mask, t, s):
+  """`mask` and "query i sees keys j <= i" (aligned at the first position, as jax.nn's is_causal)."""
+  causal = jnp.tril(jnp.ones((t, s), bool))[None, None]
+  return causal if mask is None else mask & causal
+
+
+def dot_product_attention(
+  q: jnp.ndarray,
+  k: jnp.ndarray,
+  v: jnp.ndarray,
+  *,
+  mask: jnp.ndarray | None = None,
+  is_causal: bool = False,
+  implementation: str | None = "auto",
+) -> jnp.ndarray:
+  """Multi-head softmax attention: `q [B, T, N, H]`, `k, v [B, S, N, H]` -> `[B, T, N, H]`.
+
+  `mask` bool `[B, S]` (valid keys) or broadcastable to `[B, N, T, S]`; `is_causal` hides keys after
+  the query's position. Every implementation (see ATTENTION_IMPLEMENTATIONS) gives the same values:
+  the softmax in float32, 1/sqrt(H) scaling, and zeros for a query row with no valid key.
+  """
+  mask = _key_mask(mask)
+  t, s = q.shape[1], k.shape[1]
+  impl = attention_implementation(implementation, q.dtype, q.shape[-1], self_attention=mask is None and t == s)
+  if impl == "cpu" and mask is None and t == s:
+    return attend_qkv(jnp.stack([q, k, v], axis=2), is_causal)
+  if impl in ("cpu", "einsum"):
+    return _attend_einsum(q, k, v, mask, is_causal)
+  attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=is_causal)
+  if impl == "cudnn" and implementation in (None, "auto"):
+    try:  # cuDNN refuses some shapes at trace time: "auto" then takes XLA's
+      out = attend(implementation="cudnn")
+    except (NotImplementedError, ValueError, RuntimeError):
+      out = attend(implementation="xla")
+  else:
+    out = attend(implementation=impl)
+  if mask is not None:  # jax.nn gives a row without valid keys the mean of v: make it zero
+    valid = jnp.any(_and_causal(mask, t, s) if is_causal else mask, axis=-1)  # [B | 1, N | 1, T | 1]
+    out = jnp.where(jnp.transpose(valid, (0, 2, 1))[..., None], out, 0)
+  return out
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention with one fused QKV projection. `[batch, length, width]` in and out.
+  """Multi-head self-attention with one fused QKV projection. `[batch, length, width]` in and out,
+  with an optional key mask bool `[batch, length]`.
 
   Params: `qkv/kernel [embed, 3, heads, head_dim]`, `qkv/bias [3, heads, head_dim]`,
   `out/kernel [heads, head_dim, embed]`, `out/bias [embed]` (PyTorch's in_proj/out_proj layout
-  reshaped, so open_clip / OpenAI weights import exactly). `implementation`: "cpu" (`attend_qkv`,
-  laid out for XLA:CPU), "xla" (`attend_qkv_xla`) or None: "cpu" on the CPU backend, else "xla".
+  reshaped, so open_clip / OpenAI weights import exactly). `implementation`: one of
+  ATTENTION_IMPLEMENTATIONS (None: "auto"); "auto" on CPU is `attend_qkv`, laid out for XLA:CPU.
   """
 
   heads: int
   causal: bool = False
-  implementation: str | None = None
+  implementation: str | None = "auto"
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
     width = x.shape[-1]
     head_dim = width // self.heads
     qkv = nn.DenseGeneral(
@@ -278,10 +379,12 @@ class SelfAttention(nn.Module):
       dot_general=projection_dot_general,
       name="qkv",
     )(x)
-    impl = self.implementation or ("cpu" if jax.default_backend() == "cpu" else "xla")
-    if impl not in ("cpu", "xla"):
-      raise ValueError(f"attention implementation {impl!r}: choose cpu or xla")
-    out = (attend_qkv if impl == "cpu" else attend_qkv_xla)(qkv, self.causal)  # [batch, length, heads, head_dim]
+    impl = attention_implementation(self.implementation, qkv.dtype, head_dim, self_attention=mask is None)
+    if impl == "cpu" and mask is None:
+      out = attend_qkv(qkv, self.causal)  # [batch, length, heads, head_dim]
+    else:
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      out = dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation)
     return nn.DenseGeneral(
       width,
       axis=(-2, -1),
@@ -300,11 +403,12 @@ class TransformerBlock(nn.Module):
   causal: bool = False
   exact_gelu: bool = True  # PyTorch's nn.GELU(); False: the tanh approximation (as fast, since gelu_erf)
   activation: str | None = None  # a key of ACTIVATIONS; None: "gelu" or "gelu_tanh" after exact_gelu
+  attention: str | None = "auto"  # one of ATTENTION_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, _=None):
     width = x.shape[-1]
-    x = x + SelfAttention(self.heads, self.causal, name="attn")(layer_norm("ln_1")(x))
+    x = x + SelfAttention(self.heads, self.causal, self.attention, name="attn")(layer_norm("ln_1")(x))
     h = dense(int(width * self.mlp_ratio), ("embed", "mlp"), name="fc1", dot_general=projection_dot_general)(
       layer_norm("ln_2")(x)
     )
@@ -334,6 +438,7 @@ class Transformer(nn.Module):
   # train step, else 1. Unrolled, compile time grows with depth (forward + backward of ViT-B/32:
   # 3.6 s -> 8.5 s, ViT-L/14: 3.6 s -> 13 s here): pass 1 to keep it flat.
   unroll: int | bool | None = None
+  attention: str | None = "auto"  # one of ATTENTION_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -344,6 +449,7 @@ class Transformer(nn.Module):
       "causal": self.causal,
       "exact_gelu": self.exact_gelu,
       "activation": self.activation,
+      "attention": self.attention,
     }
     if self.scan:
       stack = nn.scan(

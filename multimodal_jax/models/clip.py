@@ -53,6 +53,7 @@ class ClipConfig:
   remat: bool = False
   activation: str | None = None  # overrides exact_gelu: "gelu", "gelu_tanh", "quick_gelu" (OpenAI's weights)
   scan_unroll: int | bool | None = None  # layers per scan trip; None: all on CPU, else 1 (layers.Transformer)
+  attention: str = "auto"  # a key of layers.ATTENTION_IMPLEMENTATIONS: auto, cpu, einsum, xla, cudnn
   # "transformer": the text tower above; "precomputed": texts arrive as a frozen (locked, LiT)
   # tower's features `[batch, width]` and only the text projection is trained.
   text_tower: str = "transformer"
@@ -88,6 +89,7 @@ def _transformer(tower: nn.Module, causal: bool) -> Transformer:
     tower.remat,
     tower.activation,
     tower.unroll,
+    attention=tower.attention,
     name="transformer",
   )
 
@@ -101,6 +103,7 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   activation: str | None = None
   unroll: int | bool | None = None
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
@@ -164,6 +167,7 @@ class TextTransformer(nn.Module):
   remat: bool = False
   activation: str | None = None
   unroll: int | bool | None = None
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, return_tokens: bool = False):
@@ -202,13 +206,17 @@ class CLIP(nn.Module):
   def setup(self):
     cfg = self.cfg
     if cfg.vision.tower == "vit":
-      self.visual = VisionTransformer(cfg.vision, cfg.exact_gelu, cfg.scan, cfg.remat, cfg.activation, cfg.scan_unroll)
+      self.visual = VisionTransformer(
+        cfg.vision, cfg.exact_gelu, cfg.scan, cfg.remat, cfg.activation, cfg.scan_unroll, cfg.attention
+      )
     elif cfg.vision.tower == "resnet":
       self.visual = ResNetTower(cfg.vision)
     else:
       raise ValueError(f"image tower {cfg.vision.tower!r}: choose vit or resnet")
     if cfg.text_tower == "transformer":
-      self.text = TextTransformer(cfg.text, cfg.exact_gelu, cfg.scan, cfg.remat, cfg.activation, cfg.scan_unroll)
+      self.text = TextTransformer(
+        cfg.text, cfg.exact_gelu, cfg.scan, cfg.remat, cfg.activation, cfg.scan_unroll, cfg.attention
+      )
     elif cfg.text_tower != "precomputed":
       raise ValueError(f"text tower {cfg.text_tower!r}: choose transformer or precomputed")
     self.image_projection = dense(cfg.embed_dim, ("embed", "mlp"), use_bias=False)
