@@ -21,7 +21,7 @@ from flax import linen as nn
 
 from multimodal_jax import cli, loop, train
 from multimodal_jax import sharding as shd
-from multimodal_jax.config import check_divisible
+from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Rule, check_divisible, comma_list_of, one_of
 from multimodal_jax.data import av_digits
 from multimodal_jax.data.pipeline import GrainBatches, eval_batches, load_on_every_process
 from multimodal_jax.errors import UserError
@@ -38,24 +38,11 @@ EVAL_KEYS = ("mesh", "data_dir", "eval_batch_size")
 
 def get_config() -> ml_collections.ConfigDict:
   """Fusion of AV-digits images and spoken digits (see the module docstring)."""
-  c = ml_collections.ConfigDict()
+  c = loop.base_config(
+    learning_rate=2e-3, warmup_steps=50, weight_decay=1e-4, eval_every=500, checkpoint_every=250, log_every=50
+  )
   c.fusion = "joint"
   c.modalities = "image,audio"
-  c.steps = 1000
-  c.batch_size = 64
-  c.seed = 0
-  c.mesh = "data:-1"
-  c.learning_rate = 2e-3
-  c.warmup_steps = 50
-  c.weight_decay = 1e-4
-  c.grad_clip = 1.0
-  c.grad_accum_steps = 1
-  c.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
-  c.ema_decay = 0.0
-  c.log_every = 50
-  c.eval_every = 500
-  c.checkpoint_every = 250
-  c.keep_checkpoints = 3
   c.eval_batch_size = 200
   c.features = 64  # width of each modality's encoding
   c.hidden = 128
@@ -64,6 +51,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.unimodal_loss_weight = 1.0  # per-modality head losses (joint and late fusion)
   c.data_dir = ""  # TFDS data dir; empty: the TFDS default
   return c
+
+
+RULES = {
+  **loop.base_rules(),
+  "fusion": one_of(*FUSIONS),
+  "modalities": comma_list_of(*MODALITIES),
+  "eval_batch_size": POSITIVE,
+  "features": POSITIVE,
+  "hidden": POSITIVE,
+  "dropout": Rule(lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+  "late_learn_weights": BOOL,
+  "unimodal_loss_weight": NON_NEGATIVE,
+  "data_dir": TEXT,
+}
 
 
 def modalities_of(config) -> tuple[str, ...]:
@@ -176,13 +177,13 @@ def _load_data(config):
 
 def run_train(config, workdir):
   mesh = shd.make_mesh(config.mesh)
-  check_divisible("batch_size", config.batch_size // max(config.grad_accum_steps, 1), mesh)
+  loop.check_batch(config, mesh)
   data = _load_data(config)
   model = build_model(config)
   tx, schedule = train.make_optimizer(config)
   result = loop.fit(
     workdir=workdir,
-    cfg=loop.LoopConfig.from_config(config),
+    config=config,
     mesh=mesh,
     loss_fn=make_loss_fn(model, config),
     init_params=make_init_params(model, data["train"], config),
@@ -190,7 +191,6 @@ def run_train(config, workdir):
     train_data=GrainBatches(data["train"], config.batch_size, config.seed),
     eval_fn=make_evaluator(model, config, mesh, data["test"]),
     learning_rate_fn=schedule,
-    config_dict=config.to_dict(),
   )
   if jax.process_index() == 0 and result.eval_metrics:
     print(json.dumps({"step": config.steps, **result.eval_metrics}), flush=True)
@@ -198,13 +198,11 @@ def run_train(config, workdir):
 
 
 def run_eval(config, workdir):
-  checkpointer, config = from_checkpoint.saved_config(workdir, config, EVAL_KEYS)
+  config = from_checkpoint.saved_config(workdir, config, EVAL_KEYS)
   mesh = shd.make_mesh(config.mesh)
   data = _load_data(config)
   model = build_model(config)
-  tx, _ = train.make_optimizer(config)
-  init_params = make_init_params(model, data["train"], config)
-  step, params = from_checkpoint.restore_params(checkpointer, init_params, tx, mesh, ema=config.ema_decay > 0)
+  step, params = from_checkpoint.restore_params(workdir, make_init_params(model, data["train"], config), mesh)
   metrics = make_evaluator(model, config, mesh, data["test"])(params)
   result = {"step": step, "fusion": config.fusion, "modalities": ",".join(modalities_of(config)), **metrics}
   from_checkpoint.report(workdir, result)
@@ -212,7 +210,15 @@ def run_eval(config, workdir):
 
 
 def main(argv=None) -> int:
-  return cli.run(get_config, {"train": run_train, "eval": run_eval}, argv, prog="python -m experiments.fusion")
+  return cli.run(
+    get_config,
+    {"train": run_train, "eval": run_eval},
+    argv,
+    prog="python -m experiments.fusion",
+    rules=RULES,
+    relations=[loop.batch_relation()],
+    eval_keys=EVAL_KEYS,
+  )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,13 @@ previous one is used. Nothing here imports the rest of the package.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import logging
 import os
+import shutil
+import sys
 from typing import Any
 
 import grain
@@ -25,6 +30,131 @@ class CheckpointMismatchError(ValueError):
 
 class NoUsableCheckpointError(RuntimeError):
   """Every checkpoint in the directory failed to restore (they were moved aside)."""
+
+
+class NoCheckpointError(FileNotFoundError):
+  """A run that only reads (eval, sample, enhance, a locked featuriser) found no checkpoint."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, read-only storage); earlier ones are intact."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the finished checkpoints in `workdir`, oldest first, read from the directory
+  listing alone (no orbax, no JAX backend): a step directory that is still being written carries
+  orbax's temporary suffix and is not counted."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def read_config(workdir: str, step: int | None = None) -> dict:
+  """The config saved with the checkpoint at `step` (default: the newest) of the run in `workdir`.
+
+  Plain file reads, so it works before JAX starts. NoCheckpointError when there is none.
+  """
+  steps = saved_steps(workdir)
+  if not steps:
+    raise NoCheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}: train first with the same --workdir")
+  step = steps[-1] if step is None else step
+  path = os.path.join(checkpoint_dir(workdir), str(step), "config", "metadata")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise NoCheckpointError(
+      f"the checkpoint at step {step} in {checkpoint_dir(workdir)} has no readable config ({type(e).__name__}): "
+      "it was not written by this library, or it is damaged"
+    ) from None
+
+
+def restore_params(workdir: str, abstract_params: Any, ema: bool | None = None, model_state: Any = None):
+  """`(step, params, model_state)` of the newest readable checkpoint in `workdir`, without the
+  optimizer state (no optimizer is built and its moments are never read).
+
+  `abstract_params` (and `model_state`, when the model has state such as batch-norm statistics)
+  are trees of `jax.ShapeDtypeStruct`s carrying the shardings to restore onto. `ema=None` takes
+  the EMA params when the run kept them and the raw params otherwise. The checkpoints are only
+  read: an unreadable one is reported and the previous one tried.
+  """
+  steps = saved_steps(workdir)
+  if not steps:
+    raise NoCheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}: train first with the same --workdir")
+  _quiet_orbax_background_errors()
+  manager = ocp.CheckpointManager(
+    checkpoint_dir(workdir),
+    options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True, save_interval_steps=0, enable_async_checkpointing=False
+    ),
+    item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(),
+      "data": grain.checkpoint.CheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+    },
+  )
+  try:
+    for step in reversed(steps):
+      try:
+        saved = {
+          leaf.name: tuple(leaf.shape)
+          for leaf in jax.tree.leaves(manager.item_metadata(step)["state"].tree)
+          if hasattr(leaf, "shape")
+        }
+        has_ema = any(name.startswith("ema_params.") for name in saved)
+        field = "ema_params" if (has_ema if ema is None else ema) else "params"
+        if field == "ema_params" and not has_ema:
+          raise CheckpointMismatchError(f"the checkpoint at step {step} in {manager.directory} holds no EMA params")
+        target = {field: abstract_params}
+        if model_state is not None:
+          target["model_state"] = model_state
+        _check_names(step, manager.directory, saved, target)
+        restored = manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+            )
+          ),
+        )["state"]
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # noqa: BLE001 - any failure to read means this checkpoint is unusable
+        _warn_unreadable(step, manager.directory, e, action="trying an earlier one")
+        continue
+      return step, restored[field], restored.get("model_state")
+  finally:
+    manager.close()
+  raise NoUsableCheckpointError(f"no readable checkpoint in {checkpoint_dir(workdir)} (steps {steps} were tried)")
+
+
+def _warn_unreadable(step: int, directory, error: Exception, action: str) -> None:
+  reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+  log.info("checkpoint at step %d in %s is unreadable (%s)", step, directory, error)
+  if jax.process_index() == 0:
+    print(f"warning: the checkpoint at step {step} in {directory} is unreadable ({reason}); {action}", flush=True)
+
+
+def _check_names(step: int, directory, saved: dict, target: Any) -> None:
+  """CheckpointMismatchError naming the first array of `target` that the checkpoint lacks or holds
+  with another shape."""
+  for path, x in jax.tree_util.tree_leaves_with_path(target):
+    name, shape = _dotted(path), tuple(x.shape)
+    if name not in saved:
+      problem = f"it has no array {name} (shape {shape})"
+    elif saved[name] != shape:
+      problem = f"{name} has shape {saved[name]} there but {shape} here"
+    else:
+      continue
+    raise CheckpointMismatchError(
+      f"the checkpoint at step {step} in {directory} holds a different model: {problem}; "
+      "rebuild the model with the config it was trained with"
+    )
 
 
 class Checkpointer:
@@ -45,6 +175,9 @@ class Checkpointer:
         "config": ocp.JsonCheckpointHandler(),
       },
     )
+    self._in_flight: int | None = None  # the step of the newest save started
+    self._failed = False
+    _quiet_orbax_background_errors()
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -54,13 +187,49 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def save(self, step: int, state: Any, data_iterator: Any = None, config: dict | None = None) -> None:
-    """Starts an asynchronous save of everything needed to resume at `step`."""
+    """Starts an asynchronous save of everything needed to resume at `step`.
+
+    A failed write (this one or the previous asynchronous one, which this call waits for) raises
+    CheckpointWriteError naming the step, after removing its partial directory.
+    """
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if config is not None:
       items["config"] = ocp.args.JsonSave(config)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._writing(self._in_flight or step):
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._in_flight = step
+
+  @contextlib.contextmanager
+  def _writing(self, step: int):
+    """Translates a failure to write the checkpoint of `step` (disk full, read-only or unwritable
+    storage) into CheckpointWriteError; other errors pass through."""
+    try:
+      yield
+    except Exception as e:
+      text = str(e)
+      known = isinstance(e, OSError) or any(marker in text for marker in _WRITE_FAILURES)
+      if not known or self._failed:
+        raise
+      self._failed = True
+      self._remove_partial()
+      good = [s for s in saved_steps(os.path.dirname(self.directory)) if s != step]
+      last = f"step {good[-1]} is the last good checkpoint" if good else "no checkpoint was completed"
+      full = getattr(e, "errno", None) == errno.ENOSPC or "RESOURCE_EXHAUSTED" in text or "No space left" in text
+      what = "no space left" if full else f"cannot write ({_first_line(e)})"
+      raise CheckpointWriteError(
+        f"{what} on {self.directory} while saving step {step}; {last}. Free space or fix the storage, then rerun "
+        "the same command to resume"
+      ) from None
+
+  def _remove_partial(self) -> None:
+    """Deletes orbax's temporary directories of unfinished saves (never a finished checkpoint)."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def restore(self, abstract_state: Any, data_iterator: Any = None) -> tuple[int, Any, bool]:
     """Restores the newest readable checkpoint: `(step, state, data_state_restored)`.
@@ -154,11 +323,58 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._writing(self._in_flight or 0):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:
+        if not self._failed:  # after a reported write failure, orbax's own cleanup may fail too
+          raise
+
+
+# Texts by which tensorstore / orbax report storage that cannot be written.
+_WRITE_FAILURES = (
+  "RESOURCE_EXHAUSTED",
+  "No space left",
+  "Read-only file system",
+  "PERMISSION_DENIED",
+  "Permission denied",
+)
+
+
+def _first_line(error: Exception) -> str:
+  return (str(error).splitlines() or [type(error).__name__])[0][:200]
+
+
+class _DropOrbaxTracebacks(logging.Filter):
+  """Drops the tracebacks orbax's background threads log when a write fails: the failure reaches
+  the caller as an exception, which Checkpointer reports in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _ignore_closed_loop(unraisable, previous=sys.unraisablehook) -> None:
+  """After a failed read, tensorstore completes pending reads into asyncio loops that orbax has
+  already closed; each raises "Event loop is closed" where nothing can catch it. Those are noise
+  (the failure itself was reported); anything else goes to the previous hook."""
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return
+  previous(unraisable)
+
+
+def _quiet_orbax_background_errors() -> None:
+  if sys.unraisablehook is not _ignore_closed_loop:
+    sys.unraisablehook = _ignore_closed_loop
+  absl = logging.getLogger("absl")
+  if not any(isinstance(f, _DropOrbaxTracebacks) for f in absl.filters):
+    absl.addFilter(_DropOrbaxTracebacks())
 
 
 def _dotted(path) -> str:

@@ -14,12 +14,15 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from multimodal_jax import checkpoint as ckpt
 from multimodal_jax import metrics as mt
 from multimodal_jax import sharding as shd
 from multimodal_jax import train
+from multimodal_jax.config import DTYPE, MESH, NON_NEGATIVE, POSITIVE, Rule, get_dotted
+from multimodal_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,93 @@ class TrainData(Protocol):
   def seek(self, step: int) -> None: ...  # position at the batch of a given step
 
 
-@dataclasses.dataclass
+# The loop's and the optimizer's keys, shared by every experiment: `base_config()` holds their
+# defaults, `base_rules()` what each must be. `SECTION_KEYS` may also live in a sub-config of their
+# own (one per training stage, e.g. `autoencoder.steps`); seed, mesh and dtype stay at the top.
+TOP_KEYS = ("seed", "mesh", "dtype")
+SECTION_KEYS = (
+  "steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "grad_accum_steps",
+  "ema_decay", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+)  # fmt: skip
+
+
+def base_config(section: bool = False, **defaults: Any) -> ml_collections.ConfigDict:
+  """The shared keys with their defaults (`defaults` overrides them): the whole set, or with
+  `section=True` only SECTION_KEYS (a stage's sub-config)."""
+  c = ml_collections.ConfigDict()
+  if not section:
+    c.seed = 0
+    c.mesh = "data:-1"  # device mesh, e.g. data:4,fsdp:2 (multimodal_jax.sharding)
+    c.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
+  c.steps = 1000  # total: a resumed run trains up to this step
+  c.batch_size = 64  # global, over all processes and devices
+  c.learning_rate = 1e-3  # peak of linear warmup + cosine decay (train.make_optimizer)
+  c.warmup_steps = 100
+  c.weight_decay = 0.0
+  c.grad_clip = 1.0  # global-norm clipping; 0 disables
+  c.grad_accum_steps = 1
+  c.ema_decay = 0.0  # 0 disables the EMA of the params
+  c.log_every = 50
+  c.eval_every = 0  # 0: evaluate only at the end
+  c.checkpoint_every = 250
+  c.keep_checkpoints = 3
+  unknown = set(defaults) - set(c.keys())
+  if unknown:
+    raise ValueError(f"base_config has no keys {sorted(unknown)}")
+  c.update(defaults)
+  return c
+
+
+def base_rules(prefix: str = "", section: bool = False) -> dict[str, Rule]:
+  """The rule of each shared key, named `prefix + key`."""
+  rules = {
+    "steps": POSITIVE,
+    "batch_size": POSITIVE,
+    "learning_rate": NON_NEGATIVE,
+    "warmup_steps": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "grad_clip": NON_NEGATIVE,
+    "grad_accum_steps": POSITIVE,
+    "ema_decay": Rule(lambda v: 0 <= v < 1, "a number in [0, 1) (0 disables the EMA)"),
+    "log_every": POSITIVE,
+    "eval_every": NON_NEGATIVE,
+    "checkpoint_every": POSITIVE,
+    "keep_checkpoints": Rule(lambda v: isinstance(v, int) and v >= 1, "at least 1 (checkpoints to keep)"),
+  }
+  if not section:
+    rules.update({"seed": Rule(lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"), "mesh": MESH})
+    rules["dtype"] = DTYPE
+  return {prefix + k: v for k, v in rules.items()}
+
+
+def batch_relation(prefix: str = "") -> Callable[[Any], None]:
+  """The cross-key rule: the batch splits into `grad_accum_steps` equal microbatches."""
+
+  def relation(config):
+    batch, accum = get_dotted(config, prefix + "batch_size"), get_dotted(config, prefix + "grad_accum_steps")
+    if batch % accum:
+      raise UserError(
+        f"{prefix}batch_size={batch} is not divisible by {prefix}grad_accum_steps={accum}: choose a batch size that "
+        "is a multiple of it"
+      )
+
+  return relation
+
+
+def check_batch(config: Any, mesh: jax.sharding.Mesh, prefix: str = "") -> None:
+  """Every microbatch (`batch_size / grad_accum_steps`) splits evenly over the mesh's data-parallel
+  devices; a one-line UserError otherwise. Applied the same way by every experiment."""
+  batch, accum = get_dotted(config, prefix + "batch_size"), get_dotted(config, prefix + "grad_accum_steps")
+  size = shd.data_parallel_size(mesh)
+  if (batch // accum) % size:
+    what = f"{prefix}batch_size={batch}" + (f" / {prefix}grad_accum_steps={accum}" if accum > 1 else "")
+    raise UserError(f"{what} must be divisible by the {size} data-parallel devices of the mesh")
+
+
+@dataclasses.dataclass(frozen=True)
 class LoopConfig:
+  """The keys `fit` reads, from an experiment's config (top-level or one stage's sub-config)."""
+
   steps: int
   batch_size: int  # global
   seed: int = 0
@@ -53,9 +141,17 @@ class LoopConfig:
   ema_decay: float = 0.0  # 0 disables the EMA
 
   @classmethod
-  def from_config(cls, config: Any) -> LoopConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in names})
+  def from_config(cls, config: Any, section: str | None = None) -> LoopConfig:
+    """Reads the fields from `config` (and its `section` sub-config for the per-stage keys); a
+    field that is missing is an error, not a silent default."""
+    values = {}
+    for field in dataclasses.fields(cls):
+      node = config if section is None or field.name in TOP_KEYS else config[section]
+      if field.name not in node:
+        where = f"{section}.{field.name}" if section and field.name not in TOP_KEYS else field.name
+        raise ValueError(f"the config has no key {where!r}: build it from loop.base_config()")
+      values[field.name] = node[field.name]
+    return cls(**values)
 
 
 @dataclasses.dataclass
@@ -68,7 +164,7 @@ class FitResult:
 def fit(
   *,
   workdir: str,
-  cfg: LoopConfig,
+  config: Any,
   mesh: jax.sharding.Mesh,
   loss_fn: train.LossFn,
   init_params: Callable[[jax.Array], Any],
@@ -76,13 +172,19 @@ def fit(
   train_data: TrainData,
   eval_fn: Callable[[Any, int], dict] | None = None,
   learning_rate_fn: Callable | None = None,
-  config_dict: dict | None = None,
+  section: str | None = None,
 ) -> FitResult:
-  """Trains until `cfg.steps`, resuming from the newest readable checkpoint in `workdir`.
+  """Trains until `steps`, resuming from the newest readable checkpoint in `workdir`.
+
+  `config` (a ConfigDict or dict) is the experiment's whole config: the loop reads its keys from it
+  (`LoopConfig.from_config(config, section)`, `section` naming a stage's sub-config) and saves it
+  with every checkpoint, so that evaluation can rebuild the model from the workdir alone.
 
   `eval_fn(params, step) -> metrics` gets the EMA params when the EMA is on. Raises
   NonFiniteLossError (after keeping the last good checkpoint) if a step's loss is NaN/Inf.
   """
+  cfg = LoopConfig.from_config(config, section)
+  config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   is_main = jax.process_index() == 0
   ema = cfg.ema_decay > 0
   abstract_state, shardings = train.abstract_train_state(init_params, tx, mesh, ema=ema)

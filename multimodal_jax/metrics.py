@@ -1,6 +1,6 @@
 """Where training metrics go: a JSONL file, TensorBoard event files and a progress bar.
 
-Only process 0 writes. Nothing here imports the rest of the package.
+Only process 0 writes. Nothing here imports the rest of the package but `files`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from multimodal_jax.files import atomic_write
 
 
 def _to_python(value: Any) -> Any:
@@ -80,9 +82,8 @@ def _truncate_jsonl(path: str, start_step: int) -> None:
         kept.append(line)
     except (ValueError, KeyError, TypeError):
       pass  # a line cut by a crash
-  if len(kept) != len(lines):
-    with open(path, "w") as f:
-      f.writelines(kept)
+  if len(kept) != len(lines):  # rewritten atomically: a kill here leaves the old or the new file whole
+    atomic_write(path, lambda f: f.writelines(kept))
 
 
 class Progress:

@@ -1,53 +1,59 @@
-"""Evaluating a run from its workdir alone: its saved config, its latest params, its eval.json."""
+"""Reading a run from its workdir alone: its saved config, its params (no optimizer), its eval.json."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import ml_collections
-import optax
 
-from multimodal_jax import train
-from multimodal_jax.checkpoint import Checkpointer
+from multimodal_jax import checkpoint, train
 from multimodal_jax.errors import UserError
+from multimodal_jax.files import write_json
 
 
-def saved_config(
-  workdir: str, config: ml_collections.ConfigDict, keep: Sequence[str]
-) -> tuple[Checkpointer, ml_collections.ConfigDict]:
+def saved_config(workdir: str, config: ml_collections.ConfigDict, keep: Sequence[str]) -> ml_collections.ConfigDict:
   """The config the run in `workdir` was trained with, except the `keep` keys (e.g. mesh, data_dir),
-  which come from `config`. Raises UserError when the workdir holds no checkpoint."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # checked first: opening creates it
-    raise UserError(f"no checkpoint in {workdir}: train first with the same --workdir")
-  checkpointer = Checkpointer(workdir)
-  if checkpointer.latest_step() is None:
-    raise UserError(f"no checkpoint in {checkpointer.directory}: train first with the same --workdir")
-  merged = {**checkpointer.restore_config(), **{k: config[k] for k in keep}}
-  return checkpointer, ml_collections.ConfigDict(merged)
+  which come from `config`.
+
+  UserError when the workdir holds no checkpoint, or a run whose keys differ from this
+  experiment's (another experiment's workdir).
+  """
+  try:
+    saved = checkpoint.read_config(workdir)
+  except checkpoint.NoCheckpointError as e:
+    raise UserError(str(e)) from None
+  lacking = [k for k in config if k not in saved]
+  unknown = [k for k in saved if k not in config]
+  if lacking or unknown:
+    parts = [
+      f"it lacks {', '.join(lacking[:5])}" if lacking else "",
+      f"it has {', '.join(unknown[:5])}" if unknown else "",
+    ]
+    raise UserError(
+      f"the run in {workdir} was not trained by this experiment ({'; '.join(p for p in parts if p)}): "
+      "evaluate it with the experiment that trained it"
+    )
+  merged = {**saved, **{k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k] for k in keep}}
+  return ml_collections.ConfigDict(merged)
 
 
 def restore_params(
-  checkpointer: Checkpointer,
-  init_params: Callable[[jax.Array], Any],
-  tx: optax.GradientTransformation,
-  mesh: jax.sharding.Mesh,
-  ema: bool,
+  workdir: str, init_params: Callable[[jax.Array], Any], mesh: jax.sharding.Mesh, ema: bool | None = None
 ) -> tuple[int, Any]:
-  """`(step, params)` of the newest readable checkpoint, sharded for `mesh`; the EMA params when
-  the run kept an EMA."""
-  abstract_state, _ = train.abstract_train_state(init_params, tx, mesh, ema=ema)
-  step, state, _ = checkpointer.restore(abstract_state)
-  checkpointer.close()
-  return step, state.ema_params if ema else state.params
+  """`(step, params)` of the newest readable checkpoint in `workdir`, sharded for `mesh` (the EMA
+  params when the run kept an EMA, unless `ema` says otherwise). Builds no optimizer."""
+  try:
+    step, params, _ = checkpoint.restore_params(workdir, train.abstract_params(init_params, mesh), ema=ema)
+  except checkpoint.NoCheckpointError as e:
+    raise UserError(str(e)) from None
+  return step, params
 
 
 def report(workdir: str, result: dict) -> None:
-  """Writes WORKDIR/eval.json and prints the result as the last line of stdout (process 0)."""
+  """Writes WORKDIR/eval.json (atomically) and prints the result as the last line of stdout (process 0)."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    write_json(f"{workdir}/eval.json", result)
     print(json.dumps(result), flush=True)
