@@ -64,6 +64,15 @@ def abstract_train_state(
   return abstract, shardings
 
 
+def abstract_params(init_params: Callable[[jax.Array], Any], mesh: Mesh) -> Any:
+  """The params' `jax.ShapeDtypeStruct`s with their shardings on `mesh` (a restore target),
+  without allocating them or building an optimizer."""
+  boxed = jax.eval_shape(init_params, jax.random.key(0))
+  unboxed = nn.meta.unbox(boxed)
+  shardings = shd.tree_shardings(unboxed, nn.get_partition_spec(boxed), mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
+
+
 def init_train_state(
   init_params: Callable[[jax.Array], Any],
   tx: optax.GradientTransformation,
