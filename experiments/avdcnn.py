@@ -54,7 +54,7 @@ import numpy as np
 
 from multimodal_jax import audio, cli, loop, train
 from multimodal_jax import sharding as shd
-from multimodal_jax.config import check_divisible
+from multimodal_jax.config import BOOL, FINITE, NON_NEGATIVE, POSITIVE, TEXT, existing_path, one_of
 from multimodal_jax.data.pipeline import GrainBatches, load_on_every_process
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import from_checkpoint
@@ -89,7 +89,7 @@ EVAL_KEYS = (
 
 def get_config() -> ml_collections.ConfigDict:
   """AVDCNN speech enhancement (see the module docstring)."""
-  c = ml_collections.ConfigDict()
+  c = loop.base_config(steps=4000, batch_size=256, log_every=100, checkpoint_every=500, keep_checkpoints=2)
   c.modalities = "audio,visual"
   c.fusion = "joint"
   c.model = "paper"  # preset of models/avdcnn.py: paper | wide | tiny
@@ -97,21 +97,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss = "compressed"  # compressed (|S|^0.3 magnitudes, default) | log_power (the paper's); see make_loss_fn
   c.under_weight = 1.0  # weight of squared audio errors below the target (over-suppression); 1: the paper's loss
   c.head = "gain"  # audio head: gain (noisy centre frame - softplus, default) | residual | plain (the paper's)
-  c.steps = 4000
-  c.batch_size = 256  # frames
-  c.seed = 0
-  c.mesh = "data:-1"
-  c.learning_rate = 1e-3
-  c.warmup_steps = 100
-  c.weight_decay = 0.0
-  c.grad_clip = 1.0
-  c.grad_accum_steps = 1
-  c.dtype = "float32"
-  c.ema_decay = 0.0
-  c.log_every = 100
-  c.eval_every = 0
-  c.checkpoint_every = 500
-  c.keep_checkpoints = 2
   c.target_floor = -4.0  # floor of the normalised clean target (digital silence would be ~ -10)
   c.bn_batches = 16  # training batches for the population batch-norm statistics
   c.data_config = "default"  # av_speech config: default | tiny
@@ -127,6 +112,30 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+RULES = {
+  **loop.base_rules(),
+  "modalities": one_of("audio,visual", "visual,audio", "audio"),
+  "fusion": one_of(*avdcnn.FUSIONS),
+  "model": one_of(*avdcnn.PRESETS),
+  "mu": NON_NEGATIVE,
+  "loss": one_of("compressed", "log_power"),
+  "under_weight": NON_NEGATIVE,
+  "head": one_of(*avdcnn.HEADS),
+  "target_floor": FINITE,
+  "bn_batches": POSITIVE,
+  "data_config": one_of("default", "tiny"),
+  "data_dir": TEXT,
+  "grid_dir": existing_path("dir"),
+  "eval_utterances": NON_NEGATIVE,
+  "eval_processes": POSITIVE,
+  "input": existing_path("file"),
+  "lips": existing_path("file"),
+  "output": TEXT,
+  "resample": BOOL,
+  "utterance": NON_NEGATIVE,
+}
+
+
 def model_config(config) -> avdcnn.AVDCNNConfig:
   names = tuple(m.strip() for m in config.modalities.split(",") if m.strip())
   if not names or any(m not in avdcnn.MODALITIES for m in names) or "audio" not in names:
@@ -136,10 +145,7 @@ def model_config(config) -> avdcnn.AVDCNNConfig:
   if config.model not in avdcnn.PRESETS:
     raise UserError(f"model={config.model!r}: choose one of {', '.join(avdcnn.PRESETS)}")
   modalities = tuple(m for m in avdcnn.MODALITIES if m in names)
-  if "head" in config:
-    head = config.head
-  else:  # runs saved before the key: residual=true/false, or (earliest) the plain head
-    head = "residual" if config.get("residual", False) else "plain"
+  head = config.head
   if head not in avdcnn.HEADS:
     raise UserError(f"head={head!r}: choose one of {', '.join(avdcnn.HEADS)}")
   return dataclasses.replace(avdcnn.PRESETS[config.model], modalities=modalities, fusion=config.fusion, head=head)
@@ -230,7 +236,7 @@ def batch_stats_for(workdir: str, step: int, model, params, frames: FrameSource,
 
 def run_train(config, workdir):
   mesh = shd.make_mesh(config.mesh)
-  check_divisible("batch_size", config.batch_size // max(config.grad_accum_steps, 1), mesh)
+  loop.check_batch(config, mesh)
   model = avdcnn.AVDCNN(model_config(config))
   data = _load_data(config)
   started = time.time()
@@ -239,14 +245,13 @@ def run_train(config, workdir):
   tx, schedule = train.make_optimizer(config)
   result = loop.fit(
     workdir=workdir,
-    cfg=loop.LoopConfig.from_config(config),
+    config=config,
     mesh=mesh,
     loss_fn=make_loss_fn(model, config.mu, config.get("under_weight", 1.0), config.loss),
     init_params=make_init_params(model),
     tx=tx,
     train_data=GrainBatches(frames, config.batch_size, config.seed, fetch_batches=True),
     learning_rate_fn=schedule,
-    config_dict=config.to_dict(),
   )
   params = result.state.ema_params if config.ema_decay > 0 else result.state.params
   batch_stats_for(workdir, int(result.state.step), model, params, frames, config)
@@ -257,13 +262,10 @@ def run_train(config, workdir):
 
 def _restore(config, workdir):
   """`(config, model, step, params)` of the run in `workdir`."""
-  checkpointer, config = from_checkpoint.saved_config(workdir, config, EVAL_KEYS)
+  config = from_checkpoint.saved_config(workdir, config, EVAL_KEYS)
   mesh = shd.make_mesh(config.mesh)
   model = avdcnn.AVDCNN(model_config(config))
-  tx, _ = train.make_optimizer(config)
-  step, params = from_checkpoint.restore_params(
-    checkpointer, make_init_params(model), tx, mesh, ema=config.ema_decay > 0
-  )
+  step, params = from_checkpoint.restore_params(workdir, make_init_params(model), mesh)
   return config, model, step, jax.device_get(params)
 
 
@@ -361,10 +363,13 @@ def run_enhance(config, workdir):
   out_dir = os.path.dirname(os.path.abspath(config.output))
   if not os.path.isdir(out_dir):
     raise UserError(f"the output directory {out_dir!r} does not exist; create it or choose another --config.output")
-  checkpointer, saved = from_checkpoint.saved_config(workdir, config, EVAL_KEYS)
-  checkpointer.close()
-  visual = model_config(saved).visual
+  visual = model_config(from_checkpoint.saved_config(workdir, config, EVAL_KEYS)).visual
   signal, rate = read_wav(config.input)
+  if len(signal) < N_FFT:
+    raise UserError(
+      f"input {config.input!r} holds {len(signal)} samples: too short to enhance (at least {N_FFT} needed); "
+      "give a longer recording"
+    )
   if rate != SAMPLE_RATE and not config.resample:
     raise UserError(
       f"input {config.input!r} is sampled at {rate} Hz but the model needs {SAMPLE_RATE} Hz; "
@@ -425,6 +430,9 @@ def main(argv=None) -> int:
     {"train": run_train, "eval": run_eval, "enhance": run_enhance, "spectrogram": run_spectrogram},
     argv,
     prog="python -m experiments.avdcnn",
+    rules=RULES,
+    relations=[loop.batch_relation()],
+    eval_keys=EVAL_KEYS,
   )
 
 

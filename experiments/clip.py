@@ -20,7 +20,7 @@ import numpy as np
 
 from multimodal_jax import cli, loop, losses, train
 from multimodal_jax import sharding as shd
-from multimodal_jax.config import check_divisible
+from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Rule, check_divisible, one_of
 from multimodal_jax.data import captioned_digits as cd
 from multimodal_jax.data.pipeline import GrainBatches, eval_batches, load_on_every_process
 from multimodal_jax.errors import UserError
@@ -37,33 +37,33 @@ IMAGE_MEAN, IMAGE_STD = 0.1307, 0.3081  # MNIST pixel statistics (0-1 scale)
 
 def get_config() -> ml_collections.ConfigDict:
   """CLIP on captioned digits (see the module docstring)."""
-  c = ml_collections.ConfigDict()
+  c = loop.base_config(steps=600, batch_size=128, warmup_steps=60, weight_decay=0.1, log_every=25, checkpoint_every=200)
   c.model = "tiny"
   c.image_tower = "resnet"  # on 4,000 training images the conv tower reaches 0.98 zero-shot, the ViT 0.92
   c.text_tower = "clip"
   c.loss = "softmax"
   c.loss_impl = "gather"
-  c.steps = 600
-  c.batch_size = 128
-  c.seed = 0
-  c.mesh = "data:-1"
-  c.learning_rate = 1e-3
-  c.warmup_steps = 60
-  c.weight_decay = 0.1
-  c.grad_clip = 1.0
-  c.grad_accum_steps = 1
-  c.dtype = "float32"
-  c.ema_decay = 0.0
-  c.log_every = 25
-  c.eval_every = 0
-  c.checkpoint_every = 200
-  c.keep_checkpoints = 3
   c.eval_batch_size = 200
   c.context_length = 16
   c.augment_shift = 3  # random translation of training images by up to this many pixels
   c.remat = False
   c.data_dir = ""
   return c
+
+
+RULES = {
+  **loop.base_rules(),
+  "model": one_of(*clip_model.PRESETS),
+  "image_tower": one_of("vit", "resnet"),
+  "text_tower": one_of("clip", "minilm"),
+  "loss": one_of("softmax", "sigmoid"),
+  "loss_impl": one_of("gather", "chunked"),
+  "eval_batch_size": POSITIVE,
+  "context_length": Rule(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+  "augment_shift": NON_NEGATIVE,
+  "remat": BOOL,
+  "data_dir": TEXT,
+}
 
 
 def tokenizer_for(config) -> WordTokenizer:
@@ -213,33 +213,31 @@ def _load_data(config):
 
 def run_train(config, workdir):
   mesh = shd.make_mesh(config.mesh)
-  check_divisible("batch_size", config.batch_size, mesh)
+  loop.check_batch(config, mesh)
   model = clip_model.CLIP(model_config(config))
   text_inputs = text_inputs_for(config)
   data = _load_data(config)
   tx, schedule = train.make_optimizer(config)
   result = loop.fit(
     workdir=workdir,
-    cfg=loop.LoopConfig.from_config(config),
+    config=config,
     mesh=mesh,
     loss_fn=make_loss_fn(model, config, mesh),
     init_params=make_init_params(model, config, text_inputs),
     tx=tx,
     train_data=GrainBatches(data["train"], config.batch_size, config.seed, transform=make_transform(text_inputs)),
     learning_rate_fn=schedule,
-    config_dict=config.to_dict(),
   )
   return result
 
 
 def run_eval(config, workdir):
-  checkpointer, config = from_checkpoint.saved_config(workdir, config, EVAL_KEYS)
+  config = from_checkpoint.saved_config(workdir, config, EVAL_KEYS)
   mesh = shd.make_mesh(config.mesh)
+  check_divisible("eval_batch_size", config.eval_batch_size, mesh)
   model = clip_model.CLIP(model_config(config))
   text_inputs = text_inputs_for(config)
-  tx, _ = train.make_optimizer(config)
-  init_params = make_init_params(model, config, text_inputs)
-  step, params = from_checkpoint.restore_params(checkpointer, init_params, tx, mesh, ema=config.ema_decay > 0)
+  step, params = from_checkpoint.restore_params(workdir, make_init_params(model, config, text_inputs), mesh)
   metrics = evaluate(model, params, _load_data(config), config, mesh, text_inputs)
   result = {"step": step, "loss": config.loss, "text_tower": config.text_tower, **metrics}
   from_checkpoint.report(workdir, result)
@@ -247,7 +245,15 @@ def run_eval(config, workdir):
 
 
 def main(argv=None) -> int:
-  return cli.run(get_config, {"train": run_train, "eval": run_eval}, argv, prog="python -m experiments.clip")
+  return cli.run(
+    get_config,
+    {"train": run_train, "eval": run_eval},
+    argv,
+    prog="python -m experiments.clip",
+    rules=RULES,
+    relations=[loop.batch_relation()],
+    eval_keys=EVAL_KEYS,
+  )
 
 
 if __name__ == "__main__":

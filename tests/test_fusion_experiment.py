@@ -83,7 +83,7 @@ def test_eval_without_checkpoint_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize(
   "key, value, message",
-  [("fusion", "middle", "fusion='middle'"), ("modalities", "image,smell", "modalities='image,smell'")],
+  [("fusion", "middle", "--config.fusion=middle"), ("modalities", "image,smell", "--config.modalities=image,smell")],
 )
 def test_bad_choices_are_one_line(tmp_path, capsys, av_digits_dir, key, value, message):
   status, err = _main(

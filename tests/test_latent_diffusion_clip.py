@@ -18,8 +18,7 @@ from experiments import clip as clip_exp
 from experiments import latent_diffusion as ld
 from experiments.latent_diffusion import prompts as ld_prompts
 from multimodal_jax import sharding as shd
-from multimodal_jax import train
-from multimodal_jax.checkpoint import Checkpointer
+from multimodal_jax.checkpoint import read_config
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import from_checkpoint
 from multimodal_jax.eval.images import decode_png
@@ -96,11 +95,11 @@ def test_clip_features_are_the_runs_own_text_tower(clip_dir):
   assert np.abs(seq[0, 1] - seq[1, 1]).max() > 1e-2
   # The CLIP run's params restored on their own, through the CLIP experiment's eval path: its text
   # embeddings are these features at the end token, projected.
-  checkpointer, config = from_checkpoint.saved_config(str(clip_dir), clip_exp.get_config(), clip_exp.EVAL_KEYS)
+  config = from_checkpoint.saved_config(str(clip_dir), clip_exp.get_config(), clip_exp.EVAL_KEYS)
   model = clip_model.CLIP(clip_exp.model_config(config))
   tokenizer = clip_exp.tokenizer_for(config)
   init = clip_exp.make_init_params(model, config, tokenizer.encode)
-  _, params = from_checkpoint.restore_params(checkpointer, init, train.make_optimizer(config)[0], mesh, ema=False)
+  _, params = from_checkpoint.restore_params(str(clip_dir), init, mesh, ema=False)
   own = model.apply({"params": params}, jnp.asarray(tokenizer.encode(texts[:2])), False, method=model.encode_text)
   eot = mask.sum(axis=1)[:2] - 1
   kernel = np.asarray(params["text_projection"]["kernel"])
@@ -125,9 +124,7 @@ def test_missing_or_wrong_clip_workdir_is_one_line(clip_dir, captioned_dir, tmp_
     assert not os.path.exists(tmp_path / "ld") and not os.path.exists(tmp_path / "nothing")
   config = ld.get_config()
   config.condition, config.clip_workdir = "clip", str(clip_dir)
-  checkpointer = Checkpointer(str(clip_dir))
-  saved = checkpointer.restore_config()
-  checkpointer.close()
+  saved = read_config(str(clip_dir))
   with pytest.raises(UserError, match="another experiment, not a CLIP run"):
     ld_prompts.clip_run(config)  # the LD config itself has no image_tower
   with pytest.raises(UserError, match="text_tower=minilm, which has no token features"):
@@ -142,9 +139,7 @@ def test_pulse_trains_on_clip_features_and_samples_from_the_workdir_alone(
               cwd=clip_dir.parent)  # fmt: skip
   with open(tmp_path / "denoiser" / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2]
-  saved = Checkpointer(str(tmp_path / "denoiser"))
-  config = saved.restore_config()
-  saved.close()
+  config = read_config(str(tmp_path / "denoiser"))
   assert config["clip_workdir"] == str(clip_dir) and config["clip_step"] == 2 and config["condition"] == "clip"
   monkeypatch.chdir(tmp_path)
   prompts = "--config.prompt=a handwritten digit seven; the number two"

@@ -15,18 +15,17 @@ from tests import toy
 
 
 def _fit(workdir, steps, mesh="data:4,fsdp:2", source=None, checkpoint_every=4, **kw):
-  cfg = loop.LoopConfig(steps=steps, batch_size=32, seed=3, log_every=2, checkpoint_every=checkpoint_every, **kw)
+  config = loop.base_config(steps=steps, batch_size=32, seed=3, log_every=2, checkpoint_every=checkpoint_every, **kw)
   tx, schedule = toy.optimizer()
   return loop.fit(
     workdir=str(workdir),
-    cfg=cfg,
+    config=config,
     mesh=shd.make_mesh(mesh),
     loss_fn=toy.loss_fn,
     init_params=toy.init_params,
     tx=tx,
     train_data=GrainBatches(source or toy.ToySource(), 32, seed=3),
     learning_rate_fn=schedule,
-    config_dict={"steps": steps},
   )
 
 

@@ -54,13 +54,12 @@ import time
 
 import jax
 
-from experiments.latent_diffusion.config import STAGES, get_config
+from experiments.latent_diffusion.config import EVAL_KEYS, RELATIONS, RULES, STAGES, get_config, stage_dir
 from experiments.latent_diffusion.generate import run_eval, run_sample
 from experiments.latent_diffusion.prompts import Prompts
 from experiments.latent_diffusion.stages import train_autoencoder, train_denoiser
-from multimodal_jax import cli
+from multimodal_jax import cli, loop
 from multimodal_jax import sharding as shd
-from multimodal_jax.config import check_divisible
 from multimodal_jax.errors import UserError
 
 
@@ -70,7 +69,7 @@ def run_train(config, workdir: str):
   Prompts(config)  # a bad condition (or a missing extra) fails before anything is written
   mesh = shd.make_mesh(config.mesh)
   for name in ("autoencoder", "denoiser"):
-    check_divisible(f"{name}.batch_size", config[name].batch_size, mesh)
+    loop.check_batch(config, mesh, prefix=f"{name}.")
   stages = [("autoencoder", train_autoencoder), ("denoiser", train_denoiser)]
   for name, fn in stages:
     if config.stage in ("all", name):
@@ -96,4 +95,8 @@ def main(argv=None) -> int:
     {"train": run_train, "sample": run_sample, "eval": run_eval},
     argv,
     prog="python -m experiments.latent_diffusion",
+    rules=RULES,
+    relations=RELATIONS,
+    eval_keys=EVAL_KEYS,
+    saved_run=stage_dir,
   )

@@ -12,10 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments.latent_diffusion.config import stage_config
 from experiments.latent_diffusion.prompts import Prompts
-from multimodal_jax import diffusion, train
-from multimodal_jax.checkpoint import Checkpointer
+from multimodal_jax import checkpoint, diffusion
 from multimodal_jax.data import captioned_digits as cd
 from multimodal_jax.data.pipeline import load_on_every_process
 from multimodal_jax.errors import UserError
@@ -157,27 +155,14 @@ def stage_dirs(workdir: str) -> tuple[str, str]:
   return os.path.join(workdir, "autoencoder"), os.path.join(workdir, "denoiser")
 
 
-def has_checkpoint(directory: str) -> bool:
-  if not os.path.isdir(os.path.join(directory, "checkpoints")):
-    return False
-  checkpointer = Checkpointer(directory)
-  try:
-    return checkpointer.latest_step() is not None
-  finally:
-    checkpointer.close()
-
-
 def restore_autoencoder(config, workdir: str, mesh):
   """`(model, params, step)` of the trained autoencoder; UserError when stage 1 has no checkpoint."""
   ae_dir, _ = stage_dirs(workdir)
-  if not has_checkpoint(ae_dir):
+  if not checkpoint.saved_steps(ae_dir):
     raise UserError(
       f"no autoencoder checkpoint in {ae_dir}: train stage 1 first (same --workdir, --config.stage=all or "
       "--config.stage=autoencoder)"
     )
-  checkpointer = Checkpointer(ae_dir)
-  saved = ml_collections.ConfigDict(checkpointer.restore_config())
-  model = autoencoder_model(saved)
-  tx, _ = train.make_optimizer(stage_config(saved, "autoencoder"))
-  step, params = from_checkpoint.restore_params(checkpointer, autoencoder_init(model), tx, mesh, ema=False)
+  model = autoencoder_model(ml_collections.ConfigDict(checkpoint.read_config(ae_dir)))
+  step, params = from_checkpoint.restore_params(ae_dir, autoencoder_init(model), mesh, ema=False)
   return model, params, step

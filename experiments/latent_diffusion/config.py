@@ -4,7 +4,15 @@ the loop / optimizer config of each stage.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
+
+from multimodal_jax import diffusion, loop
+from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Rule, between, existing_path, one_of
+from multimodal_jax.errors import UserError
+from multimodal_jax.models.autoencoder_kl import PRESETS as AE_PRESETS
+from multimodal_jax.models.dit import PRESETS as DIT_PRESETS
 
 CONDITIONS = ("text", "minilm", "clip", "class")
 
@@ -16,6 +24,10 @@ EVAL_KEYS = (
     "mesh", "data_dir", "prompt", "guidance_scale", "sampler", "sample_steps", "eta", "num_samples", "seed",
     "eval_samples_per_digit", "eval_batch_size", "classifier_steps", "eval_test_images",
 )  # fmt: skip
+
+
+# Keys the denoiser's training adds to its saved config: the steps of the runs it was trained on.
+RECORDED_KEYS = ("autoencoder_step", "clip_step")
 
 
 SCALE_FILE = "latent_scale.json"
@@ -52,30 +64,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_train_timesteps = 1000
   c.prediction = "epsilon"
   c.cond_drop_prob = 0.1
-  c.autoencoder = ml_collections.ConfigDict()
+  # The two stages' loop and optimizer keys (loop.base_config), each with its own.
+  c.autoencoder = loop.base_config(section=True, steps=600, warmup_steps=100, checkpoint_every=500, keep_checkpoints=2)
   c.autoencoder.preset = "digits"
-  c.autoencoder.steps = 600
-  c.autoencoder.batch_size = 64
-  c.autoencoder.learning_rate = 1e-3
-  c.autoencoder.warmup_steps = 100
-  c.autoencoder.weight_decay = 0.0
-  c.autoencoder.grad_clip = 1.0
   c.autoencoder.kl_weight = 1e-6
-  c.autoencoder.ema_decay = 0.0
-  c.autoencoder.log_every = 50
-  c.autoencoder.checkpoint_every = 500
-  c.autoencoder.keep_checkpoints = 2
-  c.denoiser = ml_collections.ConfigDict()
-  c.denoiser.steps = 1500
-  c.denoiser.batch_size = 128
-  c.denoiser.learning_rate = 1e-3
-  c.denoiser.warmup_steps = 100
-  c.denoiser.weight_decay = 0.0
-  c.denoiser.grad_clip = 1.0
-  c.denoiser.ema_decay = 0.995
-  c.denoiser.log_every = 50
-  c.denoiser.checkpoint_every = 500
-  c.denoiser.keep_checkpoints = 2
+  c.denoiser = loop.base_config(
+    section=True, steps=1500, batch_size=128, ema_decay=0.995, checkpoint_every=500, keep_checkpoints=2
+  )
   # Sampling and evaluation.
   c.prompt = "a handwritten digit seven"
   c.guidance_scale = 3.0
@@ -90,7 +85,54 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
-def stage_config(config, name: str) -> ml_collections.ConfigDict:
-  """The loop / optimizer config of one stage: its own keys plus the shared seed and dtype."""
-  merged = {"seed": config.seed, "dtype": config.dtype, **config[name].to_dict()}
-  return ml_collections.ConfigDict(merged)
+def _positive_int(v) -> bool:
+  return isinstance(v, int) and v > 0
+
+
+RULES = {
+  **loop.base_rules(),
+  **loop.base_rules("autoencoder.", section=True),
+  **loop.base_rules("denoiser.", section=True),
+  "condition": one_of(*CONDITIONS),
+  "stage": one_of(*STAGES),
+  "final_eval": BOOL,
+  "data_dir": TEXT,
+  "train_images": NON_NEGATIVE,
+  "context_length": Rule(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+  "clip_workdir": TEXT,  # checked where the CLIP run is restored, with the command that makes one
+  "text_width": POSITIVE,
+  "text_layers": POSITIVE,
+  "text_heads": POSITIVE,
+  "dit": one_of(*DIT_PRESETS),
+  "patch_size": one_of(1, 2, 4, 8),
+  "scale_factor": NON_NEGATIVE,
+  "schedule": one_of(*diffusion.SCHEDULES),
+  "num_train_timesteps": Rule(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+  "prediction": one_of(*diffusion.PREDICTIONS),
+  "cond_drop_prob": between(0, 1),
+  "autoencoder.preset": one_of(*AE_PRESETS),
+  "autoencoder.kl_weight": NON_NEGATIVE,
+  "prompt": Rule(lambda v: isinstance(v, str) and bool(v.strip()), "a prompt (several separated by ';')"),
+  "guidance_scale": NON_NEGATIVE,
+  "sampler": one_of(*diffusion.SAMPLERS),
+  "sample_steps": POSITIVE,
+  "eta": NON_NEGATIVE,
+  "num_samples": Rule(_positive_int, "an integer > 0"),
+  "eval_samples_per_digit": Rule(_positive_int, "an integer > 0"),
+  "eval_batch_size": Rule(_positive_int, "an integer > 0"),
+  "classifier_steps": Rule(_positive_int, "an integer > 0"),
+  "eval_test_images": between(1, 1000),
+}
+
+
+def sample_steps_relation(config) -> None:
+  if config.sample_steps > config.num_train_timesteps:
+    raise UserError(f"sample_steps={config.sample_steps}: choose 1 to num_train_timesteps={config.num_train_timesteps}")
+
+
+RELATIONS = (loop.batch_relation("autoencoder."), loop.batch_relation("denoiser."), sample_steps_relation)
+
+
+def stage_dir(workdir: str) -> str:
+  """The directory whose checkpoint fixes the keys of a trained run (sample, eval): the denoiser's."""
+  return os.path.join(workdir, "denoiser")

@@ -23,9 +23,9 @@ from experiments.latent_diffusion.build import (
   to_signed_unit,
   unique_images,
 )
-from experiments.latent_diffusion.config import CLASSIFIER_FILE, EVAL_KEYS, stage_config
+from experiments.latent_diffusion.config import CLASSIFIER_FILE, EVAL_KEYS, RECORDED_KEYS
 from experiments.latent_diffusion.prompts import Prompts, check_clip_step
-from multimodal_jax import diffusion, train
+from multimodal_jax import diffusion
 from multimodal_jax import sharding as shd
 from multimodal_jax.data import captioned_digits as cd
 from multimodal_jax.errors import UserError
@@ -46,7 +46,7 @@ class Generator:
 
   def __init__(self, config, workdir: str):
     _, dn_dir = stage_dirs(workdir)
-    checkpointer, config = from_checkpoint.saved_config(dn_dir, config, EVAL_KEYS)
+    config = from_checkpoint.saved_config(dn_dir, config, EVAL_KEYS, recorded=RECORDED_KEYS)
     _check_sampling(config)
     self.config = config
     self.mesh = shd.make_mesh(config.mesh)
@@ -54,11 +54,10 @@ class Generator:
     check_clip_step(config.to_dict(), self.prompts, dn_dir)
     self.ae, self.ae_params, self.ae_step = restore_autoencoder(config, workdir, self.mesh)
     self.model = denoiser_model(config, self.prompts, self.ae)
-    tx, _ = train.make_optimizer(stage_config(config, "denoiser"))
     example = self.prompts.inputs(["a handwritten digit zero"], np.zeros(1))
     init = denoiser_init(self.model, config, example)
     ema = config.denoiser.ema_decay > 0
-    self.step, self.params = from_checkpoint.restore_params(checkpointer, init, tx, self.mesh, ema=ema)
+    self.step, self.params = from_checkpoint.restore_params(dn_dir, init, self.mesh, ema=ema)
     self.schedule = make_schedule(config)
     self.latent_shape = (self.model.dit.input_size, self.model.dit.input_size, self.model.dit.in_channels)
     self._generate = jax.jit(self._generate_fn, static_argnames=("guidance_scale", "sampler", "num_steps", "eta"))

@@ -19,7 +19,6 @@ from experiments.latent_diffusion.build import (
   batched,
   denoiser_init,
   denoiser_model,
-  has_checkpoint,
   load_data,
   make_encode,
   make_schedule,
@@ -28,10 +27,9 @@ from experiments.latent_diffusion.build import (
   to_signed_unit,
   training_set,
 )
-from experiments.latent_diffusion.config import LATENTS_FILE, SCALE_FILE, stage_config
+from experiments.latent_diffusion.config import LATENTS_FILE, SCALE_FILE
 from experiments.latent_diffusion.prompts import Prompts, check_clip_step, prompt_digit
-from multimodal_jax import diffusion, loop, train
-from multimodal_jax.checkpoint import Checkpointer
+from multimodal_jax import checkpoint, diffusion, loop, train
 from multimodal_jax.data.pipeline import GrainBatches
 from multimodal_jax.models import autoencoder_kl as akl
 from multimodal_jax.models.prompt_encoder import ConditionedDenoiser
@@ -39,7 +37,7 @@ from multimodal_jax.models.prompt_encoder import ConditionedDenoiser
 
 def train_autoencoder(config, workdir: str, mesh) -> None:
   ae_dir, _ = stage_dirs(workdir)
-  cfg = stage_config(config, "autoencoder")
+  cfg = config.autoencoder
   model = autoencoder_model(config)
   data = load_data(config)
   tx, schedule = train.make_optimizer(cfg)
@@ -52,14 +50,14 @@ def train_autoencoder(config, workdir: str, mesh) -> None:
   source = ArraySource(image=train_set["images"])
   result = loop.fit(
     workdir=ae_dir,
-    cfg=loop.LoopConfig.from_config(cfg),
+    config=config,
+    section="autoencoder",
     mesh=mesh,
     loss_fn=loss_fn,
     init_params=autoencoder_init(model),
     tx=tx,
-    train_data=GrainBatches(source, cfg.batch_size, cfg.seed),
+    train_data=GrainBatches(source, cfg.batch_size, config.seed),
     learning_rate_fn=schedule,
-    config_dict=config.to_dict(),
   )
   step = int(result.state.step)
   mean, _ = training_latents(ae_dir, step, model, result.state.params, train_set["images"])
@@ -105,12 +103,8 @@ def _scale_factor(config, workdir: str, step: int, measure) -> float:
   """The denoiser's latent scale: a resumed denoiser's own, else `config.scale_factor`, else stage 1's
   measurement (`measure()` when that file is missing or from another autoencoder step)."""
   ae_dir, dn_dir = stage_dirs(workdir)
-  if has_checkpoint(dn_dir):
-    checkpointer = Checkpointer(dn_dir)
-    try:
-      return float(checkpointer.restore_config()["scale_factor"])
-    finally:
-      checkpointer.close()
+  if checkpoint.saved_steps(dn_dir):
+    return float(checkpoint.read_config(dn_dir)["scale_factor"])
   if config.scale_factor > 0:
     return float(config.scale_factor)
   saved = _read_scale(ae_dir)
@@ -145,14 +139,10 @@ def make_denoiser_loss(model: ConditionedDenoiser, schedule, table: dict, config
 def train_denoiser(config, workdir: str, mesh) -> None:
   _, dn_dir = stage_dirs(workdir)
   prompts = Prompts(config, mesh)
-  if prompts.clip is not None and has_checkpoint(dn_dir):  # resuming: the same CLIP features
-    checkpointer = Checkpointer(dn_dir)
-    try:
-      check_clip_step(checkpointer.restore_config(), prompts, dn_dir)
-    finally:
-      checkpointer.close()
+  if prompts.clip is not None and checkpoint.saved_steps(dn_dir):  # resuming: the same CLIP features
+    check_clip_step(checkpoint.read_config(dn_dir), prompts, dn_dir)
   ae, ae_params, ae_step = restore_autoencoder(config, workdir, mesh)
-  cfg = stage_config(config, "denoiser")
+  cfg = config.denoiser
   train_set = training_set(config, load_data(config))
   ae_dir, _ = stage_dirs(workdir)
   mean, logvar = training_latents(ae_dir, ae_step, ae, ae_params, train_set["images"])
@@ -170,17 +160,17 @@ def train_denoiser(config, workdir: str, mesh) -> None:
   )  # fmt: skip
   model = denoiser_model(config, prompts, ae)
   tx, lr = train.make_optimizer(cfg)
-  saved = {**config.to_dict(), "autoencoder_step": ae_step}
+  saved = {**config.to_dict(), "autoencoder_step": ae_step}  # recorded with the denoiser
   if prompts.clip is not None:
     saved["clip_step"] = prompts.clip.step
   loop.fit(
     workdir=dn_dir,
-    cfg=loop.LoopConfig.from_config(cfg),
+    config=saved,
+    section="denoiser",
     mesh=mesh,
     loss_fn=make_denoiser_loss(model, make_schedule(config), table, config),
     init_params=denoiser_init(model, config, table),
     tx=tx,
-    train_data=GrainBatches(source, cfg.batch_size, cfg.seed),
+    train_data=GrainBatches(source, cfg.batch_size, config.seed),
     learning_rate_fn=lr,
-    config_dict=saved,
   )

@@ -14,9 +14,11 @@ from multimodal_jax.errors import UserError
 from multimodal_jax.files import write_json
 
 
-def saved_config(workdir: str, config: ml_collections.ConfigDict, keep: Sequence[str]) -> ml_collections.ConfigDict:
+def saved_config(
+  workdir: str, config: ml_collections.ConfigDict, keep: Sequence[str], recorded: Sequence[str] = ()
+) -> ml_collections.ConfigDict:
   """The config the run in `workdir` was trained with, except the `keep` keys (e.g. mesh, data_dir),
-  which come from `config`.
+  which come from `config`. `recorded` keys are ones training adds to the saved config.
 
   UserError when the workdir holds no checkpoint, or a run whose keys differ from this
   experiment's (another experiment's workdir).
@@ -26,7 +28,7 @@ def saved_config(workdir: str, config: ml_collections.ConfigDict, keep: Sequence
   except checkpoint.NoCheckpointError as e:
     raise UserError(str(e)) from None
   lacking = [k for k in config if k not in saved]
-  unknown = [k for k in saved if k not in config]
+  unknown = [k for k in saved if k not in config and k not in recorded]
   if lacking or unknown:
     parts = [
       f"it lacks {', '.join(lacking[:5])}" if lacking else "",

@@ -15,7 +15,6 @@ A prompt encoder turns a condition into cross-attention context: tokens `[B, L, 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,8 +24,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from multimodal_jax import train
-from multimodal_jax.checkpoint import Checkpointer
+from multimodal_jax import checkpoint
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import from_checkpoint
 from multimodal_jax.layers import Transformer, layer_norm
@@ -191,20 +189,11 @@ class ClipTokenFeatures:
     init_params)` rebuilds the run's model (experiments.clip knows how) and raises UserError for a run
     of another kind. UserError when `workdir` holds no checkpoint."""
     fix = f"train one first with python -m experiments.clip --workdir {workdir or 'DIR'}"
-    if not workdir or not os.path.isdir(os.path.join(workdir, "checkpoints")):  # checked first: opening creates it
+    if not workdir or not checkpoint.saved_steps(workdir):
       raise UserError(f"no CLIP checkpoint in {workdir!r}: {fix}")
-    checkpointer = Checkpointer(workdir)
-    try:
-      if checkpointer.latest_step() is None:
-        raise UserError(f"no CLIP checkpoint in {checkpointer.directory}: {fix}")
-      config = ml_collections.ConfigDict(checkpointer.restore_config())
-      cfg, tokenizer, init_params = describe(config)
-      tx, _ = train.make_optimizer(config)
-    except BaseException:
-      checkpointer.close()
-      raise
-    ema = config.get("ema_decay", 0.0) > 0
-    step, params = from_checkpoint.restore_params(checkpointer, init_params, tx, mesh, ema=ema)
+    config = ml_collections.ConfigDict(checkpoint.read_config(workdir))
+    cfg, tokenizer, init_params = describe(config)
+    step, params = from_checkpoint.restore_params(workdir, init_params, mesh)
     return cls(cfg, params, tokenizer, batch_size, step)
 
   def token_count(self, text: str) -> int:
