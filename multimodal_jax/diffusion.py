@@ -214,19 +214,33 @@ def timesteps(schedule: Schedule | int, num_steps: int, spacing: str = "leading"
 
   "leading": `[0, k, 2k, ...] + steps_offset` with `k = T // num_steps` (Stable Diffusion uses
   steps_offset 1); "trailing": `round(T, T - T/n, ...) - 1`; "linspace": `round(linspace(0, T - 1))`.
-  `schedule` may be the number of training steps T.
+  `schedule` may be the number of training steps T; `steps_offset` applies to "leading" only.
+
+  For every `1 <= num_steps <= T` and every spacing the result is exactly `num_steps` distinct steps
+  in `[0, T)`, descending. "trailing" is computed as `T + i * delta`, the arithmetic of diffusers'
+  float `arange(T, 0, -T/n)`, so the values are diffusers' wherever that returns n steps; where float
+  rounding makes it return n + 1 (e.g. T=1000, n=61, ending in -1) only the first n are kept.
+  Raises ValueError (one line) for `num_steps` outside `[1, T]`, an unknown spacing, or a
+  `steps_offset` that puts a step outside `[0, T)`.
   """
   num_train = schedule if isinstance(schedule, int) else schedule.num_train_steps
   if not 1 <= num_steps <= num_train:
     raise ValueError(f"num_steps={num_steps}: must be between 1 and the schedule's {num_train} training steps")
   if spacing == "leading":
-    ts = (np.arange(num_steps) * (num_train // num_steps)).round()[::-1] + steps_offset
+    ts = (np.arange(num_steps) * (num_train // num_steps))[::-1] + steps_offset
   elif spacing == "trailing":
-    ts = np.round(np.arange(num_train, 0, -num_train / num_steps)) - 1
+    # numpy's float arange fills start + i * ((start + step) - start); the same sum, for n terms only.
+    delta = (num_train - num_train / num_steps) - num_train
+    ts = np.round(num_train + np.arange(num_steps) * delta) - 1
   elif spacing == "linspace":
     ts = np.linspace(0, num_train - 1, num_steps).round()[::-1]
   else:
     raise ValueError(f"timestep spacing {spacing!r}: choose one of {SPACINGS}")
+  if ts[0] >= num_train or ts[-1] < 0:
+    raise ValueError(
+      f"steps_offset={steps_offset} puts {spacing} timesteps at {int(ts[-1])}..{int(ts[0])}, outside the schedule's "
+      f"0..{num_train - 1}: lower steps_offset or num_steps"
+    )
   return np.ascontiguousarray(ts).astype(np.int32)
 
 

@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices, forced before JAX starts; the embedded data, built once."""
+"""Test setup: 8 simulated CPU devices, forced before JAX starts; hypothesis profiles; the embedded data,
+built once."""
 
 import os
 
@@ -8,6 +9,15 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests: few, reproducible examples by default (they are in the fast subset); no example
+# database in the tree. `pytest --hypothesis-profile=thorough` draws many fresh random examples.
+settings.register_profile(
+  "fast", max_examples=30, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("thorough", max_examples=500, deadline=None, database=None)
+settings.load_profile("fast")
 
 
 @pytest.fixture(scope="session")
