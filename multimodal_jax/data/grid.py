@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from multimodal_jax import errors
-from multimodal_jax.data import av_speech, speech_sources
+from multimodal_jax.data import av_speech, prepared, speech_sources
 from multimodal_jax.data import lips as lips_lib
 
 VIDEO_FPS = 25.0
@@ -321,4 +321,4 @@ def load(
   builder = Grid(config=config, data_dir=data_dir, file_format="array_record")
   if not builder.data_path.exists():
     builder.download_and_prepare()
-  return {split: av_speech.DecodedSource(source) for split, source in builder.as_data_source().items()}
+  return {split: av_speech.DecodedSource(source) for split, source in prepared.data_sources(builder).items()}
