@@ -251,14 +251,7 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
       except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        log.warning(
-          "checkpoint at step %d in %s is unreadable (%s); trying the previous one", step, self.directory, reason
-        )
-        if jax.process_index() == 0:
-          print(
-            f"warning: checkpoint at step {step} is unreadable ({reason}); falling back to an earlier one", flush=True
-          )
+        _warn_unreadable(step, self.directory, e, action="falling back to an earlier one")
         errors.append(step)
         self._set_aside(step)
         continue
@@ -352,11 +345,16 @@ def _first_line(error: Exception) -> str:
 
 
 class _DropOrbaxTracebacks(logging.Filter):
-  """Drops the tracebacks orbax's background threads log when a write fails: the failure reaches
-  the caller as an exception, which Checkpointer reports in one line."""
+  """Drops the tracebacks orbax's background threads log when a write fails (the failure reaches
+  the caller as an exception, which Checkpointer reports in one line) and orbax's note that a
+  reader was opened read-only (as ours are on purpose)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+    if "orbax" not in record.pathname:
+      return True
+    if record.levelno >= logging.ERROR:
+      return False
+    return not str(record.msg).startswith("Given directory is read only")  # our readers open read-only
 
 
 def _ignore_closed_loop(unraisable, previous=sys.unraisablehook) -> None:

@@ -1,0 +1,331 @@
+"""Bad input across the four experiments: every case ends in one line on stderr with a non-zero exit,
+and the trained run in the workdir loses nothing (no file shorter or gone, the latest checkpoint
+still restores)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+
+from experiments import avdcnn, clip, fusion
+from experiments import latent_diffusion as ld
+from multimodal_jax import checkpoint, metrics
+from multimodal_jax.files import atomic_write
+
+EXPERIMENTS = {"fusion": fusion, "clip": clip, "avdcnn": avdcnn, "latent_diffusion": ld}
+TRAIN_ARGS = {
+  "fusion": ["--config.steps=4", "--config.checkpoint_every=2", "--config.log_every=1", "--config.eval_every=0"],
+  "clip": ["--config.steps=2", "--config.batch_size=16", "--config.checkpoint_every=2", "--config.log_every=1"],
+  "avdcnn": [
+    "--config.data_config=tiny", "--config.model=tiny", "--config.steps=2", "--config.batch_size=64",
+    "--config.checkpoint_every=2", "--config.log_every=1", "--config.bn_batches=1",
+  ],
+  "latent_diffusion": [
+    "--config.autoencoder.steps=2", "--config.autoencoder.batch_size=16", "--config.autoencoder.checkpoint_every=2",
+    "--config.denoiser.steps=2", "--config.denoiser.batch_size=16", "--config.denoiser.checkpoint_every=2",
+    "--config.autoencoder.log_every=1", "--config.denoiser.log_every=1", "--config.final_eval=false",
+    "--config.train_images=64", "--config.text_layers=1",
+  ],
+}  # fmt: skip
+FAST = ("fusion", "clip")  # cheap to train: their cases run in the fast subset
+
+
+@pytest.fixture(scope="module")
+def data_dirs(av_digits_dir, request):
+  """The TFDS data dir of each experiment (the speech data is built only when an AVDCNN case runs)."""
+  from multimodal_jax.data import captioned_digits
+
+  captioned_digits.load(av_digits_dir)
+
+  def get(name):
+    return request.getfixturevalue("av_speech_dir") if name == "avdcnn" else av_digits_dir
+
+  return get
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dirs):
+  """A trained tiny run of each experiment, built the first time a case needs it."""
+  built = {}
+
+  def get(name):
+    if name not in built:
+      workdir = tmp_path_factory.mktemp(name)
+      argv = ["--workdir", str(workdir), f"--config.data_dir={data_dirs(name)}", *TRAIN_ARGS[name]]
+      assert EXPERIMENTS[name].main(argv) == 0
+      built[name] = workdir
+    return built[name]
+
+  return get
+
+
+def _sizes(workdir) -> dict:
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      out[os.path.join(root, f)] = os.path.getsize(os.path.join(root, f))
+  return out
+
+
+def _one_line_failure(capsys, name, argv):
+  capsys.readouterr()
+  status = EXPERIMENTS[name].main(argv)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert status != 0, f"exit status {status} for {argv}"
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  return err[0]
+
+
+def _wav(path, samples, rate=16000):
+  with wave.open(str(path), "wb") as f:
+    f.setnchannels(1)
+    f.setsampwidth(2)
+    f.setframerate(rate)
+    f.writeframes(np.asarray(samples, np.int16).tobytes())
+  return path
+
+
+# (experiment, arguments, a part of the expected message). {other} is another experiment's run,
+# {empty} an empty directory, {file} a file, {tmp} a scratch directory, {wav0} a wav of 0 samples.
+CASES = [
+  ("fusion", ["--config.batch_size=0"], "--config.batch_size=0: expected a number > 0"),
+  ("fusion", ["--config.batch_size=-8"], "--config.batch_size=-8"),
+  ("fusion", ["--config.batch_size=abc"], "expected a int"),
+  ("fusion", ["--config.batch_size=12"], "divisible by the 8 data-parallel devices"),
+  ("fusion", ["--config.grad_accum_steps=0"], "--config.grad_accum_steps=0"),
+  ("fusion", ["--config.grad_accum_steps=3"], "not divisible by grad_accum_steps=3"),
+  ("fusion", ["--config.checkpoint_every=0"], "--config.checkpoint_every=0"),
+  ("fusion", ["--config.log_every=0"], "--config.log_every=0"),
+  ("fusion", ["--config.eval_every=-5"], "--config.eval_every=-5"),
+  ("fusion", ["--config.steps=0"], "--config.steps=0"),
+  ("fusion", ["--config.steps=-3"], "--config.steps=-3"),
+  ("fusion", ["--config.dtype=fp7"], "--config.dtype=fp7: expected one of float32, bfloat16"),
+  ("fusion", ["--config.keep_checkpoints=0"], "--config.keep_checkpoints=0"),
+  ("fusion", ["--config.keep_checkpoints=-1"], "--config.keep_checkpoints=-1"),
+  ("fusion", ["--config.learning_rate=nan"], "--config.learning_rate=nan"),
+  ("fusion", ["--config.learning_rate=inf"], "--config.learning_rate=inf"),
+  ("fusion", ["--config.ema_decay=1.5"], "--config.ema_decay=1.5"),
+  ("fusion", ["--config.seed=-1"], "--config.seed=-1"),
+  ("fusion", ["--config.mesh=data:3"], "data:3"),
+  ("fusion", ["--config.mesh=pipeline:2"], "pipeline"),
+  ("fusion", ["--config.fusion=middle"], "--config.fusion=middle: expected one of early"),
+  ("fusion", ["--config.modalities=image,smell"], "--config.modalities=image,smell"),
+  ("fusion", ["--config.modalities=,"], "--config.modalities=,"),
+  ("fusion", ["--config.dropout=1.5"], "--config.dropout=1.5"),
+  ("fusion", ["--config.late_learn_weights=maybe"], "expected true or false"),
+  ("fusion", ["--config.stepz=3"], "unknown config key 'stepz'"),
+  ("fusion", ["--config.steps"], "expected --config.KEY=VALUE"),
+  ("fusion", ["--steps=3"], "unrecognised argument '--steps=3'"),
+  ("fusion", ["--mode=eval", "--config.fusion=early"], "trained with fusion='joint'"),
+  ("fusion", ["--mode=eval", "--config.features=32"], "trained with features=64"),
+  ("fusion", ["--mode=eval", "--config.eval_batch_size=12"], "eval_batch_size=12 must be divisible"),
+  ("fusion", ["--mode=eval", "--workdir={other}"], "not trained by this experiment"),
+  ("fusion", ["--mode=eval", "--workdir={empty}"], "no checkpoint in"),
+  ("fusion", ["--mode=eval", "--workdir={tmp}/missing"], "no checkpoint in"),
+  ("fusion", ["--workdir={file}"], "is a file, not a directory"),
+  ("clip", ["--config.model=huge"], "--config.model=huge: expected one of"),
+  ("clip", ["--config.image_tower=cnn"], "--config.image_tower=cnn"),
+  ("clip", ["--config.text_tower=gpt"], "--config.text_tower=gpt"),
+  ("clip", ["--config.loss=hinge"], "--config.loss=hinge"),
+  ("clip", ["--config.loss_impl=ring"], "--config.loss_impl=ring"),
+  ("clip", ["--config.context_length=1"], "--config.context_length=1"),
+  ("clip", ["--config.batch_size=12"], "divisible by the 8 data-parallel devices"),
+  ("clip", ["--config.grad_accum_steps=3"], "not divisible by grad_accum_steps=3"),
+  ("clip", ["--config.weight_decay=-0.1"], "--config.weight_decay=-0.1"),
+  ("clip", ["--config.augment_shift=-2"], "--config.augment_shift=-2"),
+  ("clip", ["--mode=eval", "--config.image_tower=vit"], "trained with image_tower='resnet'"),
+  ("clip", ["--mode=eval", "--workdir={other}"], "not trained by this experiment"),
+  ("clip", ["--mode=eval", "--config.eval_batch_size=0"], "--config.eval_batch_size=0"),
+  ("avdcnn", ["--config.modalities=visual"], "--config.modalities=visual"),
+  ("avdcnn", ["--config.model=huge"], "--config.model=huge"),
+  ("avdcnn", ["--config.head=linear"], "--config.head=linear"),
+  ("avdcnn", ["--config.mu=-1.0"], "--config.mu=-1.0"),
+  ("avdcnn", ["--config.loss=l1"], "--config.loss=l1"),
+  ("avdcnn", ["--config.grid_dir={tmp}/no_grid"], "expected an existing directory"),
+  ("avdcnn", ["--config.eval_processes=0"], "--config.eval_processes=0"),
+  ("avdcnn", ["--mode=eval", "--config.model=wide"], "trained with model='tiny'"),
+  ("avdcnn", ["--mode=enhance", "--config.input={tmp}/none.wav", "--config.output={tmp}/o.wav"], "existing file"),
+  ("avdcnn", ["--mode=enhance", "--config.input={wav0}", "--config.output={tmp}/o.wav"], "too short to enhance"),
+  ("avdcnn", ["--mode=enhance", "--config.input={wav0}"], "enhance needs"),
+  ("avdcnn", ["--mode=enhance", "--config.input={wav0}", "--config.output={tmp}/no/o.wav"], "does not exist"),
+  ("latent_diffusion", ["--mode=sample", "--config.guidance_scale=nan"], "--config.guidance_scale=nan"),
+  ("latent_diffusion", ["--mode=sample", "--config.guidance_scale=-1.0"], "--config.guidance_scale=-1.0"),
+  ("latent_diffusion", ["--mode=sample", "--config.sample_steps=0"], "--config.sample_steps=0"),
+  ("latent_diffusion", ["--mode=sample", "--config.sample_steps=2000"], "choose 1 to num_train_timesteps"),
+  ("latent_diffusion", ["--mode=sample", "--config.sampler=euler"], "--config.sampler=euler"),
+  ("latent_diffusion", ["--mode=sample", "--config.num_samples=0"], "--config.num_samples=0"),
+  ("latent_diffusion", ["--mode=sample", "--config.prompt= "], "--config.prompt= "),
+  ("latent_diffusion", ["--mode=sample", "--config.dit=B"], "trained with dit='tiny'"),
+  ("latent_diffusion", ["--mode=sample", "--config.prompt=a purple elephant"], "purple"),
+  ("latent_diffusion", ["--config.condition=image"], "--config.condition=image"),
+  ("latent_diffusion", ["--config.stage=both"], "--config.stage=both"),
+  ("latent_diffusion", ["--config.autoencoder.batch_size=0"], "--config.autoencoder.batch_size=0"),
+  ("latent_diffusion", ["--config.denoiser.keep_checkpoints=0"], "--config.denoiser.keep_checkpoints=0"),
+  ("latent_diffusion", ["--config.denoiser.grad_accum_steps=3"], "denoiser.batch_size=16 is not divisible"),
+  ("latent_diffusion", ["--config.cond_drop_prob=2.0"], "--config.cond_drop_prob=2.0"),
+  ("latent_diffusion", ["--config.autoencoder.stepz=3"], "unknown config key 'autoencoder.stepz'"),
+]  # fmt: skip
+
+
+def _params(cases):
+  for name, args, message in cases:
+    marks = () if name in FAST else (pytest.mark.slow,)
+    yield pytest.param(name, args, message, marks=marks, id=f"{name}:{' '.join(args)}")
+
+
+@pytest.mark.parametrize("name,args,message", list(_params(CASES)))
+def test_bad_input_is_one_line_and_loses_nothing(name, args, message, runs, data_dirs, tmp_path, capsys):
+  workdir, data_dir = runs(name), data_dirs(name)
+  other = runs("clip" if name == "fusion" else "fusion")
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "a_file").write_text("not a directory")
+  wav0 = _wav(tmp_path / "empty.wav", [])
+  subst = {"other": other, "empty": tmp_path / "empty", "file": tmp_path / "a_file", "tmp": tmp_path, "wav0": wav0}
+  args = [a.format(**subst) for a in args]
+  argv = ["--workdir", str(workdir), f"--config.data_dir={data_dir}", *args]
+  if name == "latent_diffusion" and not any(a.startswith("--mode") for a in args):
+    argv += TRAIN_ARGS[name]  # train mode: the run's own sizes, so only the bad key differs
+  before = _sizes(workdir)
+  line = _one_line_failure(capsys, name, argv)
+  assert message in line, line
+  after = _sizes(workdir)
+  lost = [p for p, size in before.items() if after.get(p, -1) < size]
+  assert not lost, f"{argv} shortened or removed {lost}"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else (pytest.mark.slow,)) for n in EXPERIMENTS])
+def test_latest_checkpoint_restores_after_bad_inputs(name, runs, data_dirs, capsys):
+  """Run after the table (pytest keeps file order): the run still evaluates from its checkpoint."""
+  workdir, data_dir = runs(name), data_dirs(name)
+  mode = {"latent_diffusion": "sample", "avdcnn": "eval"}.get(name, "eval")
+  extra = {"avdcnn": ["--config.eval_utterances=1", "--config.eval_processes=1"], "latent_diffusion": []}.get(name, [])
+  steps = checkpoint.saved_steps(str(workdir) + ("/denoiser" if name == "latent_diffusion" else ""))
+  status = EXPERIMENTS[name].main(
+    ["--workdir", str(workdir), f"--config.data_dir={data_dir}", f"--mode={mode}", *extra]
+  )
+  out = capsys.readouterr().out.strip().splitlines()
+  assert status == 0 and steps
+  if mode == "eval":
+    assert json.loads(out[-1])["step"] == steps[-1]
+
+
+def test_keep_checkpoints_cannot_delete_the_runs_checkpoints(runs, av_digits_dir, capsys):
+  workdir, data_dir = runs("fusion"), av_digits_dir
+  steps = checkpoint.saved_steps(str(workdir))
+  _one_line_failure(
+    capsys, "fusion", ["--workdir", str(workdir), f"--config.data_dir={data_dir}", "--config.keep_checkpoints=0"]
+  )
+  assert checkpoint.saved_steps(str(workdir)) == steps == [2, 4]
+
+
+def test_damaged_tfds_data_is_one_line_naming_the_fix(av_digits_dir, tmp_path, capsys):
+  copy = tmp_path / "tfds"
+  shutil.copytree(os.path.join(av_digits_dir, "av_digits"), copy / "av_digits")
+  (shard,) = [p for p in (copy / "av_digits").rglob("av_digits-test.array_record*")]
+  os.truncate(shard, os.path.getsize(shard) // 2)
+  line = _one_line_failure(capsys, "fusion", ["--workdir", str(tmp_path / "run"), f"--config.data_dir={copy}"])
+  assert "av_digits (test split" in line and "is damaged" in line and "delete" in line and "prepare it again" in line
+
+
+def test_metrics_rewrite_is_atomic(tmp_path, monkeypatch):
+  """A kill between truncating and rewriting metrics.jsonl on resume leaves the old file whole."""
+  path = tmp_path / "metrics.jsonl"
+  rows = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 22)]
+  path.write_text("".join(rows))
+
+  def killed(src, dst):
+    raise KeyboardInterrupt  # the process dies before the rename
+
+  monkeypatch.setattr(os, "replace", killed)
+  with pytest.raises(KeyboardInterrupt):
+    metrics._truncate_jsonl(str(path), 10)
+  assert path.read_text() == "".join(rows)
+  assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
+  monkeypatch.undo()
+  metrics._truncate_jsonl(str(path), 10)
+  assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == list(range(1, 11))
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+  path = tmp_path / "eval.json"
+  path.write_text('{"accuracy": 0.9}')
+
+  def fail(f):
+    f.write("{")
+    raise OSError(28, "No space left on device")
+
+  with pytest.raises(OSError):
+    atomic_write(str(path), fail)
+  assert path.read_text() == '{"accuracy": 0.9}' and len(list(tmp_path.iterdir())) == 1
+
+
+def _mount_tmpfs(path, size) -> bool:
+  path.mkdir(parents=True, exist_ok=True)
+  if shutil.which("mount") is None or os.geteuid() != 0:
+    return False
+  done = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False, capture_output=True
+  )
+  return done.returncode == 0
+
+
+def _cli(workdir, data_dir, *args):
+  env = {**os.environ, "MMJ_NO_TCMALLOC": "1"}
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+  argv = [sys.executable, "-m", "experiments.fusion", "--workdir", str(workdir), f"--config.data_dir={data_dir}"]
+  return subprocess.run([*argv, *args], check=False, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_disk_full_during_save_is_one_line_and_keeps_the_last_good_checkpoint(av_digits_dir, tmp_path):
+  disk = tmp_path / "disk"
+  if not _mount_tmpfs(disk, "9M"):
+    pytest.skip("needs root to mount a small tmpfs")
+  try:
+    done = _cli(disk / "run", av_digits_dir, "--config.steps=60", "--config.checkpoint_every=10",
+                "--config.keep_checkpoints=10", "--config.eval_every=0")  # fmt: skip
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr[-3000:]
+    steps = checkpoint.saved_steps(str(disk / "run"))
+    assert err[0].startswith("error: no space left on") and f"step {steps[-1]} is the last good checkpoint" in err[0]
+    assert not [n for n in os.listdir(disk / "run" / "checkpoints") if not n.isdigit()]  # no partial directory
+    shutil.copytree(disk / "run", tmp_path / "moved")  # more space: the run resumes from the last good step
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
+  done = _cli(tmp_path / "moved", av_digits_dir, f"--config.steps={steps[-1] + 10}", "--config.checkpoint_every=10")
+  assert done.returncode == 0 and f"resumed from the checkpoint at step {steps[-1]}" in done.stdout
+
+
+@pytest.mark.slow
+def test_read_only_workdir_is_one_line(av_digits_dir, tmp_path):
+  disk = tmp_path / "ro"
+  if not _mount_tmpfs(disk, "1M"):
+    pytest.skip("needs root to mount a tmpfs")
+  try:
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    done = _cli(disk, av_digits_dir, "--config.steps=2")
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and "cannot write in --workdir" in err[0], done.stderr[-2000:]
+    assert "Read-only file system" in err[0]
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_truncated_latest_checkpoint_is_one_warning_line(runs, av_digits_dir, tmp_path):
+  copy = tmp_path / "run"
+  shutil.copytree(runs("fusion"), copy)
+  for f in (copy / "checkpoints" / "4" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      os.truncate(f, 10)
+  done = _cli(copy, av_digits_dir, "--config.steps=6", "--config.checkpoint_every=2", "--config.eval_every=0")
+  assert done.returncode == 0, done.stderr[-3000:]
+  noise = [line for line in (done.stdout + done.stderr).splitlines() if "Traceback" in line or "Event loop" in line]
+  warnings = [line for line in done.stdout.splitlines() if line.startswith("warning:")]
+  assert not noise and len(warnings) == 1 and "checkpoint at step 4 in" in warnings[0] and "unreadable" in warnings[0]
+  assert "resumed from the checkpoint at step 2" in done.stdout
