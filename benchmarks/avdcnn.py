@@ -47,8 +47,9 @@ from flax import linen as nn
 from experiments import avdcnn as exp
 from multimodal_jax import audio, train
 from multimodal_jax import sharding as shd
-from multimodal_jax import speech_enhancement as se
+from multimodal_jax.data.frames import FrameSource
 from multimodal_jax.data.pipeline import GrainBatches
+from multimodal_jax.enhance import Enhancer
 from multimodal_jax.models import avdcnn
 
 
@@ -63,14 +64,14 @@ def _median_time(fn, repeats: int) -> float:
 
 def enhancement_rtf(config: avdcnn.AVDCNNConfig, seconds: float, repeats: int) -> float:
   model = avdcnn.AVDCNN(config)
-  params = nn.meta.unbox(exp.make_init_params(model)(jax.random.key(0)))
+  params = nn.meta.unbox(avdcnn.make_init_params(model)(jax.random.key(0)))
   rng = np.random.default_rng(0)
-  n = int(seconds * se.SAMPLE_RATE)
+  n = int(seconds * audio.SAMPLE_RATE)
   noisy = (0.1 * rng.normal(size=n)).astype(np.float32)
-  lips = rng.integers(0, 256, size=(audio.num_frames(n, se.N_FFT, se.HOP), *avdcnn.LIPS_SHAPE), dtype=np.uint8)
-  frames = se.FrameSource([{"noisy": noisy, "clean": noisy, "lips": lips}], floor=-4.0)
+  lips = rng.integers(0, 256, size=(audio.num_frames(n, audio.N_FFT, audio.HOP), *avdcnn.LIPS_SHAPE), dtype=np.uint8)
+  frames = FrameSource([{"noisy": noisy, "clean": noisy, "lips": lips}], floor=-4.0)
   stats = avdcnn.population_batch_stats(model, params, [frames.batch(np.arange(len(frames)))])
-  enhancer = se.Enhancer(model, params, stats)
+  enhancer = Enhancer(model, params, stats)
   enhancer(noisy, lips)  # compile
   return _median_time(lambda: enhancer(noisy, lips), repeats) / seconds
 
@@ -79,7 +80,7 @@ def training_frames_per_second(config: avdcnn.AVDCNNConfig, batch: int, repeats:
   model = avdcnn.AVDCNN(config)
   mesh = shd.make_mesh("data:1", jax.devices()[:1])
   tx = optax.adamw(1e-3)
-  init = exp.make_init_params(model)
+  init = avdcnn.make_init_params(model)
   _, shardings = train.abstract_train_state(init, tx, mesh)
   state = train.init_train_state(init, tx, shardings, jax.random.key(0))
   step = train.make_train_step(exp.make_loss_fn(model, 1.0), tx, mesh, shardings)
@@ -106,10 +107,10 @@ def frame_fetch_batches_per_second(batch: int, fetch_batches: bool, repeats: int
   rng = np.random.default_rng(0)
   examples = []
   for _ in range(20):
-    noisy = (0.1 * rng.normal(size=3 * se.SAMPLE_RATE)).astype(np.float32)
-    lips = rng.integers(0, 256, (audio.num_frames(len(noisy), se.N_FFT, se.HOP), *avdcnn.LIPS_SHAPE), np.uint8)
+    noisy = (0.1 * rng.normal(size=3 * audio.SAMPLE_RATE)).astype(np.float32)
+    lips = rng.integers(0, 256, (audio.num_frames(len(noisy), audio.N_FFT, audio.HOP), *avdcnn.LIPS_SHAPE), np.uint8)
     examples.append({"noisy": noisy, "clean": noisy, "lips": lips})
-  batches = GrainBatches(se.FrameSource(examples, floor=-4.0), batch, seed=0, fetch_batches=fetch_batches)
+  batches = GrainBatches(FrameSource(examples, floor=-4.0), batch, seed=0, fetch_batches=fetch_batches)
   next(batches)
   count = 10
   return count / _median_time(lambda: [next(batches) for _ in range(count)][-1]["target"], repeats)

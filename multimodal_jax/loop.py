@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -21,7 +22,7 @@ from multimodal_jax import checkpoint as ckpt
 from multimodal_jax import metrics as mt
 from multimodal_jax import sharding as shd
 from multimodal_jax import train
-from multimodal_jax.config import DTYPE, MESH, NON_NEGATIVE, POSITIVE, Rule, get_dotted
+from multimodal_jax.config import DTYPE, MESH, NON_NEGATIVE, POSITIVE, Rule, get_dotted, one_of
 from multimodal_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class TrainData(Protocol):
 TOP_KEYS = ("seed", "mesh", "dtype")
 SECTION_KEYS = (
   "steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "grad_accum_steps",
-  "ema_decay", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+  "ema_decay", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "weight_decay_mask", "freeze",
+  "init_from",
 )  # fmt: skip
 
 
@@ -72,6 +74,11 @@ def base_config(section: bool = False, **defaults: Any) -> ml_collections.Config
   c.eval_every = 0  # 0: evaluate only at the end
   c.checkpoint_every = 250
   c.keep_checkpoints = 3
+  c.weight_decay_mask = "default"  # default: kernels and token tables only; all: every parameter
+  c.freeze = ""  # REGEX over '/'-joined param paths (or an experiment's alias, e.g. image): no updates, no moments
+  c.init_from = (
+    ""  # SOURCE of the initial params of a fresh run: workdir:DIR[@STEP] or a converter's, e.g. open_clip:FILE
+  )
   unknown = set(defaults) - set(c.keys())
   if unknown:
     raise ValueError(f"base_config has no keys {sorted(unknown)}")
@@ -94,11 +101,29 @@ def base_rules(prefix: str = "", section: bool = False) -> dict[str, Rule]:
     "eval_every": NON_NEGATIVE,
     "checkpoint_every": POSITIVE,
     "keep_checkpoints": Rule(lambda v: isinstance(v, int) and v >= 1, "at least 1 (checkpoints to keep)"),
+    "weight_decay_mask": one_of("default", "all"),
+    "freeze": Rule(_regex_ok, "a regular expression over parameter paths (or an alias such as image, text)"),
+    "init_from": Rule(_source_ok, "workdir:DIR[@STEP] or a converter's SOURCE such as open_clip:FILE"),
   }
   if not section:
     rules.update({"seed": Rule(lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"), "mesh": MESH})
     rules["dtype"] = DTYPE
   return {prefix + k: v for k, v in rules.items()}
+
+
+def _regex_ok(text: str) -> bool:
+  try:
+    re.compile(text)
+  except re.error:
+    return False
+  return True
+
+
+def _source_ok(text: str) -> bool:
+  if not text:
+    return True
+  kind, sep, rest = text.partition(":")
+  return bool(sep and kind and rest)
 
 
 def batch_relation(prefix: str = "") -> Callable[[Any], None]:
@@ -139,6 +164,7 @@ class LoopConfig:
   grad_accum_steps: int = 1
   dtype: str = "float32"
   ema_decay: float = 0.0  # 0 disables the EMA
+  init_from: str = ""  # initial params of a fresh run (a resumed run ignores it)
 
   @classmethod
   def from_config(cls, config: Any, section: str | None = None) -> LoopConfig:
@@ -152,6 +178,50 @@ class LoopConfig:
         raise ValueError(f"the config has no key {where!r}: build it from loop.base_config()")
       values[field.name] = node[field.name]
     return cls(**values)
+
+
+def initial_params(source: str, abstract_params: Any, converters: Mapping[str, Callable[[str, Any], Any]]) -> Any:
+  """The params named by `source`, created in `abstract_params`' shardings (FSDP/tensor as the
+  rules table says, never replicated first).
+
+  `workdir:DIR[@STEP]` restores another run of ours (its EMA params when it kept them; params only,
+  no optimizer state). `KIND:PATH` calls `converters[KIND](PATH, abstract_params)`, which returns
+  the converted params as a tree of arrays; a tensor the model lacks or holds with another shape
+  is a one-line UserError naming it.
+  """
+  kind, _, rest = source.partition(":")
+  if kind == "workdir":
+    directory, _, step = rest.partition("@")
+    if step and not step.isdigit():
+      raise UserError(f"init_from={source}: the step after @ must be a number")
+    try:
+      _, params, _ = ckpt.restore_params(directory, abstract_params, step=int(step) if step else None)
+    except (ckpt.NoCheckpointError, ckpt.CheckpointMismatchError) as e:
+      raise UserError(f"init_from={source}: {e}") from None
+    return params
+  if kind not in converters:
+    known = ", ".join(["workdir", *converters])
+    raise UserError(f"init_from={source}: unknown source kind {kind!r}; this experiment reads {known}")
+  converted = converters[kind](rest, abstract_params)
+  check_same_tree(converted, abstract_params, f"init_from={source}")
+  return jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding), converted, abstract_params)
+
+
+def check_same_tree(params: Any, abstract_params: Any, what: str) -> None:
+  """UserError naming the first tensor that `params` lacks, has in excess or holds with another
+  shape than `abstract_params`."""
+  got = {ckpt.dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  want = {ckpt.dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  for name, shape in want.items():
+    if name not in got:
+      raise UserError(f"{what} does not fit the model: it has no tensor {name} (shape {shape}); check --config.model")
+    if got[name] != shape:
+      raise UserError(
+        f"{what} does not fit the model: {name} has shape {got[name]} there but {shape} here; check --config.model"
+      )
+  extra = sorted(set(got) - set(want))
+  if extra:
+    raise UserError(f"{what} does not fit the model: it has {extra[0]} {got[extra[0]]}, which the model lacks")
 
 
 @dataclasses.dataclass
@@ -173,6 +243,8 @@ def fit(
   eval_fn: Callable[[Any, int], dict] | None = None,
   learning_rate_fn: Callable | None = None,
   section: str | None = None,
+  model_state_fn: Callable[[Any], Any] | None = None,
+  converters: Mapping[str, Callable[[str, Any], Any]] | None = None,
 ) -> FitResult:
   """Trains until `steps`, resuming from the newest readable checkpoint in `workdir`.
 
@@ -180,7 +252,10 @@ def fit(
   (`LoopConfig.from_config(config, section)`, `section` naming a stage's sub-config) and saves it
   with every checkpoint, so that evaluation can rebuild the model from the workdir alone.
 
-  `eval_fn(params, step) -> metrics` gets the EMA params when the EMA is on. Raises
+  `eval_fn(params, step) -> metrics` gets the EMA params when the EMA is on. `model_state_fn(params)
+  -> model_state` (e.g. population batch-norm statistics) is called before every checkpoint save on
+  the params being saved (the EMA params when the EMA is on); its result is the state's
+  `model_state`, saved with them, so every checkpoint holds state consistent with its params. Raises
   NonFiniteLossError (after keeping the last good checkpoint) if a step's loss is NaN/Inf.
   """
   cfg = LoopConfig.from_config(config, section)
@@ -188,6 +263,11 @@ def fit(
   is_main = jax.process_index() == 0
   ema = cfg.ema_decay > 0
   abstract_state, shardings = train.abstract_train_state(init_params, tx, mesh, ema=ema)
+  if model_state_fn is not None:
+    saved_params = abstract_state.ema_params if ema else abstract_state.params
+    abstract_model, model_shardings = train.abstract_model_state(model_state_fn, saved_params, mesh)
+    abstract_state = abstract_state.replace(model_state=abstract_model)
+    shardings = shardings.replace(model_state=model_shardings)
   checkpointer = ckpt.Checkpointer(workdir, max_to_keep=cfg.keep_checkpoints)
   start_step = 0
   if checkpointer.latest_step() is not None:
@@ -197,7 +277,16 @@ def fit(
     if is_main:
       print(f"resumed from the checkpoint at step {start_step} in {checkpointer.directory}", flush=True)
   else:
-    state = train.init_train_state(init_params, tx, shardings, jax.random.key(cfg.seed), ema=ema)
+    init_shardings = shardings.replace(model_state=None)
+    state = train.init_train_state(init_params, tx, init_shardings, jax.random.key(cfg.seed), ema=ema)
+    if model_state_fn is not None:  # a placeholder until the first save computes it
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_model)
+      state = state.replace(model_state=jax.device_put(zeros, model_shardings))
+    if cfg.init_from:
+      params = initial_params(cfg.init_from, abstract_state.params, converters or {})
+      state = state.replace(params=params, ema_params=params if ema else None)
+      if is_main:
+        print(f"initialised the params from {cfg.init_from}", flush=True)
 
   step_fn = train.make_train_step(
     loss_fn,
@@ -259,6 +348,9 @@ def fit(
         if evaluate:
           run_eval(done)
         if save:
+          if model_state_fn is not None:
+            model_state = model_state_fn(state.ema_params if ema else state.params)
+            state = state.replace(model_state=jax.device_put(model_state, model_shardings))
           checkpointer.save(done, state, train_data.iterator, config_dict)
           last_saved = done
     if pending is not None:

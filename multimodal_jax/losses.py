@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def softmax_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
@@ -364,3 +365,20 @@ def avdcnn_loss(
     parts["visual_loss"] = visual
     loss = loss + mu * visual
   return loss, parts
+
+
+COMPRESSION = 0.3  # compressed_magnitude: |S|^0.3
+COMPRESSED_SCALE = 50.0  # so that the compressed loss is of the log-power loss's order (and mu keeps its meaning)
+
+
+def compressed_magnitude(
+  normalised: jnp.ndarray, mean: jnp.ndarray, std: jnp.ndarray, compression: float = COMPRESSION
+) -> jnp.ndarray:
+  """`sqrt(COMPRESSED_SCALE) * |S|^compression` of normalised log-power frames `[b, bins]` with their
+  utterances' statistics `[b, bins]` (`log|S|^2 = normalised * std + mean`).
+
+  AVDCNN's `loss="compressed"` is `avdcnn_loss` of these instead of the normalised log power: the
+  squared error of power-law compressed magnitudes weighs loud time-frequency bins (speech, and the
+  noise over it) more than near-silent ones, with the same model and outputs.
+  """
+  return np.sqrt(COMPRESSED_SCALE) * jnp.exp(0.5 * compression * (normalised * std + mean))

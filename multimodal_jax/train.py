@@ -9,6 +9,7 @@ The loop that drives them lives in `loop.py`.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -27,12 +28,16 @@ LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything that changes during training. `ema_params` is None when EMA is off."""
+  """Everything that changes during training. `ema_params` is None when EMA is off. `model_state` is
+  the model's state that gradients do not train (flax's `batch_stats` pattern, e.g. population
+  batch-norm statistics): None when the model has none; the step passes it through unchanged and
+  the loop refreshes it from the saved params before each checkpoint (`loop.fit(model_state_fn=)`)."""
 
   step: jax.Array
   params: Any
   opt_state: Any
   ema_params: Any = None
+  model_state: Any = None
 
 
 def _boxed_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, ema: bool, rng):
@@ -71,6 +76,16 @@ def abstract_params(init_params: Callable[[jax.Array], Any], mesh: Mesh) -> Any:
   unboxed = nn.meta.unbox(boxed)
   shardings = shd.tree_shardings(unboxed, nn.get_partition_spec(boxed), mesh)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
+
+
+def abstract_model_state(model_state_fn: Callable[[Any], Any], abstract_params: Any, mesh: Mesh) -> tuple[Any, Any]:
+  """`(abstract, shardings)` of `model_state_fn(params)`: its `jax.ShapeDtypeStruct`s (computed
+  without running it) and replicated shardings on `mesh` (model state is small)."""
+  shapes = jax.eval_shape(model_state_fn, abstract_params)
+  replicated = NamedSharding(mesh, P())
+  shardings = jax.tree.map(lambda _: replicated, shapes)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+  return abstract, shardings
 
 
 def init_train_state(
@@ -188,9 +203,20 @@ def make_train_step(
   )
 
 
-def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, Callable]:
+def make_optimizer(
+  config: Any, freeze_aliases: dict[str, str] | None = None
+) -> tuple[optax.GradientTransformation, Callable]:
   """AdamW with linear warmup and cosine decay, global-norm clipping: from config keys
-  `learning_rate`, `warmup_steps`, `steps`, `weight_decay`, `grad_clip` (0 disables)."""
+  `learning_rate`, `warmup_steps`, `steps`, `weight_decay`, `grad_clip` (0 disables) and, when the
+  config has them, `weight_decay_mask` and `freeze`.
+
+  - `weight_decay_mask="default"` decays weight matrices, convolution kernels and token embedding
+    tables only (`decays`): not biases, norm scales, position tables or logit scale/bias, as
+    open_clip and big_vision do; `"all"` decays every parameter.
+  - `freeze=REGEX` (or a name in `freeze_aliases`, e.g. CLIP's `image` / `text`) freezes every
+    parameter whose '/'-joined path matches: it gets a zero update and no optimizer moments (its
+    leaves are masked out of AdamW's state), so a locked tower costs no Adam memory (LiT).
+  """
   schedule = optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=config.learning_rate,
@@ -198,8 +224,44 @@ def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, Callable]
     decay_steps=max(config.steps, 1),
     end_value=config.learning_rate * 0.01,
   )
+  mask = config.get("weight_decay_mask", "default")
   parts = []
   if config.grad_clip:
     parts.append(optax.clip_by_global_norm(config.grad_clip))
-  parts.append(optax.adamw(schedule, weight_decay=config.weight_decay))
-  return optax.chain(*parts), schedule
+  decay_mask = (lambda params: _map_paths(decays, params)) if mask == "default" else None
+  parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask))
+  tx = optax.chain(*parts)
+  freeze = config.get("freeze", "")
+  if freeze:
+    pattern = re.compile((freeze_aliases or {}).get(freeze, freeze))
+
+    def labels(params):
+      return _map_paths(lambda path: "frozen" if pattern.search(path) else "trained", params)
+
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule
+
+
+def decays(path: str) -> bool:
+  """Whether weight decay applies to the parameter at '/'-joined `path`: kernels and token
+  embedding tables, not biases, scales, position tables, class/null tokens or logit scale/bias."""
+  name = path.rsplit("/", 1)[-1]
+  if name == "kernel":
+    return True
+  return "embedding" in name and "position" not in name and name != "class_embedding"
+
+
+def param_paths(params: Any) -> list[str]:
+  """The '/'-joined path of every parameter (boxes with logical names are looked through)."""
+  return jax.tree.leaves(_map_paths(lambda path: path, params))
+
+
+def _map_paths(fn: Callable[[str], Any], params: Any) -> Any:
+  """`fn(path)` at every parameter of `params` (a tree that may hold nn.Partitioned boxes)."""
+
+  def name(path) -> str:
+    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+    return "/".join(str(k) for k in keys if k != "value")
+
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  return jax.tree_util.tree_map_with_path(lambda path, _: fn(name(path)), params, is_leaf=is_box)

@@ -13,9 +13,8 @@ import pytest
 from flax import linen as nn
 
 from experiments import avdcnn as exp
-from multimodal_jax import audio
-from multimodal_jax import speech_enhancement as se
-from multimodal_jax.errors import UserError
+from multimodal_jax import audio, enhance, losses
+from multimodal_jax.data import frames as frames_lib
 from multimodal_jax.eval import speech_quality as sq
 from multimodal_jax.losses import avdcnn_loss
 from multimodal_jax.models import avdcnn
@@ -37,7 +36,7 @@ def _batch(n, seed=0):
 
 def _init(config, seed=0):
   model = avdcnn.AVDCNN(config)
-  boxed = jax.jit(exp.make_init_params(model))(jax.random.key(seed))
+  boxed = jax.jit(avdcnn.make_init_params(model))(jax.random.key(seed))
   return model, boxed, nn.meta.unbox(boxed)
 
 
@@ -60,7 +59,7 @@ def _infer(model, params, stats, batch):
 def test_shapes_and_flattened_widths(config, widths, heads):
   # shapes only (eval_shape): the paper-sized model is never compiled here
   model = avdcnn.AVDCNN(config)
-  boxed = jax.eval_shape(exp.make_init_params(model), jax.random.key(0))
+  boxed = jax.eval_shape(avdcnn.make_init_params(model), jax.random.key(0))
   params = nn.meta.unbox(boxed)
   assert avdcnn.flat_widths(config) == widths
   # the first FC layer sees exactly the derived concatenation (2,828 for AV, not the paper's 2,804)
@@ -315,13 +314,13 @@ def _fake_examples(count=3, seed=0):
 
 def test_features_match_the_audio_front_end_and_frames_keep_to_their_utterance():
   examples = _fake_examples()
-  x, y = se.utterance_features(examples[1], floor=-4.0)
+  x, y, _, _ = frames_lib.utterance_features(examples[1], floor=-4.0)
   lp = audio.log_power(audio.stft(examples[1]["noisy"]))
   normalised, mean, std = audio.normalize_utterance(lp)
   np.testing.assert_allclose(x, normalised, rtol=1e-4, atol=1e-4)
   clean_lp = audio.log_power(audio.stft(examples[1]["clean"]))
   np.testing.assert_allclose(y, np.maximum((clean_lp - mean) / std, -4.0), rtol=1e-4, atol=1e-4)
-  source = se.FrameSource(examples, floor=-4.0)
+  source = frames_lib.FrameSource(examples, floor=-4.0)
   sizes = [len(e["lips"]) for e in examples]
   assert len(source) == sum(sizes)
   first_of_second = sizes[0]
@@ -341,7 +340,7 @@ def test_features_match_the_audio_front_end_and_frames_keep_to_their_utterance()
 def test_compressed_loss_is_the_squared_error_of_compressed_magnitudes():
   examples = _fake_examples(2)
   model, _, params = _init(TINY)
-  source = se.FrameSource(examples, floor=-4.0)
+  source = frames_lib.FrameSource(examples, floor=-4.0)
   batch = source.batch(np.arange(0, len(source), 3))
   loss, parts = exp.make_loss_fn(model, mu=0.5, loss="compressed")(params, batch, jax.random.key(0))
   out = avdcnn.apply_train(model, params, batch, jax.random.key(0))
@@ -350,19 +349,22 @@ def test_compressed_loss_is_the_squared_error_of_compressed_magnitudes():
     power = np.exp(np.asarray(normalised, np.float64) * batch["std"] + batch["mean"])
     return np.sqrt(power) ** 0.3
 
-  by_hand = exp.COMPRESSED_SCALE * np.mean(np.sum((magnitude(out["audio"]) - magnitude(batch["target"])) ** 2, -1))
+  by_hand = losses.COMPRESSED_SCALE * np.mean(np.sum((magnitude(out["audio"]) - magnitude(batch["target"])) ** 2, -1))
   np.testing.assert_allclose(parts["audio_loss"], by_hand, rtol=1e-4)
   assert loss == pytest.approx(float(parts["audio_loss"]) + 0.5 * float(parts["visual_loss"]), rel=1e-5)
-  with pytest.raises(UserError, match="loss='l1'"):
-    exp.make_loss_fn(model, mu=1.0, loss="l1")
+  # the visual target is the normalised centre mouth image
+  centre = np.asarray(batch["lips"][:, 2], np.float32) / 255.0
+  flat = centre.reshape(len(centre), -1)
+  expected = (flat - flat.mean(1, keepdims=True)) / (flat.std(1, keepdims=True) + 1e-3)
+  np.testing.assert_allclose(avdcnn.lips_target(batch["lips"]), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_enhancer_equals_the_unpadded_pipeline_and_keeps_the_length():
   examples = _fake_examples(2)
   model, _, params = _init(TINY)
-  source = se.FrameSource(examples, floor=-4.0)
+  source = frames_lib.FrameSource(examples, floor=-4.0)
   stats = avdcnn.population_batch_stats(model, params, [source.batch(np.arange(len(source)))])
-  enhancer = se.Enhancer(model, params, stats)
+  enhancer = enhance.Enhancer(model, params, stats)
   ex = examples[1]
   enhanced = enhancer(ex["noisy"], ex["lips"])
   assert enhanced.shape == ex["noisy"].shape and enhanced.dtype == np.float32
@@ -376,3 +378,25 @@ def test_enhancer_equals_the_unpadded_pipeline_and_keeps_the_length():
   np.testing.assert_allclose(enhanced, expected, rtol=1e-3, atol=2e-5)
   with pytest.raises(ValueError, match="sees the lips"):
     enhancer(ex["noisy"], None)
+
+
+def test_sample_batches_are_distinct_frames_of_a_seeded_permutation():
+  source = frames_lib.FrameSource(_fake_examples(2), floor=-4.0)
+  batches = source.sample_batches(seed=3, batch_size=16, count=4)
+  order = np.random.default_rng(3).permutation(len(source))
+  assert len(batches) == 4
+  for i, b in enumerate(batches):
+    for key, value in source.batch(order[i * 16 : (i + 1) * 16]).items():
+      np.testing.assert_array_equal(b[key], value)
+  # more batches than the frames hold: as many whole batches as fit; a batch larger than the data: one
+  assert len(source.sample_batches(0, 16, 10_000)) == len(source) // 16
+  (whole,) = source.sample_batches(0, 10 * len(source), 2)
+  assert len(whole["target"]) == len(source)
+
+
+def test_batch_stats_shapes_are_those_of_the_population_statistics():
+  model, _, params = _init(TINY)
+  stats = avdcnn.population_batch_stats(model, params, [_batch(8)])
+  shapes = avdcnn.batch_stats_shapes(model)
+  assert jax.tree.structure(shapes) == jax.tree.structure(stats)
+  assert jax.tree.leaves(jax.tree.map(lambda s, x: s.shape == x.shape and s.dtype == x.dtype, shapes, stats))

@@ -56,8 +56,7 @@ from multimodal_jax.data import lips as lips_lib
 from multimodal_jax.data import noise_sources, prepared, speech_sources
 
 SEED = 20240705
-SAMPLE_RATE = speech_sources.SAMPLE_RATE
-N_FFT, HOP = 512, 320
+SAMPLE_RATE = audio_lib.SAMPLE_RATE
 TRAIN_NOISES = (
   "white",
   "pink",
@@ -153,9 +152,10 @@ def missing_packages() -> list[tuple[str, str]]:
   return missing
 
 
-def check_packages() -> None:
-  """Raises MissingDataPackageError naming every missing package and the install command (one line)."""
-  missing = missing_packages()
+def check_packages(noise_dir: str = "") -> None:
+  """Raises MissingDataPackageError naming every missing package and the install command (one line).
+  With a `noise_dir` the noise packages are not needed, only the speech ones."""
+  missing = speech_sources.missing_packages() if noise_dir else missing_packages()
   if not missing:
     return
   packages = " ".join(dict.fromkeys(p for p, _ in missing))
@@ -303,9 +303,18 @@ def make_example(clean, lips, noise, noise_name: str, snr: float, utterance: spe
   }
 
 
-def generate(split: str, pool: list[speech_sources.Utterance], sizes: Sizes, seed: int = SEED):
+def noise_bank(split: str, talkers: list[speech_sources.Utterance], sizes: Sizes, noise_dir: str = ""):
+  """The noise of a split: a NoiseBank (the noise types of TRAIN_NOISES / TEST_NOISES), or with
+  `noise_dir` the split's audio files there (`noise_sources.noise_files`). Either has `names` and is
+  called as `bank(name, rng, n, speaker)`."""
+  if not noise_dir:
+    return NoiseBank(split, talkers, sizes)
+  return noise_sources.FileNoises(noise_sources.noise_files(noise_dir)[split], SAMPLE_RATE)
+
+
+def generate(split: str, pool: list[speech_sources.Utterance], sizes: Sizes, seed: int = SEED, noise_dir: str = ""):
   """Yields (key, example) of one split from its clean utterances, examples as stored (audio int16)."""
-  bank = NoiseBank(split, pool, sizes)
+  bank = noise_bank(split, pool, sizes, noise_dir)
   for i, utterance in enumerate(pool):
     rng = _rng(seed, 1 if split == "train" else 2, i)
     clean, phonemes = pad_utterance(utterance, rng)
@@ -313,15 +322,15 @@ def generate(split: str, pool: list[speech_sources.Utterance], sizes: Sizes, see
     if split == "train":
       for m in range(sizes.train_mixtures):
         mixture_rng = rng if m == 0 else _rng(seed, 4, i, m)
-        name = TRAIN_NOISES[int(mixture_rng.integers(len(TRAIN_NOISES)))]
+        name = bank.names[int(mixture_rng.integers(len(bank.names)))]
         snr = float(mixture_rng.choice(TRAIN_SNRS))
         noise = bank(name, mixture_rng, len(clean), utterance.speaker)
         yield i * sizes.train_mixtures + m, make_example(clean, lips, noise, name, snr, utterance)
       continue
-    for j, name in enumerate(TEST_NOISES):
+    for j, name in enumerate(bank.names):
       noise = bank(name, _rng(seed, 3, i, j), len(clean), utterance.speaker)
       for k, snr in enumerate(TEST_SNRS):
-        yield (i * len(TEST_NOISES) + j) * len(TEST_SNRS) + k, make_example(clean, lips, noise, name, snr, utterance)
+        yield (i * len(bank.names) + j) * len(TEST_SNRS) + k, make_example(clean, lips, noise, name, snr, utterance)
 
 
 # ---------------------------------------------------------------- TFDS
@@ -348,6 +357,27 @@ def features() -> tfds.features.FeaturesDict:
   )
 
 
+@dataclasses.dataclass(eq=False)
+class AvSpeechConfig(tfds.core.BuilderConfig):
+  """A config: `sizes` names its CONFIGS entry ("" : the config's name); `noise_dir` replaces the
+  packages' noises by the audio files there."""
+
+  sizes: str = ""
+  noise_dir: str = ""
+
+
+def noise_config(sizes: str, noise_dir: str) -> AvSpeechConfig:
+  """The config of `sizes` with the noise files of `noise_dir`, named after a hash of the directory
+  and its files (names and sizes), so that other noise is stored apart."""
+  noise_dir = os.path.realpath(noise_dir)
+  splits = noise_sources.noise_files(noise_dir)
+  files = [(os.path.relpath(p, noise_dir), os.path.getsize(p)) for s in ("train", "test") for p in splits[s]]
+  key = repr((sizes, noise_dir, files))
+  return AvSpeechConfig(
+    name=f"{sizes}_noise{zlib.crc32(key.encode()):08x}", description=key, sizes=sizes, noise_dir=noise_dir
+  )
+
+
 class AvSpeech(tfds.core.GeneratorBasedBuilder):
   """AV-speech: clean and noisy 16 kHz speech with a rendered 50 fps lip stream."""
 
@@ -357,8 +387,8 @@ class AvSpeech(tfds.core.GeneratorBasedBuilder):
     "1.1.0": "18 training noise types (was 6), 2 mixtures per training utterance; test split unchanged.",
   }
   BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
-    tfds.core.BuilderConfig(name="default", description="4,800 train (2,400 utterances) and 320 test examples."),
-    tfds.core.BuilderConfig(name="tiny", description="24 train and 32 test examples, for tests."),
+    AvSpeechConfig(name="default", description="4,800 train (2,400 utterances) and 320 test examples."),
+    AvSpeechConfig(name="tiny", description="24 train and 32 test examples, for tests."),
   ]
   code_path = None  # We download nothing (see av_digits.AvDigits).
 
@@ -371,10 +401,12 @@ class AvSpeech(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    check_packages()
-    sizes = CONFIGS[self.builder_config.name]
+    config = self.builder_config
+    noise_dir = getattr(config, "noise_dir", "")
+    check_packages(noise_dir)
+    sizes = CONFIGS[getattr(config, "sizes", "") or config.name]
     pools = speech_pools(sizes, SEED)
-    return {split: generate(split, pools[split], sizes) for split in ("train", "test")}
+    return {split: generate(split, pools[split], sizes, noise_dir=noise_dir) for split in ("train", "test")}
 
   def _generate_examples(self, examples):
     yield from examples
@@ -428,13 +460,17 @@ def _in_memory_shuffle(limit: int):
     shuffle.MAX_MEM_BUFFER_SIZE = saved
 
 
-def load(data_dir: str | None = None, config: str = "default") -> dict[str, DecodedSource]:
+def load(
+  data_dir: str | None = None, config: str = "default", noise_dir: str | None = None
+) -> dict[str, DecodedSource]:
   """{'train': source, 'test': source}, random access, prepared on first use.
 
   Args:
     data_dir: TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).
     config: 'default' (4,800 train mixtures of 2,400 utterances and 320 test examples) or
       'tiny' (24 and 32, a few seconds; for tests).
+    noise_dir: a directory of audio files (any rate, mono or stereo) that replace the noises of the
+      Debian packages (`noise_sources.noise_files` splits them into train and test noises).
 
   Returns:
     Sources whose elements are dicts: 'clean', 'noisy' float32 `[N]`, 'lips' uint8
@@ -447,14 +483,10 @@ def load(data_dir: str | None = None, config: str = "default") -> dict[str, Deco
   """
   if config not in CONFIGS:
     raise errors.UserError(f"unknown AV-speech config {config!r}: use one of {', '.join(CONFIGS)}")
-  builder = AvSpeech(config=config, data_dir=data_dir, file_format="array_record")
+  builder_config = noise_config(config, noise_dir) if noise_dir else config
+  builder = AvSpeech(config=builder_config, data_dir=data_dir, file_format="array_record")
   if not builder.data_path.exists():
-    check_packages()
+    check_packages(noise_dir or "")
     with _in_memory_shuffle(4 << 30):
       builder.download_and_prepare()
   return {split: DecodedSource(source) for split, source in prepared.data_sources(builder).items()}
-
-
-def num_frames(num_samples: int) -> int:
-  """Lip frames of an utterance of `num_samples` samples (= STFT frames, 512 / 320)."""
-  return audio_lib.num_frames(num_samples, N_FFT, HOP)

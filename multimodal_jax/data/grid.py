@@ -15,7 +15,8 @@ Examples have the features of `av_speech` (clean/noisy 16 kHz audio, `snr`, `noi
 are a fixed box of every frame (by default the centre-bottom of the face, see MOUTH_BOX), resized
 to 16x24 by area averaging, and resampled from 25 to 50 fps by linear interpolation between
 frames. Noise is mixed as in av_speech: train utterances get one training noise each, test
-utterances every test noise at every test SNR; test speakers are held out.
+utterances every test noise at every test SNR; test speakers are held out. With a `noise_dir`, the
+noises are the audio files there and no Debian package is needed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from multimodal_jax import errors
-from multimodal_jax.data import av_speech, prepared, speech_sources
+from multimodal_jax.data import av_speech, noise_sources, prepared, speech_sources
 from multimodal_jax.data import lips as lips_lib
 
 VIDEO_FPS = 25.0
@@ -218,23 +219,24 @@ def load_utterance(item: Item, box) -> tuple[speech_sources.Utterance, np.ndarra
   return speech_sources.Utterance(audio, f"grid/{item.speaker}", read_alignment(item.align)), lips
 
 
-def generate(items: list[Item], split: str, box, noise_config: str, seed: int = av_speech.SEED):
-  """Yields (key, example) of a split as av_speech stores them (audio int16)."""
+def generate(items: list[Item], split: str, box, noise_config: str, seed: int = av_speech.SEED, noise_dir: str = ""):
+  """Yields (key, example) of a split as av_speech stores them (audio int16); the noise of
+  `noise_dir`'s files when given (`av_speech.noise_bank`)."""
   loaded = [load_utterance(item, box) for item in items]
-  bank = av_speech.NoiseBank(split, [u for u, _ in loaded], av_speech.CONFIGS[noise_config])
+  bank = av_speech.noise_bank(split, [u for u, _ in loaded], av_speech.CONFIGS[noise_config], noise_dir)
   for i, (utterance, lips) in enumerate(loaded):
     rng = np.random.default_rng([seed, zlib.crc32(f"{split}/{utterance.speaker}/{items[i].name}".encode())])
     n = len(utterance.audio)
     if split == "train":
-      name = av_speech.TRAIN_NOISES[int(rng.integers(len(av_speech.TRAIN_NOISES)))]
+      name = bank.names[int(rng.integers(len(bank.names)))]
       snr = float(rng.choice(av_speech.TRAIN_SNRS))
       noise = bank(name, rng, n, utterance.speaker)
       yield i, av_speech.make_example(utterance.audio, lips, noise, name, snr, utterance)
       continue
-    for j, name in enumerate(av_speech.TEST_NOISES):
+    for j, name in enumerate(bank.names):
       noise = bank(name, rng, n, utterance.speaker)
       for k, snr in enumerate(av_speech.TEST_SNRS):
-        key = (i * len(av_speech.TEST_NOISES) + j) * len(av_speech.TEST_SNRS) + k
+        key = (i * len(bank.names) + j) * len(av_speech.TEST_SNRS) + k
         yield key, av_speech.make_example(utterance.audio, lips, noise, name, snr, utterance)
 
 
@@ -243,20 +245,30 @@ def generate(items: list[Item], split: str, box, noise_config: str, seed: int = 
 
 @dataclasses.dataclass(eq=False)
 class GridConfig(tfds.core.BuilderConfig):
-  """Where GRID is and how to cut it: grid_dir, mouth box, test speakers, noise sizes (av_speech config)."""
+  """Where GRID is and how to cut it: grid_dir, mouth box, test speakers, noise sizes (av_speech
+  config), and a directory of noise files replacing the packages' noises ("" : none)."""
 
   grid_dir: str = ""
   box: tuple[float, float, float, float] | None = MOUTH_BOX
   test_speakers: tuple[str, ...] | None = None
   noise_config: str = "default"
+  noise_dir: str = ""
 
 
-def make_config(grid_dir: str, box=MOUTH_BOX, test_speakers=None, noise_config: str = "default") -> GridConfig:
-  """A GridConfig named after a hash of its settings, so different settings are stored apart."""
+def make_config(
+  grid_dir: str, box=MOUTH_BOX, test_speakers=None, noise_config: str = "default", noise_dir: str | None = None
+) -> GridConfig:
+  """A GridConfig named after a hash of its settings (and of the noise files), so different settings
+  are stored apart."""
   grid_dir = os.path.realpath(grid_dir)
   box = None if box is None else tuple(float(b) for b in box)
   test_speakers = None if test_speakers is None else tuple(test_speakers)
-  key = repr((grid_dir, box, test_speakers, noise_config))
+  settings = (grid_dir, box, test_speakers, noise_config)
+  if noise_dir:
+    noise_dir = os.path.realpath(noise_dir)
+    files = noise_sources.noise_files(noise_dir)
+    settings += (noise_dir, [(os.path.relpath(p, noise_dir), os.path.getsize(p)) for s in files.values() for p in s])
+  key = repr(settings)
   return GridConfig(
     name=f"d{zlib.crc32(key.encode()):08x}",
     description=key,
@@ -264,6 +276,7 @@ def make_config(grid_dir: str, box=MOUTH_BOX, test_speakers=None, noise_config: 
     box=box,
     test_speakers=test_speakers,
     noise_config=noise_config,
+    noise_dir=noise_dir or "",
   )
 
 
@@ -286,10 +299,13 @@ class Grid(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     items = scan(config.grid_dir)
     train, test = split_speakers([i.speaker for i in items], config.test_speakers)
-    av_speech.check_packages()
+    if not config.noise_dir:
+      av_speech.check_packages()
     return {
-      "train": generate([i for i in items if i.speaker in train], "train", config.box, config.noise_config),
-      "test": generate([i for i in items if i.speaker in test], "test", config.box, config.noise_config),
+      split: generate(
+        [i for i in items if i.speaker in speakers], split, config.box, config.noise_config, noise_dir=config.noise_dir
+      )
+      for split, speakers in (("train", train), ("test", test))
     }
 
   def _generate_examples(self, examples):
@@ -302,6 +318,7 @@ def load(
   box: tuple[float, float, float, float] | None = MOUTH_BOX,
   test_speakers: tuple[str, ...] | None = None,
   noise_config: str = "default",
+  noise_dir: str | None = None,
 ) -> dict[str, av_speech.DecodedSource]:
   """{'train', 'test'} random-access sources of GRID examples (av_speech's features), prepared on
   first use into `data_dir` (default: the TFDS data dir).
@@ -312,12 +329,14 @@ def load(
     box: mouth box (top, left, height, width) as fractions of the frame; None for the whole frame.
     test_speakers: held-out speakers (folder names); None: the last 20% (at least one).
     noise_config: av_speech config whose noise sample counts to use ('default' or 'tiny').
+    noise_dir: a directory of audio files (any rate, mono or stereo) mixed in instead of the Debian
+      packages' noises, which are then not needed (`noise_sources.noise_files`).
 
   Raises:
     UserError: the directory is missing or empty, or a video cannot be decoded.
   """
   scan(grid_dir)  # Fails early with one line.
-  config = make_config(grid_dir, box, test_speakers, noise_config)
+  config = make_config(grid_dir, box, test_speakers, noise_config, noise_dir)
   builder = Grid(config=config, data_dir=data_dir, file_format="array_record")
   if not builder.data_path.exists():
     builder.download_and_prepare()

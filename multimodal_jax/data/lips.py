@@ -27,8 +27,7 @@ import numpy as np
 from multimodal_jax import audio as audio_lib
 
 HEIGHT, WIDTH = 16, 24
-SAMPLE_RATE = 16000
-N_FFT, HOP = 512, 320  # 32 ms window, 20 ms hop: 50 frames per second.
+SAMPLE_RATE, N_FFT, HOP = audio_lib.SAMPLE_RATE, audio_lib.N_FFT, audio_lib.HOP  # 50 frames per second
 SHAPE_PARAMS = ("opening", "width", "rounding", "teeth", "tongue")
 REST = (0.0, 0.45, 0.15, 0.0, 0.0)  # Closed, relaxed mouth.
 SMOOTH_FRAMES = 1.2  # Gaussian sigma of the coarticulation smoothing, in frames.

@@ -1,11 +1,13 @@
-"""Noise for AV-digits and AVDCNN: real music and samples, synthetic white, pink, babble, street noise.
+"""Noise for AV-digits and AVDCNN: real music and samples, the user's noise files, synthetic white,
+pink, babble, street noise.
 
 Real music: the 8 kHz on-hold music tracks of the Debian package
 `asterisk-moh-opsound-wav` (`/usr/share/asterisk/moh/*.wav`); real samples
 (ambient textures, drums, tabla, electronic sounds): the 44.1 kHz FLAC files of
-the Debian package `sonic-pi-samples`, read by the NumPy FLAC decoder in `flac.py`.
-The AV-digits helpers work at 8 kHz; white, pink, babble and the AVDCNN helpers
-at any rate.
+the Debian package `sonic-pi-samples`. The user's noise (`noise_files`, `FileNoises`): any
+audio files in a directory, at any rate, mono or stereo. Files are read with soundfile
+(`audio.read_audio`). The AV-digits helpers work at 8 kHz; white, pink, babble and the AVDCNN
+helpers at any rate.
 """
 
 import os
@@ -15,7 +17,7 @@ from scipy import signal
 
 from multimodal_jax import audio as audio_lib
 from multimodal_jax.data import digit_sources
-from multimodal_jax.data.flac import read_flac
+from multimodal_jax.errors import UserError
 
 ASTERISK_MOH_DIR = "/usr/share/asterisk/moh"
 MUSIC_TRACKS = (
@@ -38,7 +40,10 @@ def load_music(tracks: tuple[str, ...]) -> np.ndarray:
   Returns:
     float32 `[n]` at 8 kHz, zero mean, unit RMS.
   """
-  parts = [digit_sources.read_wav(os.path.join(ASTERISK_MOH_DIR, f"{t}.wav")) for t in tracks]
+  parts = []
+  for t in tracks:
+    signal, rate = audio_lib.read_audio(os.path.join(ASTERISK_MOH_DIR, f"{t}.wav"))
+    parts.append(audio_lib.resample(signal, rate, digit_sources.SAMPLE_RATE))
   x = np.concatenate(parts)
   x = x - x.mean()
   return (x / (x.std() + 1e-9)).astype(np.float32)
@@ -121,11 +126,68 @@ def load_sonic_pi(paths: list[str], rate: int, max_seconds: float = 4.0) -> list
   """The samples (at most max_seconds each) as mono float32 `[n]` at `rate`, peak 1."""
   out = []
   for path in paths:
-    audio, native = read_flac(path, max_seconds=max_seconds)
-    audio = audio.mean(axis=1)[: int(max_seconds * native)]
+    audio, native = audio_lib.read_audio(path, max_seconds=max_seconds)
     audio = audio_lib.resample(audio, native, rate)
     out.append((audio / (np.abs(audio).max() + 1e-9)).astype(np.float32))
   return out
+
+
+# ---------------------------------------------------------------- the user's noise files
+
+NOISE_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".aifc", ".au", ".caf", ".w64", ".rf64", ".mp3")
+TEST_NOISE_FRACTION = 0.2  # Share of a noise directory's files held out for the test split (at least one).
+
+
+def noise_files(noise_dir: str) -> dict[str, list[str]]:
+  """`{"train": paths, "test": paths}` of the audio files of `noise_dir`: those of its `train/` and
+  `test/` sub-directories when it has both, else its own files sorted by name, the last
+  TEST_NOISE_FRACTION (at least one) for test, so that test noises are never heard in training.
+  UserError (one line) when it has too few files."""
+
+  def listing(folder: str) -> list[str]:
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(NOISE_SUFFIXES))
+    return [os.path.join(folder, f) for f in names if os.path.isfile(os.path.join(folder, f))]
+
+  if not os.path.isdir(noise_dir):
+    raise UserError(f"noise directory {noise_dir!r} does not exist: set --config.noise_dir to a folder of audio files")
+  if all(os.path.isdir(os.path.join(noise_dir, s)) for s in ("train", "test")):
+    splits = {s: listing(os.path.join(noise_dir, s)) for s in ("train", "test")}
+  else:
+    paths = listing(noise_dir)
+    k = max(1, round(TEST_NOISE_FRACTION * len(paths)))
+    splits = {"train": paths[:-k], "test": paths[-k:]}
+  for split, paths in splits.items():
+    if not paths:
+      raise UserError(
+        f"noise directory {noise_dir!r} gives no {split} noise: put at least two audio files (WAV, FLAC, OGG) in it, "
+        "or train/ and test/ folders of them"
+      )
+  return splits
+
+
+class FileNoises:
+  """Noise from audio files: each file is a noise type named after its file (stem), read once,
+  mixed down to mono, resampled to `rate` and scaled to unit RMS; a call returns a random stretch
+  of it (looped when the file is shorter)."""
+
+  def __init__(self, paths: list[str], rate: int):
+    self.names: tuple[str, ...] = tuple(os.path.splitext(os.path.basename(p))[0] for p in paths)
+    if len(set(self.names)) != len(self.names):
+      raise UserError(f"noise files {paths} share a name: give each noise file its own name")
+    self._audio = {}
+    for name, path in zip(self.names, paths, strict=True):
+      signal, native = audio_lib.read_audio(path, what="noise file")
+      signal = audio_lib.resample(signal, native, rate)
+      if not len(signal) or not np.any(signal):
+        raise UserError(f"noise file {path!r} is empty or silent: remove it or give a file with sound")
+      self._audio[name] = ((signal - signal.mean()) / (signal.std() + 1e-9)).astype(np.float32)
+
+  def __call__(self, name: str, rng: np.random.Generator, n: int, speaker: str = "") -> np.ndarray:
+    """`n` samples of noise `name`, float32 `[n]`, from a random start (`speaker` is not used)."""
+    del speaker
+    source = self._audio[name]
+    looped = np.tile(source, n // len(source) + 2) if len(source) < n else source
+    return random_segment(rng, looped, n)
 
 
 def sequence(

@@ -31,7 +31,7 @@ import numpy as np
 from multimodal_jax import audio as audio_lib
 from multimodal_jax.data import digit_sources
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = audio_lib.SAMPLE_RATE
 MIN_SECONDS, MAX_SECONDS = 0.5, 3.0
 TRIM_DB = -35.0  # Frames quieter than this (relative to the loudest) are trimmed at both ends.
 PEAK = 0.5  # Clean utterances are scaled to this peak (headroom for the noise).
@@ -108,7 +108,7 @@ def missing_packages() -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- audio helpers
 
 
-read_wav = digit_sources.read_wav_native
+read_wav = audio_lib.read_audio  # (float32 mono [n], rate) of a WAV (or any audio) file
 
 
 def to_16k(audio: np.ndarray, rate: int) -> np.ndarray:

@@ -43,15 +43,36 @@ def saved_config(
 
 
 def restore_params(
-  workdir: str, init_params: Callable[[jax.Array], Any], mesh: jax.sharding.Mesh, ema: bool | None = None
-) -> tuple[int, Any]:
+  workdir: str,
+  init_params: Callable[[jax.Array], Any],
+  mesh: jax.sharding.Mesh,
+  ema: bool | None = None,
+  model_state: Any = None,
+) -> tuple[int, Any] | tuple[int, Any, Any]:
   """`(step, params)` of the newest readable checkpoint in `workdir`, sharded for `mesh` (the EMA
-  params when the run kept an EMA, unless `ema` says otherwise). Builds no optimizer."""
+  params when the run kept an EMA, unless `ema` says otherwise). Builds no optimizer.
+
+  With `model_state` (the model state's `jax.ShapeDtypeStruct`s, e.g. batch-norm statistics), also
+  the model state saved with those params: `(step, params, model_state)`, replicated on `mesh`.
+  """
+  state_target = None
+  if model_state is not None:
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), model_state)
   try:
-    step, params, _ = checkpoint.restore_params(workdir, train.abstract_params(init_params, mesh), ema=ema)
+    step, params, restored_state = checkpoint.restore_params(
+      workdir, train.abstract_params(init_params, mesh), ema=ema, model_state=state_target
+    )
   except checkpoint.NoCheckpointError as e:
     raise UserError(str(e)) from None
-  return step, params
+  except checkpoint.CheckpointMismatchError as e:
+    if model_state is None or "model_state" not in str(e):
+      raise
+    raise UserError(
+      f"the run in {workdir} was saved without its model state (batch-norm statistics), by an older version of "
+      "this library: train it again"
+    ) from None
+  return (step, params) if model_state is None else (step, params, restored_state)
 
 
 def report(workdir: str, result: dict) -> None:

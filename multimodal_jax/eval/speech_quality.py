@@ -9,13 +9,16 @@
 - `segmental_snr`: mean over 32 ms frames (50% overlap) of the per-frame SNR in dB, each clamped
   to [-10, 35] dB as usual.
 
+`evaluate` scores an enhancer on a test split (enhanced, noisy, and with a fixed mouth) overall,
+per SNR and per noise type; `plot_spectrograms` draws noisy / enhanced / clean side by side.
+
 Imports only numpy, pesq and pystoi (no JAX), so `score_utterances` can fan out over processes.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -132,3 +135,83 @@ def mean_scores(rows: Sequence[dict], keys: Sequence[str] = ("pesq", "pesq_nb", 
     out[k] = float(finite.mean()) if len(finite) else float("nan")
   out["pesq_failures"] = int(sum("pesq_error" in r for r in rows))
   return out
+
+
+# --- Test-set evaluation of an enhancer ---------------------------------------------------------------------------
+
+VARIANTS = ("enhanced", "noisy", "fixed_lips")  # what `evaluate` scores; fixed_lips only PESQ and STOI
+
+
+def summary(rows: list[dict]) -> dict:
+  """Mean scores of scored rows (`{"enhanced": scores, "noisy": scores, ...}` each): keys `pesq`, ...
+  for the enhanced signal, `pesq_noisy`, ... for the others, with the PESQ failure counts."""
+  out = {"utterances": len(rows)}
+  for variant in [k for k in VARIANTS if k in rows[0]]:
+    means = mean_scores([r[variant] for r in rows])
+    suffix = "" if variant == "enhanced" else f"_{variant}"
+    for name in ("pesq", "pesq_nb", "stoi", "sdi", "ssnr"):
+      if name in means and (variant != "fixed_lips" or name in ("pesq", "pesq_nb", "stoi")):
+        out[name + suffix] = means[name]
+    out["pesq_failures" + suffix] = means["pesq_failures"]
+  return out
+
+
+def table(rows: list[dict], key: str) -> dict:
+  """`summary` of the rows of each value of `key` (e.g. snr, noise), in sorted order."""
+  groups: dict = {}
+  for r in rows:
+    groups.setdefault(r[key], []).append(r)
+  return {str(k): summary(v) for k, v in sorted(groups.items())}
+
+
+def evaluate(
+  enhance: Callable,
+  test,
+  rate: int,
+  limit: int = 0,
+  processes: int = 2,
+  fixed_lips: Callable[[int], np.ndarray] | None = None,
+) -> dict:
+  """Scores of `enhance(noisy, lips) -> enhanced` on the first `limit` (0: all) examples of `test`
+  (dicts with float `clean`, `noisy`, `lips`, `snr`, str `noise`): the enhanced and the noisy
+  signals and, with `fixed_lips(frames)` (a constant mouth), the enhanced signal without the real
+  lips. Overall (`summary`), `per_snr` and `per_noise`."""
+  count = len(test) if not limit else min(limit, len(test))
+  pairs, rows = [], []
+  for i in range(count):
+    ex = test[i]
+    clean, noisy = np.asarray(ex["clean"], np.float32), np.asarray(ex["noisy"], np.float32)
+    variants = {"enhanced": enhance(noisy, ex["lips"]), "noisy": noisy}
+    if fixed_lips is not None:
+      variants["fixed_lips"] = enhance(noisy, fixed_lips(len(ex["lips"])))
+    pairs += [(clean, deg) for deg in variants.values()]
+    rows.append({"snr": float(np.asarray(ex["snr"])), "noise": str(ex["noise"]), "variants": list(variants)})
+  scores = iter(score_utterances(pairs, rate, processes))
+  for row in rows:
+    row.update({name: next(scores) for name in row.pop("variants")})
+  return {**summary(rows), "per_snr": table(rows, "snr"), "per_noise": table(rows, "noise")}
+
+
+def plot_spectrograms(signals: dict[str, np.ndarray], log_power: dict[str, np.ndarray], rate: int, title: str, path):
+  """Writes the log spectrograms (`log_power[name]` `[frames, bins]`, natural log) of `signals` one
+  above the other to an image at `path`, each titled with its PESQ and STOI against `signals["clean"]`."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  specs = {k: np.asarray(v) / np.log(10) * 10 for k, v in log_power.items()}
+  top = max(v.max() for v in specs.values())
+  clean = signals["clean"]
+  fig, axes = plt.subplots(len(specs), 1, figsize=(8, 7), sharex=True, constrained_layout=True)
+  seconds = len(clean) / rate
+  for ax, (name, spec) in zip(axes, specs.items(), strict=True):
+    extent = (0, seconds, 0, rate / 2000)
+    image = ax.imshow(spec.T, origin="lower", aspect="auto", extent=extent, vmin=top - 80, vmax=top)
+    scores = None if name == "clean" else score(clean, signals[name], rate)
+    ax.set_title(name + (f"  (PESQ {scores['pesq']:.2f}, STOI {scores['stoi']:.2f})" if scores else ""), fontsize=10)
+    ax.set_ylabel("kHz")
+  axes[-1].set_xlabel("seconds")
+  fig.colorbar(image, ax=axes, label="dB")
+  fig.suptitle(title)
+  fig.savefig(path, dpi=100)

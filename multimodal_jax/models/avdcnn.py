@@ -31,25 +31,21 @@ Chosen here, where the paper is not specific:
   frame, W = 0 and b = `gain_bias` = -3 at init (output = input - 0.05); the enhanced frame can
   never exceed the noisy one, so the model cannot add energy or hallucinate speech.
   `"residual"`: `Ŷ = X_t + W h + b` (zero-initialised, starts as the identity). `"plain"`: the
-  paper's linear head. Measured on a pre-release AV-speech build with the log-power loss (800
-  steps of 256 frames, 320 test mixtures, PESQ wide-band; noisy 1.212 / STOI 0.857): gain AV
-  1.331 / 0.831, residual AV 1.322 / 0.815; the plain head (1,500 steps) degraded every score below
-  the noisy input's (audio-only PESQ 1.11, STOI 0.64). The gain head is the default: the best PESQ
-  and better STOI. (The experiment's current default and its scores: experiments/avdcnn.py.)
+  paper's linear head. (How they compare: docs/results/avdcnn.md.)
 - Presets: `paper` (the layers above), `wide` (2,048 + 2,048 shared sigmoid units instead of
-  1,000 + 800: AV PESQ 1.506 vs 1.484 with the experiment's default recipe), `tiny` (tests).
+  1,000 + 800), `tiny` (tests).
 - Batch norm: the train step is a pure function, so training normalises with the statistics of
   the current batch and discards the running averages (`apply(..., mutable=["batch_stats"])`).
   Inference uses population statistics computed once from training batches with the final params
   (`population_batch_stats`, "precise BN"): per layer the mean of the batch means and the pooled
-  variance. Inference therefore never depends on which frames share a test batch.
+  variance. Inference therefore never depends on which frames share a test batch. The trainer keeps
+  them as the train state's `model_state`, computed from the params of every checkpoint it saves.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -315,6 +311,36 @@ def model_inputs(batch: dict, config: AVDCNNConfig) -> tuple[jnp.ndarray, jnp.nd
   return batch["audio"].astype(jnp.float32), lips
 
 
+def lips_target(lips: jnp.ndarray) -> jnp.ndarray:
+  """The visual head's target: the normalised centre mouth image of uint8 `lips` `[b, context, 16, 24, 3]`,
+  flattened to `[b, 1152]`."""
+  centre = lips[:, lips.shape[1] // 2]
+  return normalize_lips(centre).reshape(centre.shape[0], -1)
+
+
+def init_example(config: AVDCNNConfig) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+  """`(audio, lips)` zero model inputs of one frame, for `init` and shape inference."""
+  example = {"audio": np.zeros((1, config.bins, config.context), np.float32)}
+  example["lips"] = np.zeros((1, config.context, *LIPS_SHAPE), np.uint8)
+  return model_inputs(example, config)
+
+
+def make_init_params(model: AVDCNN) -> Callable[[jax.Array], Any]:
+  """`init_params(rng) -> params` (logically annotated), the trainer's params initialiser."""
+
+  def init_params(rng):
+    return model.init({"params": rng}, *init_example(model.config), train=False)["params"]
+
+  return init_params
+
+
+def batch_stats_shapes(model: AVDCNN) -> Any:
+  """The `jax.ShapeDtypeStruct`s of the model's batch-norm statistics (the model state), without
+  computing anything."""
+  variables = jax.eval_shape(lambda rng: model.init({"params": rng}, *init_example(model.config)), jax.random.key(0))
+  return variables["batch_stats"]
+
+
 def apply_train(model: AVDCNN, params: Any, batch: dict, rng: jax.Array) -> dict:
   """Training forward pass: batch-statistics normalisation, dropout; running averages discarded."""
   audio, lips = model_inputs(batch, model.config)
@@ -368,28 +394,3 @@ def _map_bn(tree: Any, fn: Callable[[jnp.ndarray, jnp.ndarray], dict]) -> Any:
   if isinstance(tree, dict) and set(tree) == {"mean", "var"}:
     return fn(tree["mean"], tree["var"])
   return {k: _map_bn(v, fn) for k, v in tree.items()}
-
-
-def save_batch_stats(path: str, batch_stats: Any) -> None:
-  """Writes a batch_stats tree to an .npz (keys are '/'-joined paths)."""
-  flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v) for p, v in _leaves(batch_stats)}
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **flat)
-  os.replace(tmp, path)
-
-
-def load_batch_stats(path: str) -> Any:
-  """The batch_stats tree written by `save_batch_stats`."""
-  tree: dict = {}
-  with np.load(path) as data:
-    for key in data.files:
-      node = tree
-      *parents, leaf = key.split("/")
-      for part in parents:
-        node = node.setdefault(part, {})
-      node[leaf] = jnp.asarray(data[key])
-  return tree
-
-
-def _leaves(tree: Any) -> Sequence[tuple[tuple, Any]]:
-  return jax.tree_util.tree_flatten_with_path(tree)[0]
