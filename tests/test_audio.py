@@ -86,3 +86,62 @@ def test_padding_is_masked_out_of_the_statistics_and_the_context():
 def test_istft_refuses_a_length_that_does_not_match():
   with pytest.raises(ValueError, match="frames do not match"):
     audio.istft(audio.stft(jnp.zeros(16000)), 8000)
+
+
+# --- files (soundfile) ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "name, subtype", [("a.wav", "PCM_16"), ("b.wav", "PCM_24"), ("c.wav", "FLOAT"), ("d.flac", "PCM_16")]
+)
+def test_read_audio_reads_any_subformat_and_mixes_stereo_down(tmp_path, name, subtype):
+  import soundfile
+
+  rng = np.random.default_rng(0)
+  stereo = np.clip(0.3 * rng.normal(size=(4410, 2)), -1, 1)
+  soundfile.write(tmp_path / name, stereo, 44100, subtype=subtype)
+  signal, rate = audio.read_audio(str(tmp_path / name))
+  assert rate == 44100 and signal.dtype == np.float32 and signal.shape == (4410,)
+  tolerance = {"PCM_16": 1 / 32768, "PCM_24": 1 / 2**23, "FLOAT": 1e-7}[subtype]
+  np.testing.assert_allclose(signal, stereo.mean(axis=1), atol=tolerance)
+  start, _ = audio.read_audio(str(tmp_path / name), max_seconds=0.05)
+  np.testing.assert_array_equal(start, signal[:2205])
+
+
+def test_write_audio_writes_16_bit_pcm_that_reads_back(tmp_path):
+  import soundfile
+
+  x = np.linspace(-1.5, 1.5, 1000).astype(np.float32)  # clipped to [-1, 1]
+  audio.write_audio(str(tmp_path / "o.wav"), x, 8000)
+  info = soundfile.info(str(tmp_path / "o.wav"))
+  assert (info.samplerate, info.channels, info.subtype) == (8000, 1, "PCM_16")
+  back, _ = audio.read_audio(str(tmp_path / "o.wav"))
+  np.testing.assert_allclose(back, np.round(np.clip(x, -1, 1) * 32767) / 32768, atol=1e-7)
+
+
+def test_missing_or_unreadable_audio_is_one_line(tmp_path):
+  from multimodal_jax.errors import UserError
+
+  with pytest.raises(UserError, match="does not exist"):
+    audio.read_audio(str(tmp_path / "none.wav"))
+  (tmp_path / "junk.wav").write_bytes(b"RIFF\x00\x01not really a wave file")
+  with pytest.raises(UserError, match="is not a readable audio file") as e:
+    audio.read_audio(str(tmp_path / "junk.wav"), what="input")
+  assert "\n" not in str(e.value) and str(e.value).startswith("input ")
+
+
+def test_read_lips_scales_floats_and_checks_the_shape(tmp_path):
+  from multimodal_jax.errors import UserError
+
+  np.save(tmp_path / "unit.npy", np.full((7, 16, 24, 3), 0.5, np.float32))
+  lips = audio.read_lips(str(tmp_path / "unit.npy"), 7)
+  assert lips.dtype == np.uint8 and (lips == 128).all()
+  with pytest.raises(UserError, match=r"have shape \(7, 16, 24, 3\), expected \(6, 16, 24, 3\)"):
+    audio.read_lips(str(tmp_path / "unit.npy"), 6)
+
+
+def test_bucket_length_and_pad_to():
+  assert [audio.bucket_length(n) for n in (0, 1, 16000, 16001)] == [16000, 16000, 16000, 32000]
+  np.testing.assert_array_equal(audio.pad_to(np.ones(3), 5), [1, 1, 1, 0, 0])
+  frames = audio.pad_to(np.arange(6).reshape(3, 2), 4)  # frames repeat the last one
+  np.testing.assert_array_equal(frames[-1], [4, 5])
