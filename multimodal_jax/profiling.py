@@ -119,15 +119,9 @@ def _operands(rest: str) -> list[str]:
   return names
 
 
-def hlo_matmul_flops(hlo_text: str) -> float:
-  """Matmul FLOPs of the entry computation of an HLO module, with loops counted trip-count times.
-
-  Counts `dot` (2 x output size x contracted size), `convolution` (2 x output size x the filter's
-  size per output feature) and cuDNN fused attention calls (4 x B N T S H forward, twice that
-  backward); follows fusions, calls, conditionals (the costliest branch) and while loops. A loop's
-  trip count is XLA's `known_trip_count` or, failing that, the constant its condition compares the
-  counter against (the form `lax.scan` and `fori_loop` lower to).
-  """
+def _parse_hlo(hlo_text: str) -> tuple[dict[str, list[tuple[str, str, str, str]]], str | None]:
+  """Computations of an HLO module (name -> its instructions as `_split_instruction` tuples) and
+  the name of the entry computation."""
   comps: dict[str, list[tuple[str, str, str, str]]] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
@@ -143,16 +137,23 @@ def hlo_matmul_flops(hlo_text: str) -> float:
       parsed = _split_instruction(line)
       if parsed:
         comps[current].append(parsed)
-  if entry is None:
-    return 0.0
-  memo: dict[str, float] = {}
+  return comps, entry
+
+
+def _hlo_totals(hlo_text: str, cost) -> dict[str, float]:
+  """Sums `cost(op, type_str, rest, shapes) -> {key: amount}` over the instructions the entry
+  computation runs: into fusions and calls, the costliest branch of a conditional, and each while
+  loop's body times its trip count (XLA's `known_trip_count` or, failing that, the constant its
+  condition compares the counter against: the form `lax.scan` and `fori_loop` lower to)."""
+  comps, entry = _parse_hlo(hlo_text)
+  memo: dict[str, dict[str, float]] = {}
 
   def trip_count(rest: str, condition: str | None) -> int:
     m = re.search(r'known_trip_count"?\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', rest)
     if m:
       return int(m.group(1))
     consts = {}
-    for name, type_str, op, r in comps.get(condition or "", []):
+    for name, _, op, r in comps.get(condition or "", []):
       if op == "constant":
         with contextlib.suppress(ValueError):
           consts[name] = int(r.split(")")[0])
@@ -163,48 +164,101 @@ def hlo_matmul_flops(hlo_text: str) -> float:
             return consts[operand]
     return 1
 
-  def flops_of(comp: str) -> float:
+  def add(total, part, times=1.0):
+    for k, v in part.items():
+      total[k] = total.get(k, 0.0) + times * v
+
+  def totals_of(comp: str) -> dict[str, float]:
     if comp in memo:
       return memo[comp]
-    memo[comp] = 0.0  # guards against cycles
+    memo[comp] = {}  # guards against cycles
     shapes = {name: type_str for name, type_str, _, _ in comps.get(comp, [])}
-    total = 0.0
+    total: dict[str, float] = {}
     for _, type_str, op, rest in comps.get(comp, []):
-      if op == "dot":
-        ops = _operands(rest)
-        out, lhs = _dims(type_str), _dims(shapes.get(ops[0], "")) if ops else None
-        if out is not None and lhs is not None:
-          total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in _int_set(rest, "lhs_contracting_dims"))
-      elif op == "convolution":
-        ops = _operands(rest)
-        labels = re.search(r"dim_labels=\w+_(\w+)->", rest)
-        out = _dims(type_str)
-        rhs = _dims(shapes.get(ops[1], "")) if len(ops) > 1 else None
-        if out is not None and rhs is not None and labels and "o" in labels.group(1):
-          total += 2.0 * math.prod(out) * math.prod(rhs) / rhs[labels.group(1).index("o")]
-      elif op == "custom-call" and "fmha" in rest.lower():
-        ops = _operands(rest)
-        q, k = (_dims(shapes.get(o, "")) for o in ops[:2]) if len(ops) > 1 else (None, None)
-        if q is not None and k is not None and len(q) == 4 and len(k) == 4:
-          b, t, n, h = q
-          total += (8.0 if "backward" in rest.lower() else 4.0) * b * n * t * k[1] * h
-      elif op == "while":
+      add(total, cost(op, type_str, rest, shapes))
+      if op == "while":
         body = re.search(r"\bbody=%?([\w.\-]+)", rest)
         cond = re.search(r"\bcondition=%?([\w.\-]+)", rest)
         if body:
-          total += trip_count(rest, cond.group(1) if cond else None) * flops_of(body.group(1))
+          add(total, totals_of(body.group(1)), trip_count(rest, cond.group(1) if cond else None))
       elif op == "conditional":
         listed = re.search(r"branch_computations=\{([^}]*)\}", rest)
         names = listed.group(1).split(",") if listed else re.findall(r"(?:true|false)_computation=([%\w.\-]+)", rest)
-        total += max((flops_of(b.strip().lstrip("%")) for b in names), default=0.0)
-      else:
+        branches = [totals_of(b.strip().lstrip("%")) for b in names]
+        if branches:
+          add(total, max(branches, key=lambda t: sum(t.values())))
+      elif op in ("fusion", "call", "async-start", "custom-call"):
         for called in re.findall(r"\b(?:calls|to_apply)=%?([\w.\-]+)", rest):
-          if op in ("fusion", "call", "async-start", "custom-call") or called.startswith("fused"):
-            total += flops_of(called)
+          add(total, totals_of(called))
     memo[comp] = total
     return total
 
-  return flops_of(entry)
+  return totals_of(entry) if entry else {}
+
+
+def _matmul_cost(op: str, type_str: str, rest: str, shapes: dict[str, str]) -> dict[str, float]:
+  if op == "dot":
+    ops = _operands(rest)
+    out, lhs = _dims(type_str), _dims(shapes.get(ops[0], "")) if ops else None
+    if out is not None and lhs is not None:
+      return {"flops": 2.0 * math.prod(out) * math.prod(lhs[d] for d in _int_set(rest, "lhs_contracting_dims"))}
+  elif op == "convolution":
+    ops = _operands(rest)
+    labels = re.search(r"dim_labels=\w+_(\w+)->", rest)
+    out = _dims(type_str)
+    rhs = _dims(shapes.get(ops[1], "")) if len(ops) > 1 else None
+    if out is not None and rhs is not None and labels and "o" in labels.group(1):
+      return {"flops": 2.0 * math.prod(out) * math.prod(rhs) / rhs[labels.group(1).index("o")]}
+  elif op == "custom-call" and "fmha" in rest.lower():
+    ops = _operands(rest)
+    q, k = (_dims(shapes.get(o, "")) for o in ops[:2]) if len(ops) > 1 else (None, None)
+    if q is not None and k is not None and len(q) == 4 and len(k) == 4:
+      b, t, n, h = q
+      return {"flops": (8.0 if "backward" in rest.lower() else 4.0) * b * n * t * k[1] * h}
+  return {}
+
+
+def hlo_matmul_flops(hlo_text: str) -> float:
+  """Matmul FLOPs of an HLO module, with loops counted trip-count times.
+
+  Counts `dot` (2 x output size x contracted size), `convolution` (2 x output size x the filter's
+  size per output feature) and cuDNN fused attention calls (4 x B N T S H forward, twice that
+  backward), through fusions, calls, conditionals and loops (see `_hlo_totals`).
+  """
+  return _hlo_totals(hlo_text, _matmul_cost).get("flops", 0.0)
+
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_BYTES |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def _type_bytes(type_str: str) -> int:
+  return sum(
+    _BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
+    for dt, dims in re.findall(r"\b([a-z]\w*)\[([\d,]*)\]", type_str)
+  )
+
+
+def _collective_cost(op: str, type_str: str, rest: str, shapes: dict[str, str]) -> dict[str, float]:
+  base = op.removesuffix("-start")
+  if base not in COLLECTIVES:
+    return {}
+  if base == "reduce-scatter":  # what each device sends: its full input
+    size = sum(_type_bytes(shapes.get(o, "")) for o in _operands(rest))
+  elif op.endswith("-start") and type_str.startswith("("):  # async: (operands, results, ...) tuple
+    size = sum(_type_bytes(shapes.get(o, "")) for o in _operands(rest))
+    size = size if base != "all-gather" else _type_bytes(type_str) - size
+  else:
+    size = _type_bytes(type_str)
+  return {base: float(size)}
+
+
+def hlo_collective_bytes(hlo_text: str) -> dict[str, float]:
+  """Bytes per device that each kind of collective (COLLECTIVES) moves in one call of a compiled
+  SPMD program, loops counted in full: the result size of all-gather, all-reduce, all-to-all and
+  collective-permute, the operand size of reduce-scatter. Read `compiled.as_text()`."""
+  return _hlo_totals(hlo_text, _collective_cost)
 
 
 def step_flops(lowered: Any) -> float | None:

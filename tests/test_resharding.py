@@ -1,0 +1,154 @@
+"""No tensor is replicated and re-partitioned behind our back: the train steps of CLIP, DiT, fusion and
+AVDCNN (tiny presets) compile on data, fsdp and tensor meshes without XLA's "Involuntary full
+rematerialization" warning.
+
+XLA logs that warning from C++ straight to file descriptor 2, so the compiles run in a subprocess
+(`python -m tests.test_resharding`) whose stderr the test reads.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+MESHES = ("data:8", "data:4,fsdp:2", "data:2,fsdp:2,tensor:2")
+WARNING = "Involuntary full rematerialization"
+BATCH = 16
+
+
+def _compile(name, init_params, loss_fn_for, batch_shapes, spec):
+  import jax
+  import optax
+
+  from multimodal_jax import sharding as shd
+  from multimodal_jax import train
+
+  mesh = shd.make_mesh(spec)
+  tx = optax.adamw(1e-3)
+  abstract, shardings = train.abstract_train_state(init_params, tx, mesh)
+  step = train.make_train_step(loss_fn_for(mesh), tx, mesh, shardings)
+  batch = {
+    k: jax.ShapeDtypeStruct(shape, dtype, sharding=shd.batch_sharding(mesh, len(shape)))
+    for k, (shape, dtype) in batch_shapes.items()
+  }
+  print(f"=== {name} on {spec}", file=sys.stderr, flush=True)
+  step.lower(abstract, batch).compile()
+  print("=== done", file=sys.stderr, flush=True)
+
+
+def _clip(image_tower):
+  import jax.numpy as jnp
+
+  from experiments import clip as exp
+  from multimodal_jax.models import clip as clip_model
+
+  config = exp.get_config()
+  config.image_tower = image_tower
+  model = clip_model.CLIP(exp.model_config(config))
+  init_params = exp.make_init_params(model, config, exp.text_inputs_for(config))
+  shapes = {"image": ((BATCH, 32, 32, 1), jnp.uint8), "text": ((BATCH, config.context_length), jnp.int32)}
+  return init_params, lambda mesh: exp.make_loss_fn(model, config, mesh), shapes
+
+
+def _dit():
+  import jax
+  import jax.numpy as jnp
+
+  from multimodal_jax import diffusion
+  from multimodal_jax.models import dit
+
+  model = dit.DiT(dit.dit_config("tiny"))
+  schedule = diffusion.make_schedule()
+  shapes = {"x": ((BATCH, 8, 8, 4), jnp.float32), "context": ((BATCH, 6, 128), jnp.float32), "mask": ((BATCH, 6), bool)}
+
+  def init_params(rng):
+    args = [jnp.zeros((1, *s[1:]), d) for s, d in shapes.values()]
+    return model.init({"params": rng}, args[0], jnp.zeros((1,), jnp.int32), args[1], args[2])["params"]
+
+  def loss_fn(params, batch, rng):
+    def model_fn(x_t, t):
+      return model.apply({"params": params}, x_t, t, batch["context"], batch["mask"])
+
+    return diffusion.diffusion_loss(model_fn, schedule, batch["x"], jax.random.fold_in(rng, 0))
+
+  return init_params, lambda mesh: loss_fn, shapes
+
+
+def _fusion():
+  import jax.numpy as jnp
+  import numpy as np
+
+  from experiments import fusion as exp
+  from multimodal_jax.data import av_digits
+
+  config = exp.get_config()
+  model = exp.build_model(config)
+  record = {
+    "image": np.zeros((28, 28, 1), np.uint8),
+    "audio": np.zeros((av_digits.AUDIO_FRAMES, av_digits.MEL_BINS), np.float32),
+    "label": np.int64(0),
+  }
+  shapes = {k: ((BATCH, *np.shape(v)), jnp.asarray(v).dtype) for k, v in record.items()}
+  return exp.make_init_params(model, [record], config), lambda mesh: exp.make_loss_fn(model, config), shapes
+
+
+def _avdcnn():
+  import jax.numpy as jnp
+
+  from experiments import avdcnn as exp
+  from multimodal_jax.models import avdcnn
+
+  model = avdcnn.AVDCNN(avdcnn.PRESETS["tiny"])
+  bins, frames = avdcnn.BINS, avdcnn.CONTEXT
+  shapes = {
+    "audio": ((BATCH, bins, frames), jnp.float32),
+    "lips": ((BATCH, frames, *avdcnn.LIPS_SHAPE), jnp.uint8),
+    **{k: ((BATCH, bins), jnp.float32) for k in ("target", "mean", "std")},
+  }
+  return avdcnn.make_init_params(model), lambda mesh: exp.make_loss_fn(model, 1.0, loss="compressed"), shapes
+
+
+STEPS = {"clip_vit": lambda: _clip("vit"), "clip_resnet": lambda: _clip("resnet"), "dit": _dit}
+STEPS |= {"fusion": _fusion, "avdcnn": _avdcnn}
+
+
+def _warnings_by_step(stderr: str) -> dict[str, list[str]]:
+  found: dict[str, list[str]] = {}
+  current = "(before the first compile)"
+  for line in stderr.splitlines():
+    if line.startswith("=== ") and line != "=== done":
+      current = line[4:]
+    elif WARNING in line:
+      found.setdefault(current, []).append(line.strip()[:300])
+  return found
+
+
+def test_train_steps_compile_without_involuntary_rematerialization():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+    [sys.executable, "-m", "tests.test_resharding"], cwd=root, env=env, capture_output=True, text=True, check=False
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  compiled = [line for line in proc.stderr.splitlines() if line.startswith("=== ") and line != "=== done"]
+  assert len(compiled) == len(STEPS) * len(MESHES), compiled
+  assert proc.stderr.count("=== done") == len(compiled)
+  found = _warnings_by_step(proc.stderr)
+  assert not found, "\n".join(f"{step}: {lines[0]}" for step, lines in found.items())
+
+
+def test_the_scan_of_stderr_finds_the_warning():
+  stderr = (
+    f"=== dit on data:8\nW0000 spmd_partitioner.cc:1 {WARNING} of f32[16,16,128]\n=== done\n=== fusion on data:8\n"
+  )
+  assert list(_warnings_by_step(stderr)) == ["dit on data:8"]
+
+
+if __name__ == "__main__":
+  only = sys.argv[1:] or list(STEPS)
+  for step_name in only:
+    parts = STEPS[step_name]()
+    for mesh_spec in MESHES:
+      _compile(step_name, *parts, mesh_spec)
