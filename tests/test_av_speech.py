@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from multimodal_jax import audio, errors
-from multimodal_jax.data import av_speech, flac, lips, noise_sources, speech_sources
+from multimodal_jax.data import av_speech, lips, noise_sources, speech_sources
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +132,53 @@ def test_espeak_phonemes_are_timed():
   assert starts == sorted(starts) and 0 <= starts[0] < 2000 and starts[-1] <= len(u.audio) + 1600
 
 
-def test_flac_decoder_matches_the_stream_md5():
+def test_sonic_pi_flac_samples_read_as_mono_at_the_asked_rate():
   for name in ("drum_cymbal_closed", "misc_burp"):  # 16-bit stereo; 24-bit mono.
     (path,) = noise_sources.sonic_pi_files((name,))
-    samples, rate = flac.read_flac(path, verify=True)  # Raises on an MD5 mismatch.
-    assert rate == 44100 and samples.dtype == np.float32 and samples.ndim == 2
-    assert 0.01 < np.abs(samples).max() <= 1.0
+    (sample,) = noise_sources.load_sonic_pi([path], 16000, max_seconds=0.5)
+    assert sample.dtype == np.float32 and sample.ndim == 1 and 0 < len(sample) <= 8000
+    assert np.abs(sample).max() == pytest.approx(1.0, abs=1e-3)
+
+
+def _noise_dir(tmp_path):
+  """Four noise files: 8 kHz mono WAV, 44.1 kHz stereo FLAC, 22.05 kHz 24-bit WAV, a short 16 kHz float WAV."""
+  import soundfile
+
+  rng = np.random.default_rng(0)
+  for name, rate, channels, subtype, seconds in (
+    ("fan.wav", 8000, 1, "PCM_16", 2.0),
+    ("rain.flac", 44100, 2, "PCM_16", 1.5),
+    ("road.wav", 22050, 1, "PCM_24", 1.0),
+    ("tap.wav", 16000, 1, "FLOAT", 0.2),
+  ):
+    data = 0.2 * rng.standard_normal((int(rate * seconds), channels))
+    soundfile.write(tmp_path / name, np.clip(data, -1, 1), rate, subtype=subtype)
+  return tmp_path
+
+
+def test_noise_dir_files_are_split_resampled_and_mixed_down(tmp_path):
+  directory = _noise_dir(tmp_path)
+  files = noise_sources.noise_files(str(directory))
+  assert [p.split("/")[-1] for p in files["train"]] == ["fan.wav", "rain.flac", "road.wav"]
+  assert [p.split("/")[-1] for p in files["test"]] == ["tap.wav"]
+  bank = av_speech.noise_bank("train", [], av_speech.CONFIGS["tiny"], str(directory))
+  assert bank.names == ("fan", "rain", "road")
+  for name in bank.names:
+    noise = bank(name, np.random.default_rng(1), 40000, "s0")  # longer than every file: looped
+    assert noise.shape == (40000,) and noise.dtype == np.float32
+    assert noise.std() == pytest.approx(1.0, rel=1e-3)
+  assert av_speech.noise_bank("test", [], av_speech.CONFIGS["tiny"], str(directory)).names == ("tap",)
+  (directory / "test").mkdir()
+  (directory / "train").mkdir()
+  with pytest.raises(errors.UserError, match="gives no train noise"):
+    noise_sources.noise_files(str(directory))  # train/ and test/ exist: they are used, and they are empty
+
+
+def test_unreadable_noise_file_is_one_line(tmp_path):
+  directory = _noise_dir(tmp_path)
+  (directory / "broken.wav").write_bytes(b"not audio")
+  with pytest.raises(errors.UserError, match="noise file .*broken.wav.* is not a readable audio file"):
+    av_speech.noise_bank("train", [], av_speech.CONFIGS["tiny"], str(directory))
 
 
 def test_mix_over_the_whole_signal():
