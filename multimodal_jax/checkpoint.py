@@ -74,18 +74,26 @@ def read_config(workdir: str, step: int | None = None) -> dict:
     ) from None
 
 
-def restore_params(workdir: str, abstract_params: Any, ema: bool | None = None, model_state: Any = None):
+def restore_params(
+  workdir: str, abstract_params: Any, ema: bool | None = None, model_state: Any = None, step: int | None = None
+):
   """`(step, params, model_state)` of the newest readable checkpoint in `workdir`, without the
   optimizer state (no optimizer is built and its moments are never read).
 
   `abstract_params` (and `model_state`, when the model has state such as batch-norm statistics)
   are trees of `jax.ShapeDtypeStruct`s carrying the shardings to restore onto. `ema=None` takes
   the EMA params when the run kept them and the raw params otherwise. The checkpoints are only
-  read: an unreadable one is reported and the previous one tried.
+  read: an unreadable one is reported and the previous one tried. `step` asks for that checkpoint
+  only.
   """
   steps = saved_steps(workdir)
   if not steps:
     raise NoCheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}: train first with the same --workdir")
+  if step is not None:
+    if step not in steps:
+      raise NoCheckpointError(f"no checkpoint of step {step} in {checkpoint_dir(workdir)} (it has steps {steps})")
+    steps = [step]
+  del step
   _quiet_orbax_background_errors()
   manager = ocp.CheckpointManager(
     checkpoint_dir(workdir),
@@ -144,7 +152,7 @@ def _check_names(step: int, directory, saved: dict, target: Any) -> None:
   """CheckpointMismatchError naming the first array of `target` that the checkpoint lacks or holds
   with another shape."""
   for path, x in jax.tree_util.tree_leaves_with_path(target):
-    name, shape = _dotted(path), tuple(x.shape)
+    name, shape = dotted(path), tuple(x.shape)
     if name not in saved:
       problem = f"it has no array {name} (shape {shape})"
     elif saved[name] != shape:
@@ -275,7 +283,7 @@ class Checkpointer:
       for leaf in jax.tree.leaves(self._manager.item_metadata(step)["state"].tree)
       if hasattr(leaf, "shape")
     }
-    expected = {_dotted(path): tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    expected = {dotted(path): tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
     for name, shape in expected.items():
       if name not in saved:
         problem = f"it has no array {name} (shape {shape})"
@@ -375,7 +383,7 @@ def _quiet_orbax_background_errors() -> None:
     absl.addFilter(_DropOrbaxTracebacks())
 
 
-def _dotted(path) -> str:
+def dotted(path) -> str:
   """A jax key path as orbax names the array: "opt_state.0.mu.dense.kernel"."""
   parts = []
   for key in path:

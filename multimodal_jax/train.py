@@ -149,7 +149,8 @@ def make_train_step(
 
   def grads_of(params, batch, rng):
     def compute(p, b):
-      loss, aux = loss_fn(cast_floating(p, compute_dtype), cast_floating(b, compute_dtype), rng)
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain in model code
+        loss, aux = loss_fn(cast_floating(p, compute_dtype), cast_floating(b, compute_dtype), rng)
       return loss.astype(jnp.float32), aux
 
     return jax.value_and_grad(compute, has_aux=True)(params, batch)
