@@ -400,3 +400,58 @@ def test_batch_stats_shapes_are_those_of_the_population_statistics():
   shapes = avdcnn.batch_stats_shapes(model)
   assert jax.tree.structure(shapes) == jax.tree.structure(stats)
   assert jax.tree.leaves(jax.tree.map(lambda s, x: s.shape == x.shape and s.dtype == x.dtype, shapes, stats))
+
+
+# --- model state in the train state (loop.fit's model_state_fn) ------------------------------------------------------
+
+
+def _fit_with_state(workdir, steps, calls, ema_decay=0.0):
+  from multimodal_jax import loop
+  from multimodal_jax import sharding as shd
+  from multimodal_jax.data.pipeline import GrainBatches
+  from tests import toy
+
+  def model_state_fn(params):  # any function of the saved params: here their sums per leaf
+    calls.append(1)
+    return {"sums": [jnp.sum(x) for x in jax.tree.leaves(params)]}
+
+  config = loop.base_config(steps=steps, batch_size=32, seed=3, checkpoint_every=4, ema_decay=ema_decay)
+  tx, schedule = toy.optimizer()
+  return loop.fit(
+    workdir=str(workdir),
+    config=config,
+    mesh=shd.make_mesh("data:4,fsdp:2"),
+    loss_fn=toy.loss_fn,
+    init_params=toy.init_params,
+    tx=tx,
+    train_data=GrainBatches(toy.ToySource(), 32, seed=3),
+    learning_rate_fn=schedule,
+    model_state_fn=model_state_fn,
+  )
+
+
+def test_model_state_is_saved_from_the_saved_params_and_resumes_bit_identically(tmp_path):
+  import chex
+
+  from multimodal_jax import sharding as shd
+  from multimodal_jax.eval import from_checkpoint
+  from tests import toy
+
+  calls = []
+  full = _fit_with_state(tmp_path / "full", 12, calls, ema_decay=0.9)
+  assert len(calls) == 3 + 1  # once for the shapes (abstractly), then before each save (4, 8, 12)
+  _fit_with_state(tmp_path / "resumed", 8, [], ema_decay=0.9)
+  resumed = _fit_with_state(tmp_path / "resumed", 12, [], ema_decay=0.9)
+  assert resumed.start_step == 8
+  chex.assert_trees_all_equal(jax.device_get(resumed.state.model_state), jax.device_get(full.state.model_state))
+  chex.assert_trees_all_equal(jax.device_get(resumed.state.params), jax.device_get(full.state.params))
+  # the state is that of the EMA params (the ones saved for inference), and restores with them
+  sums = [np.asarray(jnp.sum(x)) for x in jax.tree.leaves(full.state.ema_params)]
+  chex.assert_trees_all_close(jax.device_get(full.state.model_state)["sums"], sums, rtol=1e-6)
+  shapes = {"sums": [jax.ShapeDtypeStruct((), jnp.float32) for _ in sums]}
+  step, params, state = from_checkpoint.restore_params(
+    str(tmp_path / "full"), toy.init_params, shd.make_mesh("data:-1"), model_state=shapes
+  )
+  assert step == 12
+  chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(full.state.model_state))
+  chex.assert_trees_all_equal(jax.device_get(params), jax.device_get(full.state.ema_params))
