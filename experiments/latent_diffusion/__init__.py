@@ -1,7 +1,7 @@
 """Latent diffusion on captioned digits: a KL autoencoder, then a DiT denoiser on its latents,
 conditioned on text prompts, sampled with DDPM/DDIM and classifier-free guidance.
 
-  python -m experiments.latent_diffusion --workdir DIR                 # both stages, then eval (~15 min, 2 CPU cores)
+  python -m experiments.latent_diffusion --workdir DIR                 # both stages, then eval
   python -m experiments.latent_diffusion --workdir DIR --mode=sample --config.prompt="a handwritten digit seven"
   python -m experiments.latent_diffusion --workdir DIR --mode=eval     # last line: JSON, also DIR/eval.json
 
@@ -29,16 +29,14 @@ sample_steps, eta, num_samples (grid columns; column j uses seed `seed + j`). Ev
 classifier's 128-d feature space; `fid_reference` is the same distance for as many real training
 images) and the autoencoder's `reconstruction_mse` on the test images (pixels in [-1, 1]).
 
-Default run (600 autoencoder steps of batch 64, 1,500 denoiser steps of batch 128, text prompts): 7m27s on a
-quiet 2-core machine (191 s + 223 s + 30 s eval); at the default guidance 3, DDIM-50: conditional_accuracy
-0.858, fid 101.7 (real training images: 4.4), reconstruction_mse 0.0087. Guidance 1 / 2 / 5: accuracy
-0.628 / 0.858 / 0.858, fid 92.9 / 61.5 / 201.3. With condition=clip on a default CLIP run (600 steps, 2m19s,
-zero-shot 0.987; the machine shared with another job: 260 s + 330 s + 50 s), at guidance 3: conditional_accuracy
-0.962, fid 45.4; guidance 1 / 2 / 5: accuracy 0.734 / 0.934 / 0.942, fid 90.3 / 36.4 / 88.8.
+Results of the default run and of condition=clip, with timings: README.md and
+docs/results/latent_diffusion.md.
 
-The package: `config.py` (keys), `prompts.py` (prompt inputs and checks per condition), `build.py`
-(data arrays, models, schedule, the restored autoencoder), `stages.py` (the two training stages),
-`generate.py` (`Generator`, sampling and evaluation); this file runs the modes.
+The package is config and wiring: `config.py` (keys and rules), `build.py` (models, prompts per
+condition, the restored autoencoder), `stages.py` (the two trainings), `generate.py` (`Generator`,
+sample and eval); this file runs the modes. The pipeline pieces they wire (training latents, the
+denoiser loss, prompts, the sampler) are in `multimodal_jax.latent_diffusion`, the scores in
+`multimodal_jax.eval.generative`.
 
 Accelerator preset (a larger DiT, more steps, bfloat16):
   python -m experiments.latent_diffusion --workdir DIR --config.dit=B --config.patch_size=1 \
@@ -54,9 +52,9 @@ import time
 
 import jax
 
+from experiments.latent_diffusion.build import make_prompts
 from experiments.latent_diffusion.config import EVAL_KEYS, RELATIONS, RULES, STAGES, get_config, stage_dir
 from experiments.latent_diffusion.generate import run_eval, run_sample
-from experiments.latent_diffusion.prompts import Prompts
 from experiments.latent_diffusion.stages import train_autoencoder, train_denoiser
 from multimodal_jax import cli, loop
 from multimodal_jax import sharding as shd
@@ -66,7 +64,7 @@ from multimodal_jax.errors import UserError
 def run_train(config, workdir: str):
   if config.stage not in STAGES:
     raise UserError(f"stage={config.stage!r}: choose one of {', '.join(STAGES)}")
-  Prompts(config)  # a bad condition (or a missing extra) fails before anything is written
+  make_prompts(config)  # a bad condition (or a missing extra) fails before anything is written
   mesh = shd.make_mesh(config.mesh)
   for name in ("autoencoder", "denoiser"):
     loop.check_batch(config, mesh, prefix=f"{name}.")

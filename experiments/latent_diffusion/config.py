@@ -9,13 +9,11 @@ import os
 import ml_collections
 
 from multimodal_jax import diffusion, loop
-from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Rule, between, existing_path, one_of
+from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Rule, between, one_of
 from multimodal_jax.errors import UserError
+from multimodal_jax.latent_diffusion import CONDITIONS
 from multimodal_jax.models.autoencoder_kl import PRESETS as AE_PRESETS
 from multimodal_jax.models.dit import PRESETS as DIT_PRESETS
-
-CONDITIONS = ("text", "minilm", "clip", "class")
-
 
 STAGES = ("all", "autoencoder", "denoiser")
 
@@ -28,12 +26,6 @@ EVAL_KEYS = (
 
 # Keys the denoiser's training adds to its saved config: the steps of the runs it was trained on.
 RECORDED_KEYS = ("autoencoder_step", "clip_step")
-
-
-SCALE_FILE = "latent_scale.json"
-
-
-LATENTS_FILE = "latents.npz"
 
 
 CLASSIFIER_FILE = "digit_classifier.npz"

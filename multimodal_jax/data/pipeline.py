@@ -115,6 +115,49 @@ class GrainBatches:
     self.iterator.set_state(json.dumps(state).encode())
 
 
+class ArraySource:
+  """A random-access source over equally long arrays: record i is `{name: array[i]}`."""
+
+  def __init__(self, **arrays: np.ndarray):
+    lengths = {len(a) for a in arrays.values()}
+    if len(lengths) != 1:
+      raise ValueError(f"ArraySource takes arrays of one length, got lengths {sorted(lengths)}")
+    self._arrays = arrays
+    self._len = lengths.pop()
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> dict:
+    return {k: v[i] for k, v in self._arrays.items()}
+
+  def __repr__(self) -> str:
+    return f"ArraySource({', '.join(f'{k}={v.shape}' for k, v in self._arrays.items())})"
+
+
+class TextDecoded:
+  """`source` with the text fields `keys` given as `str`: TFDS stores text as UTF-8 bytes (a `bytes`
+  or a 0-d bytes array), and records of this source carry the decoded string instead."""
+
+  def __init__(self, source: Any, keys: tuple[str, ...]):
+    self._source = source
+    self._keys = keys
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int) -> dict:
+    record = dict(self._source[i])
+    for key in self._keys:
+      value = record[key]
+      value = value.item() if isinstance(value, np.ndarray) else value
+      record[key] = value.decode() if isinstance(value, bytes) else str(value)
+    return record
+
+  def __repr__(self) -> str:
+    return f"TextDecoded({self._source!r}, keys={self._keys})"
+
+
 def load_on_every_process(load: Callable[[], Any]) -> Any:
   """Runs `load()` (which may prepare a dataset on first use) on process 0 first, then on the
   others once it is done, so that several processes never prepare the same files at once."""

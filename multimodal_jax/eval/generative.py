@@ -15,13 +15,15 @@ import dataclasses
 import os
 import warnings
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.linalg
 from flax import linen as nn
+
+from multimodal_jax import files
+from multimodal_jax.arrays import batched_apply, random_shift
 
 FEATURE_DIM = 128
 
@@ -53,16 +55,6 @@ class ClassifierConfig:
   seed: int = 0
 
 
-def _shift(images: jnp.ndarray, rng: jax.Array, max_shift: int) -> jnp.ndarray:
-  """Translates each image by up to `max_shift` pixels (background -1)."""
-  if not max_shift:
-    return images
-  b, h, w, c = images.shape
-  padded = jnp.pad(images, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)), constant_values=-1.0)
-  offsets = jax.random.randint(rng, (b, 2), 0, 2 * max_shift + 1)
-  return jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
-
-
 def train_classifier(images: np.ndarray, labels: np.ndarray, config: ClassifierConfig = ClassifierConfig()) -> dict:
   """Params of a DigitClassifier trained with Adam (cosine decay) on `images` in [-1, 1], `labels` int."""
   model = DigitClassifier()
@@ -77,7 +69,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, config: ClassifierC
   def step(params, opt_state, index):
     rng = jax.random.fold_in(key, index)
     rows = jax.random.randint(jax.random.fold_in(rng, 0), (config.batch_size,), 0, images.shape[0])
-    x = _shift(images[rows], jax.random.fold_in(rng, 1), config.max_shift)
+    x = random_shift(images[rows], jax.random.fold_in(rng, 1), config.max_shift, fill=-1.0)
 
     def loss_fn(p):
       logits, _ = model.apply({"params": p}, x)
@@ -102,15 +94,7 @@ class Scorer:
 
   def _outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     images = np.asarray(images, np.float32)
-    logits, features = [], []
-    size = min(self.batch_size, len(images))
-    for start in range(0, len(images), size):
-      chunk = images[start : start + size]
-      padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)])
-      lg, ft = jax.device_get(self._apply(self.params, padded))  # one compiled shape for every chunk
-      logits.append(lg[: len(chunk)])
-      features.append(ft[: len(chunk)])
-    return np.concatenate(logits), np.concatenate(features)
+    return batched_apply(lambda x: self._apply(self.params, x), images, self.batch_size)
 
   def predict(self, images: np.ndarray) -> np.ndarray:
     return self._outputs(images)[0].argmax(-1)
@@ -123,22 +107,6 @@ class Scorer:
     return conditional_accuracy(self.predict(images), labels)
 
 
-def save_params(path: str, params: dict, meta: dict) -> None:
-  """Params (and `meta`, small ints/floats) as an npz, written atomically."""
-  flat = {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
-  flat.update({f"meta:{k}": np.asarray(v) for k, v in meta.items()})
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **flat)
-  os.replace(tmp, path)
-
-
-def load_params(path: str) -> tuple[dict, dict]:
-  with np.load(path) as data:
-    meta = {k[len("meta:") :]: data[k].item() for k in data.files if k.startswith("meta:")}
-    flat = {tuple(k.split("/")): data[k] for k in data.files if not k.startswith("meta:")}
-  return flax.traverse_util.unflatten_dict(flat), meta
-
-
 def cached_scorer(
   path: str, images: np.ndarray, labels: np.ndarray, config: ClassifierConfig = ClassifierConfig()
 ) -> Scorer:
@@ -146,12 +114,38 @@ def cached_scorer(
   missing or was trained with another config or number of images."""
   meta = {**dataclasses.asdict(config), "num_images": len(images)}
   if os.path.isfile(path):
-    params, saved = load_params(path)
+    params, saved = files.load_tree(path)
     if saved == meta:
       return Scorer(params)
   params = train_classifier(images, labels, config)
-  save_params(path, params, meta)
+  if jax.process_index() == 0:
+    files.save_tree(path, params, meta)
   return Scorer(params)
+
+
+def generation_scores(
+  scorer: Scorer,
+  generated: np.ndarray,
+  wanted: np.ndarray,
+  real: np.ndarray,
+  test: np.ndarray,
+  test_labels: np.ndarray,
+  seed: int,
+) -> dict:
+  """Scores of `generated` images asked to show digits `wanted`: `conditional_accuracy` and
+  `accuracy_per_digit`, `fid` to the `test` images, `fid_reference` (as many `real` images, drawn with
+  `seed`, against the same test images: the floor to compare with) and the classifier's accuracy on
+  the test images."""
+  predicted = scorer.predict(generated)
+  test_features = scorer.features(test)
+  reference = np.random.default_rng(seed).choice(len(real), min(len(generated), len(real)), replace=False)
+  return {
+    "conditional_accuracy": conditional_accuracy(predicted, wanted),
+    "accuracy_per_digit": [float(np.mean(predicted[wanted == d] == d)) for d in range(10)],
+    "fid": fid(scorer.features(generated), test_features),
+    "fid_reference": fid(scorer.features(real[reference]), test_features),
+    "classifier_test_accuracy": scorer.accuracy(test, test_labels),
+  }
 
 
 def conditional_accuracy(predicted: np.ndarray, wanted: np.ndarray) -> float:

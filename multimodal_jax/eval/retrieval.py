@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from multimodal_jax.arrays import l2_normalize
+
 
 def recall_at_k(
   image_emb: np.ndarray,
@@ -22,10 +24,8 @@ def recall_at_k(
   when a matching text is in the image's top k; text→image when a matching image is in the
   text's top k.
   """
-  img = np.asarray(image_emb, np.float32)
-  txt = np.asarray(text_emb, np.float32)
-  img = img / np.linalg.norm(img, axis=-1, keepdims=True)
-  txt = txt / np.linalg.norm(txt, axis=-1, keepdims=True)
+  img = l2_normalize(np.asarray(image_emb, np.float32))
+  txt = l2_normalize(np.asarray(text_emb, np.float32))
   if image_labels is None:
     if len(img) != len(txt):
       raise ValueError(f"{len(img)} images and {len(txt)} texts: pass labels when they are not paired one to one")

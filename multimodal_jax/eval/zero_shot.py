@@ -1,17 +1,12 @@
-"""Zero-shot classification from class names × prompt templates: ŷ_i = argmax_j softmax_j(I_i · T_j)."""
+"""Zero-shot classification from class names × prompt templates: ŷ_i = argmax_j (I_i · T_j)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+from multimodal_jax.arrays import l2_normalize
 
 
 def zero_shot_classifier(
@@ -22,17 +17,11 @@ def zero_shot_classifier(
   """Class embeddings `[classes, dim]`: for each class, the mean of the normalised embeddings of
   its prompts (every template filled with the class name), normalised again (as CLIP does)."""
   prompts = [t.format(name) for name in class_names for t in templates]
-  emb = _normalize(encode_text(prompts)).reshape(len(class_names), len(templates), -1)
-  return _normalize(emb.mean(axis=1))
-
-
-def zero_shot_probabilities(image_emb: np.ndarray, classifier: np.ndarray, logit_scale: float = 100.0) -> np.ndarray:
-  """softmax_j(scale · I_i · T_j), `[images, classes]`."""
-  logits = logit_scale * _normalize(image_emb) @ classifier.T
-  return np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+  emb = l2_normalize(np.asarray(encode_text(prompts), np.float32)).reshape(len(class_names), len(templates), -1)
+  return l2_normalize(emb.mean(axis=1))
 
 
 def zero_shot_accuracy(image_emb: np.ndarray, classifier: np.ndarray, labels: np.ndarray) -> float:
   """Top-1 accuracy of the nearest class embedding."""
-  predictions = (_normalize(image_emb) @ classifier.T).argmax(-1)
+  predictions = (l2_normalize(np.asarray(image_emb, np.float32)) @ classifier.T).argmax(-1)
   return float((predictions == np.asarray(labels)).mean())

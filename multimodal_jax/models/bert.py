@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from multimodal_jax.arrays import l2_normalize
 from multimodal_jax.layers import dense, layer_norm
 
 
@@ -113,13 +114,6 @@ def mean_pool(features: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
   (a row with an all-zero mask gives zeros, as in sentence-transformers' clamp at 1e-9)."""
   m = mask.astype(features.dtype)[..., None]
   return (features * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
-
-
-def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
-  """`x [..., d]` / max(||x||, eps) along the last axis (torch's F.normalize), computed in float32."""
-  x32 = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
-  return (x32 / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
 def sentence_embedding(features: jnp.ndarray, mask: jnp.ndarray, normalize: bool = True) -> jnp.ndarray:

