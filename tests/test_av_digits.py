@@ -42,6 +42,7 @@ def labels(built):
   return {name: np.array([int(src[i]["label"]) for i in range(len(src))]) for name, src in sources.items()}
 
 
+@pytest.mark.slow
 def test_sizes_shapes_and_dtypes(built):
   sources, _ = built
   assert set(sources) == {"train", "test"}
@@ -59,11 +60,13 @@ def test_sizes_shapes_and_dtypes(built):
       assert 0 <= ex["label"] < 10
 
 
+@pytest.mark.slow
 def test_label_balance(labels):
   np.testing.assert_array_equal(np.bincount(labels["train"]), [800] * 10)
   np.testing.assert_array_equal(np.bincount(labels["test"]), [100] * 10)
 
 
+@pytest.mark.slow
 def test_audio_is_standardised_and_images_degraded(built):
   sources, _ = built
   audio = np.stack([sources["train"][i]["audio"] for i in range(64)])
@@ -73,12 +76,14 @@ def test_audio_is_standardised_and_images_degraded(built):
   assert 0 < image.mean() < 255
 
 
+@pytest.mark.slow
 def test_written_data_matches_built_arrays(built, labels):
   _, splits = built
   for name in ("train", "test"):
     np.testing.assert_array_equal(np.bincount(labels[name]), np.bincount(splits[name]["label"]))
 
 
+@pytest.mark.slow
 def test_train_and_test_speakers_are_disjoint(built):
   _, splits = built
   train = set(splits["train"]["speaker"])

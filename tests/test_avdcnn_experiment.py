@@ -38,6 +38,7 @@ def _run(capsys, workdir, data_dir, *args):
   return status, out.strip().splitlines(), err.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoint_metrics_and_bn_statistics(trained):
   with open(trained / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
@@ -46,6 +47,7 @@ def test_train_writes_checkpoint_metrics_and_bn_statistics(trained):
   assert os.path.exists(trained / "bn_stats" / "step_4.npz")
 
 
+@pytest.mark.slow
 def test_eval_prints_the_scores(trained, av_speech_dir, capsys):
   status, out, err = _run(
     capsys, trained, av_speech_dir, "--mode=eval", "--config.eval_utterances=3", "--config.eval_processes=1"
@@ -87,6 +89,7 @@ def recording(tmp_path_factory):
   return d, n
 
 
+@pytest.mark.slow
 def test_enhance_writes_a_wav_of_the_inputs_length(trained, av_speech_dir, recording, capsys):
   d, n = recording
   args = [f"--config.input={d / 'noisy.wav'}", f"--config.lips={d / 'lips.npy'}", f"--config.output={d / 'out.wav'}"]
@@ -114,6 +117,7 @@ def test_enhance_writes_a_wav_of_the_inputs_length(trained, av_speech_dir, recor
     ("video", "no video decoder"),
   ],
 )
+@pytest.mark.slow
 def test_bad_enhance_inputs_are_one_line(trained, av_speech_dir, recording, tmp_path, capsys, case, message):
   if case == "video" and importlib.util.find_spec("imageio") is not None:
     pytest.skip("a video decoder is installed here; the one-line error is for machines without one")
@@ -151,6 +155,7 @@ def test_bad_choices_are_one_line(tmp_path, av_speech_dir, capsys):
   assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_grid_dir_trains_on_a_fake_grid_corpus(tmp_path):
   """--config.grid_dir=DIR: the GRID builder's examples (2 speakers, 1 s each) feed two training steps."""
   rng = np.random.default_rng(0)

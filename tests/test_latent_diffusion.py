@@ -85,6 +85,7 @@ def test_fid_of_feature_sets():
   assert np.isfinite(generative.fid(dead, y))
 
 
+@pytest.mark.slow
 def test_classifier_is_accurate_on_real_test_digits_and_cached(tmp_path, captioned_dir):
   from multimodal_jax.data import captioned_digits
 
@@ -134,6 +135,7 @@ def test_prompts_name_one_known_digit():
 # ------------------------------------------------------------------------------------- pulse
 
 
+@pytest.mark.slow
 def test_pulse_trains_both_stages_and_samples(trained, captioned_dir):
   for stage in ("autoencoder", "denoiser"):
     with open(trained / stage / "metrics.jsonl") as f:
@@ -156,6 +158,7 @@ def test_pulse_trains_both_stages_and_samples(trained, captioned_dir):
   assert png.shape == (2 * 34 + 2, 3 * 34 + 2)  # 2 prompts x 3 seeds of 32x32, 2-pixel gaps
 
 
+@pytest.mark.slow
 def test_pulse_eval_prints_the_scores(trained, captioned_dir, capsys):
   status, out, err = _main(
       capsys, trained, captioned_dir, "--mode=eval", "--config.eval_samples_per_digit=2", "--config.classifier_steps=5",
@@ -170,6 +173,7 @@ def test_pulse_eval_prints_the_scores(trained, captioned_dir, capsys):
   assert os.path.isfile(trained / ld_config.CLASSIFIER_FILE)
 
 
+@pytest.mark.slow
 def test_denoiser_resumes_from_its_checkpoint(trained, captioned_dir, tmp_path, capsys):
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
@@ -191,6 +195,7 @@ def test_denoiser_resumes_from_its_checkpoint(trained, captioned_dir, tmp_path, 
         ("a photo of the number seven a photo of the number seven a photo of the number", "tokens but the context holds 16"),
     ],
 )  # fmt: skip
+@pytest.mark.slow
 def test_bad_prompts_are_one_line(trained, captioned_dir, capsys, prompt, message):
   before = sorted(os.listdir(trained))
   status, _, err = _main(capsys, trained, captioned_dir, "--mode=sample", f"--config.prompt={prompt}", *FAST_SAMPLING)
@@ -198,6 +203,7 @@ def test_bad_prompts_are_one_line(trained, captioned_dir, capsys, prompt, messag
   assert sorted(os.listdir(trained)) == before
 
 
+@pytest.mark.slow
 def test_missing_autoencoder_checkpoint_is_one_line(trained, tmp_path, captioned_dir, capsys):
   status, _, err = _main(capsys, tmp_path / "run", captioned_dir, *TINY, "--config.stage=denoiser")
   assert status == 2 and len(err) == 1 and "no autoencoder checkpoint" in err[0]

@@ -69,6 +69,7 @@ def clip_dir(tmp_path_factory, captioned_dir):
   return workdir
 
 
+@pytest.mark.slow
 def test_clip_features_are_the_runs_own_text_tower(clip_dir):
   mesh = shd.make_mesh("data:-1")
   config = ld.get_config()
@@ -112,6 +113,7 @@ def test_clip_features_are_the_runs_own_text_tower(clip_dir):
   np.testing.assert_allclose(np.asarray(seq)[[0, 1], [3, 4]] @ kernel, own, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_missing_or_wrong_clip_workdir_is_one_line(clip_dir, captioned_dir, tmp_path, capsys):
   for clip_workdir, message in [
       ("", "no CLIP checkpoint in ''"), (tmp_path / "nothing", "no CLIP checkpoint"),
@@ -131,6 +133,7 @@ def test_missing_or_wrong_clip_workdir_is_one_line(clip_dir, captioned_dir, tmp_
     ld_build.clip_run(ml_collections.ConfigDict({**saved, "text_tower": "minilm"}))
 
 
+@pytest.mark.slow
 def test_pulse_trains_on_clip_features_and_samples_from_the_workdir_alone(
   clip_dir, captioned_dir, tmp_path, capsys, monkeypatch
 ):  # fmt: skip

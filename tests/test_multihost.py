@@ -20,6 +20,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_then_one_process_resumes_on_another_mesh(tmp_path):
   workdir, out = tmp_path / "run", tmp_path / "params.npz"
   env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2", PYTHONPATH=ROOT)

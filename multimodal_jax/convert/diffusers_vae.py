@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from multimodal_jax.convert import torch_files
 from multimodal_jax.errors import UserError
 from multimodal_jax.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 
@@ -143,13 +144,7 @@ def load_diffusers_vae(path: str | os.PathLike) -> tuple[AutoencoderKLConfig, di
   if weights is None:
     raise UserError(f"{path!r} has no {' or '.join(WEIGHT_FILES)}: the folder holds no AutoencoderKL weights")
   if weights.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-
-    state_dict = load_file(weights)
+    state_dict = torch_files.read_safetensors(weights)
   else:
-    try:
-      import torch
-    except ImportError as e:
-      raise UserError(f"{weights} is a PyTorch pickle: install torch, or save the model with safetensors") from e
-    state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+    state_dict = torch_files.load(weights)  # torch.save files, read without PyTorch
   return config, convert_autoencoder_kl(state_dict, config)

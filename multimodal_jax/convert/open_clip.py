@@ -18,8 +18,8 @@ tower pools at the last non-pad token, which is where open_clip's argmax over id
 
 Not supported (a ValueError says so): OpenAI's ModifiedResNet image towers (RN50, RN101, ...), timm
 or Hugging Face towers, attention pooling, layer scale, projections with biases, JIT archives.
-Files are read with `safetensors.numpy` or `torch.load(..., weights_only=True)` (tensors and plain
-containers only, never arbitrary pickled objects).
+Files are read with `safetensors.numpy` or `convert.torch_files` (tensors and plain containers only,
+never arbitrary pickled objects; no PyTorch needed).
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
+from multimodal_jax.convert import torch_files
 from multimodal_jax.models.clip import ClipConfig, TextConfig, VisionConfig
 
 # Entries of OpenAI's JIT state dicts that are not weights (OpenAI's build_model deletes them too).
@@ -44,32 +46,23 @@ _OPEN_CLIP_VISION_HEADS = {1280: 16, 1408: 16, 1664: 16}
 def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
   """A checkpoint as `{name: float32 / int numpy array}` in open_clip's naming.
 
-  `source`: a `.safetensors` file, a `.pt` / `.pth` / `.bin` file (loaded with
-  `torch.load(map_location="cpu", weights_only=True)`; a `{"state_dict": ...}` training
-  checkpoint is unwrapped), or a state dict of torch tensors / arrays. A DistributedDataParallel
-  `module.` prefix is stripped.
+  `source`: a `.safetensors` file, a `.pt` / `.pth` / `.bin` file written by `torch.save` (read
+  by `convert.torch_files` without PyTorch; a `{"state_dict": ...}` training checkpoint is
+  unwrapped), or a state dict of torch tensors / arrays. A DistributedDataParallel `module.` prefix
+  is stripped.
   """
   if isinstance(source, Mapping):
     raw = dict(source)
   else:
     path = os.fspath(source)
     if path.endswith(".safetensors"):
-      from safetensors.numpy import load_file
-
-      raw = load_file(path)
+      raw = torch_files.read_safetensors(path)
     else:
-      import torch
-
-      try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-      except RuntimeError as e:
-        if "TorchScript" in str(e) or "constants.pkl" in str(e):
-          raise ValueError(f"{path} is a TorchScript (JIT) archive: these are not supported, use a state dict") from e
-        raise
+      raw = torch_files.load(path)  # torch.save files, read without PyTorch
     if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
       raw = dict(raw["state_dict"])
     if not isinstance(raw, Mapping):
-      raise TypeError(f"{path} holds a {type(raw).__name__}, not a state dict")
+      raise torch_files.CheckpointFormatError(f"{path} holds a {type(raw).__name__}, not a state dict")
   out = {}
   for name, value in raw.items():
     out[name.removeprefix("module.")] = _to_numpy(value)
@@ -82,7 +75,8 @@ def _to_numpy(value: Any) -> np.ndarray:
     value = value.float() if value.is_floating_point() else value
     return value.numpy()
   array = np.asarray(value)
-  return array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
+  floating = np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16
+  return array.astype(np.float32) if floating else array
 
 
 def _unsupported(sd: Mapping[str, Any]) -> str | None:
