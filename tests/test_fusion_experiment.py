@@ -40,6 +40,7 @@ def _logged_steps(workdir):
     return [json.loads(line)["step"] for line in f]
 
 
+@pytest.mark.slow
 def test_pulse_train_resume_and_eval_through_the_cli(tmp_path, av_digits_dir):
   first = _cli(tmp_path, av_digits_dir, "--config.steps=6", *PULSE)
   assert first.returncode == 0, first.stderr[-3000:]
@@ -64,16 +65,19 @@ def _main(capsys, *argv):
   return status, err
 
 
-def test_unknown_config_key_is_one_line(tmp_path, capsys, av_digits_dir):
+def test_unknown_config_key_is_one_line(tmp_path, capsys):
   status, err = _main(capsys, "--workdir", str(tmp_path), "--config.stepz=3")
   assert status == 2 and len(err) == 1
   assert "unknown config key 'stepz'" in err[0] and "steps" in err[0]
 
 
-def test_mesh_that_does_not_fit_is_one_line(tmp_path, capsys, av_digits_dir):
-  status, err = _main(capsys, "--workdir", str(tmp_path), f"--config.data_dir={av_digits_dir}", "--config.mesh=data:3")
+def test_mesh_that_does_not_fit_is_one_line(tmp_path, capsys):
+  # an empty data dir: the mesh is refused before any data is prepared
+  status, err = _main(
+    capsys, "--workdir", str(tmp_path), f"--config.data_dir={tmp_path / 'tfds'}", "--config.mesh=data:3"
+  )
   assert status == 2 and len(err) == 1 and "needs 3 devices but 8 are available" in err[0]
-  assert not os.path.exists(tmp_path / "checkpoints")
+  assert not os.path.exists(tmp_path / "checkpoints") and not os.path.exists(tmp_path / "tfds")
 
 
 def test_eval_without_checkpoint_is_one_line(tmp_path, capsys):
@@ -85,9 +89,10 @@ def test_eval_without_checkpoint_is_one_line(tmp_path, capsys):
   "key, value, message",
   [("fusion", "middle", "--config.fusion=middle"), ("modalities", "image,smell", "--config.modalities=image,smell")],
 )
-def test_bad_choices_are_one_line(tmp_path, capsys, av_digits_dir, key, value, message):
+def test_bad_choices_are_one_line(tmp_path, capsys, key, value, message):
+  # an empty data dir: the choice is refused before any data is prepared
   status, err = _main(
-    capsys, "--workdir", str(tmp_path), f"--config.data_dir={av_digits_dir}", f"--config.{key}={value}"
+    capsys, "--workdir", str(tmp_path), f"--config.data_dir={tmp_path / 'tfds'}", f"--config.{key}={value}"
   )
   assert status == 2 and len(err) == 1 and message in err[0]
 

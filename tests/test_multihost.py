@@ -8,6 +8,7 @@ import sys
 
 import chex
 import numpy as np
+import pytest
 
 from tests import test_loop, toy
 
