@@ -6,6 +6,7 @@ import json
 import os
 import wave
 
+import jax
 import numpy as np
 import pytest
 
@@ -39,12 +40,31 @@ def _run(capsys, workdir, data_dir, *args):
 
 
 @pytest.mark.slow
-def test_train_writes_checkpoint_metrics_and_bn_statistics(trained):
+def test_train_writes_checkpoint_metrics_and_bn_statistics_in_the_checkpoint(trained, av_speech_dir):
   with open(trained / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   assert all(np.isfinite(r["loss"]) and "audio_loss" in r and "visual_loss" in r for r in rows)
-  assert os.path.exists(trained / "bn_stats" / "step_4.npz")
+  assert not os.path.exists(trained / "bn_stats")  # no side files: the statistics are in the checkpoint
+  from multimodal_jax import sharding
+  from multimodal_jax.data import av_speech
+  from multimodal_jax.data.frames import FrameSource
+  from multimodal_jax.eval import from_checkpoint
+  from multimodal_jax.models import avdcnn
+
+  config = exp.get_config()
+  config.update({"data_config": "tiny", "model": "tiny", "batch_size": 64, "bn_batches": 2})
+  model = avdcnn.AVDCNN(exp.model_config(config))
+  mesh = sharding.make_mesh("data:-1")
+  step, params, stats = from_checkpoint.restore_params(
+    str(trained), avdcnn.make_init_params(model), mesh, model_state=avdcnn.batch_stats_shapes(model)
+  )
+  # they are the population statistics of the saved params over the frames of seed + 1's permutation
+  frames = FrameSource(av_speech.load(av_speech_dir, config="tiny")["train"], config.target_floor)
+  expected = avdcnn.population_batch_stats(model, params, frames.sample_batches(1, 64, 2))
+  assert step == 4
+  for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow
@@ -148,16 +168,78 @@ def test_bad_enhance_inputs_are_one_line(trained, av_speech_dir, recording, tmp_
   assert not (tmp_path / "out.wav").exists()
 
 
+@pytest.mark.slow
+def test_enhance_a_directory_writes_one_file_per_input(trained, av_speech_dir, tmp_path, capsys):
+  import soundfile
+
+  rng = np.random.default_rng(1)
+  inputs, lips = tmp_path / "in", tmp_path / "lips"
+  inputs.mkdir()
+  lips.mkdir()
+  lengths = {"a": 17000, "b": 9000}
+  soundfile.write(inputs / "a.wav", 0.1 * rng.normal(size=(17000, 2)), 16000)  # stereo: mixed down
+  soundfile.write(inputs / "b.flac", 0.1 * rng.normal(size=4500), 8000)  # another rate and format
+  (inputs / "notes.txt").write_text("not audio: ignored")
+  np.save(lips / "a.npy", np.zeros((audio.num_frames(17000), 16, 24, 3), np.uint8))
+  np.save(lips / "b.npy", np.zeros((audio.num_frames(9000), 16, 24, 3), np.uint8))
+  out = tmp_path / "out"
+  args = [f"--config.input={inputs}", f"--config.lips={lips}", f"--config.output={out}"]
+  status, lines, err = _run(capsys, trained, av_speech_dir, "--mode=enhance", *args)
+  assert status == 0, err
+  assert sorted(os.listdir(out)) == ["a.wav", "b.wav"]
+  for stem, rate in (("a", 16000), ("b", 8000)):
+    info = soundfile.info(str(out / f"{stem}.wav"))
+    assert (info.samplerate, info.channels, info.frames * 16000 // rate) == (rate, 1, lengths[stem])
+  assert sum(line.startswith("{") for line in lines) == 2
+
+
+@pytest.mark.parametrize("case, message", [
+  ("missing_lips", "no mouth frames for input"),
+  ("unreadable", "is not a readable audio file"),
+  ("empty", "holds 0 samples: too short"),
+  ("no_audio", "holds no audio file"),
+])  # fmt: skip
+@pytest.mark.slow
+def test_bad_enhance_directories_are_one_line(trained, av_speech_dir, tmp_path, capsys, case, message):
+  import soundfile
+
+  inputs, lips = tmp_path / "in", tmp_path / "lips"
+  inputs.mkdir()
+  lips.mkdir()
+  if case != "no_audio":
+    soundfile.write(inputs / "a.wav", np.zeros(16000), 16000)
+    np.save(lips / "a.npy", np.zeros((audio.num_frames(16000), 16, 24, 3), np.uint8))
+  if case == "missing_lips":
+    soundfile.write(inputs / "b.wav", np.zeros(16000), 16000)
+  elif case == "unreadable":
+    (inputs / "b.wav").write_bytes(b"RIFF junk")
+    np.save(lips / "b.npy", np.zeros((1, 16, 24, 3), np.uint8))
+  elif case == "empty":
+    soundfile.write(inputs / "b.wav", np.zeros(0), 16000)
+    np.save(lips / "b.npy", np.zeros((1, 16, 24, 3), np.uint8))
+  args = [f"--config.input={inputs}", f"--config.lips={lips}", f"--config.output={tmp_path / 'out'}"]
+  status, _, err = _run(capsys, trained, av_speech_dir, "--mode=enhance", *args)
+  assert status == 2 and len(err) == 1 and message in err[0], err
+  assert not (tmp_path / "out").exists()
+
+
 def test_bad_choices_are_one_line(tmp_path, av_speech_dir, capsys):
-  for key, value, message in [("modalities", "visual", "modalities='visual'"), ("fusion", "late", "fusion='late'")]:
+  choices = [
+    ("modalities", "visual", "--config.modalities=visual: expected one of"),
+    ("fusion", "late", "--config.fusion=late: expected one of"),
+    ("loss", "l1", "--config.loss=l1: expected one of"),
+  ]
+  for key, value, message in choices:
     status, _, err = _run(capsys, tmp_path, av_speech_dir, f"--config.{key}={value}", *PULSE)
     assert status == 2 and len(err) == 1 and message in err[0], err
   assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("own_noise", [False, True])
 @pytest.mark.slow
-def test_grid_dir_trains_on_a_fake_grid_corpus(tmp_path):
-  """--config.grid_dir=DIR: the GRID builder's examples (2 speakers, 1 s each) feed two training steps."""
+def test_grid_dir_trains_on_a_fake_grid_corpus(tmp_path, monkeypatch, own_noise):
+  """--config.grid_dir=DIR: the GRID builder's examples (2 speakers, 1 s each) feed two training steps;
+  with --config.noise_dir=DIR, the user's noise files are mixed in and no Debian package is needed."""
   rng = np.random.default_rng(0)
   t = np.arange(25000) / 25000
   for i, speaker in enumerate(("s1", "s2")):
@@ -172,6 +254,16 @@ def test_grid_dir_trains_on_a_fake_grid_corpus(tmp_path):
       f.writeframes((x * 32767).astype("<i2").tobytes())
   workdir = tmp_path / "run"
   args = [f"--config.grid_dir={tmp_path / 'grid'}", f"--config.data_dir={tmp_path / 'tfds'}"]
+  if own_noise:
+    import soundfile
+
+    from multimodal_jax.data import av_speech
+
+    (tmp_path / "noise").mkdir()
+    soundfile.write(tmp_path / "noise" / "hum.flac", 0.1 * np.sin(np.arange(44100) * 0.05)[:, None].repeat(2, 1), 44100)
+    soundfile.write(tmp_path / "noise" / "hiss.wav", 0.1 * rng.normal(size=8000), 8000)
+    args.append(f"--config.noise_dir={tmp_path / 'noise'}")
+    monkeypatch.setattr(av_speech, "missing_packages", lambda: [("nothing-installed", "no noise packages")])
   overrides = {
     "--config.steps=4": "--config.steps=2",
     "--config.checkpoint_every=4": "--config.checkpoint_every=2",
@@ -182,3 +274,11 @@ def test_grid_dir_trains_on_a_fake_grid_corpus(tmp_path):
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
   assert (tmp_path / "tfds" / "grid").is_dir()
+  if own_noise:
+    from multimodal_jax.data import grid
+
+    sources = grid.load(
+      str(tmp_path / "grid"), str(tmp_path / "tfds"), noise_config="tiny", noise_dir=str(tmp_path / "noise")
+    )
+    noises = {source[i]["noise"] for source in sources.values() for i in range(len(source))}
+    assert noises == {"hiss", "hum"}  # hiss (train), hum (test): the last file is held out
