@@ -192,6 +192,7 @@ def test_population_statistics_and_batch_independent_inference():
     np.testing.assert_allclose(alone[key][0], mixed[key][0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_few_hundred_steps_reduce_the_loss_on_a_tiny_problem():
   """Target: the centre frame plus a spectral shape scaled by its low-band level and a level the mouth's
   opening decides."""
@@ -337,6 +338,7 @@ def test_features_match_the_audio_front_end_and_frames_keep_to_their_utterance()
       np.testing.assert_array_equal(stacked[key][j], value)
 
 
+@pytest.mark.slow
 def test_compressed_loss_is_the_squared_error_of_compressed_magnitudes():
   examples = _fake_examples(2)
   model, _, params = _init(TINY)
@@ -359,6 +361,7 @@ def test_compressed_loss_is_the_squared_error_of_compressed_magnitudes():
   np.testing.assert_allclose(avdcnn.lips_target(batch["lips"]), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_enhancer_equals_the_unpadded_pipeline_and_keeps_the_length():
   examples = _fake_examples(2)
   model, _, params = _init(TINY)
