@@ -115,14 +115,6 @@ def context_index(total: int, radius: int = 2, frames: jnp.ndarray | int | None 
   return jnp.clip(jnp.arange(total)[:, None] + offsets[None, :], 0, last)
 
 
-def context_frames(features: jnp.ndarray, radius: int = 2) -> jnp.ndarray:
-  """Each frame with its ±radius neighbours: `[..., frames, bins]` -> `[..., frames, bins, 2r + 1]`.
-
-  Frames past either end repeat the edge frame.
-  """
-  return jnp.moveaxis(features[..., context_index(features.shape[-2], radius), :], -2, -1)
-
-
 def resynthesize(
   log_power_spectrum: jnp.ndarray,
   phase_source: jnp.ndarray,

@@ -285,11 +285,3 @@ def fixed_mouth(speaker: str = "neutral", num_frames: int | None = None) -> np.n
   repeated: the fixed-lip input of the paper's check that the visual stream is used."""
   image = np.rint(draw(np.asarray([REST], np.float32), appearance(speaker))[0] * 255.0).astype(np.uint8)
   return image if num_frames is None else np.repeat(image[None], num_frames, axis=0)
-
-
-def opening_proxy(lips: np.ndarray) -> np.ndarray:
-  """How open each rendered mouth is, float32 `[T]`: the share of pixels much darker than the
-  frame's median (the mouth cavity), in `lips [T, H, W, 3]` uint8."""
-  luma = np.asarray(lips, np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-  median = np.median(luma.reshape(len(luma), -1), axis=1)[:, None, None]
-  return (luma < 0.5 * median).mean(axis=(1, 2)).astype(np.float32)
