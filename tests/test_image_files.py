@@ -1,6 +1,8 @@
 """Image decoding with Pillow: every common mode to 1 or 3 channels, open_clip's resize and centre crop,
 unreadable files, normalisation presets and dataset statistics."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -91,7 +93,7 @@ def test_unreadable_files_raise_unreadable_image(tmp_path):
   garbage.write_bytes(b"this is not an image")
   good = _save(tmp_path, Image.new("RGB", (64, 64), RGB), "good.png")
   truncated = tmp_path / "truncated.png"
-  truncated.write_bytes(open(good, "rb").read()[:60])
+  truncated.write_bytes(Path(good).read_bytes()[:60])
   for path in (garbage, truncated, tmp_path / "missing.png"):
     with pytest.raises(image_files.UnreadableImage) as info:
       image_files.load_image(str(path), 8, 3)
