@@ -13,13 +13,13 @@ import errno
 import json
 import logging
 import os
-import shutil
 import sys
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,15 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written (disk full, read-only storage); earlier ones are intact."""
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+  """`workdir` as an `etils.epath` path: local folders become absolute, `gs://...` (or any other
+  URI epath knows) stays remote, so every file of a run goes through the same path type."""
+  path = epath.Path(workdir)
+  return path if "://" in os.fspath(workdir) else path.absolute()
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+  return workdir_path(workdir) / "checkpoints"
 
 
 def saved_steps(workdir: str) -> list[int]:
@@ -49,9 +56,9 @@ def saved_steps(workdir: str) -> list[int]:
   listing alone (no orbax, no JAX backend): a step directory that is still being written carries
   orbax's temporary suffix and is not counted."""
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not directory.is_dir():
     return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  return sorted(int(child.name) for child in directory.iterdir() if child.name.isdigit())
 
 
 def read_config(workdir: str, step: int | None = None) -> dict:
@@ -63,10 +70,9 @@ def read_config(workdir: str, step: int | None = None) -> dict:
   if not steps:
     raise NoCheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}: train first with the same --workdir")
   step = steps[-1] if step is None else step
-  path = os.path.join(checkpoint_dir(workdir), str(step), "config", "metadata")
+  path = checkpoint_dir(workdir) / str(step) / "config" / "metadata"
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise NoCheckpointError(
       f"the checkpoint at step {step} in {checkpoint_dir(workdir)} has no readable config ({type(e).__name__}): "
@@ -169,7 +175,7 @@ class Checkpointer:
   """Saves and restores `(state, data iterator, config)` under `workdir/checkpoints`."""
 
   def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -222,7 +228,7 @@ class Checkpointer:
         raise
       self._failed = True
       self._remove_partial()
-      good = [s for s in saved_steps(os.path.dirname(self.directory)) if s != step]
+      good = [s for s in saved_steps(self.directory.parent) if s != step]
       last = f"step {good[-1]} is the last good checkpoint" if good else "no checkpoint was completed"
       full = getattr(e, "errno", None) == errno.ENOSPC or "RESOURCE_EXHAUSTED" in text or "No space left" in text
       what = "no space left" if full else f"cannot write ({_first_line(e)})"
@@ -233,11 +239,14 @@ class Checkpointer:
 
   def _remove_partial(self) -> None:
     """Deletes orbax's temporary directories of unfinished saves (never a finished checkpoint)."""
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+    if jax.process_index() != 0 or not self.directory.is_dir():
       return
-    for name in os.listdir(self.directory):
-      if ".orbax-checkpoint-tmp" in name:
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    for child in self.directory.iterdir():
+      if ".orbax-checkpoint-tmp" in child.name:
+        try:
+          child.rmtree()
+        except OSError:
+          pass  # best effort: a directory orbax never finishes is ignored by every reader
 
   def restore(self, abstract_state: Any, data_iterator: Any = None) -> tuple[int, Any, bool]:
     """Restores the newest readable checkpoint: `(step, state, data_state_restored)`.
@@ -306,13 +315,13 @@ class Checkpointer:
     """Moves an unreadable checkpoint to WORKDIR/checkpoints_unreadable/ (kept for inspection),
     so that training can write that step again."""
     if jax.process_index() == 0:
-      target = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
-      os.makedirs(target, exist_ok=True)
-      destination = os.path.join(target, str(step))
+      target = self.directory.parent / "checkpoints_unreadable"
+      target.mkdir(parents=True, exist_ok=True)
+      destination = target / str(step)
       suffix = 1
-      while os.path.exists(destination):
-        destination, suffix = os.path.join(target, f"{step}.{suffix}"), suffix + 1
-      os.replace(os.path.join(self.directory, str(step)), destination)
+      while destination.exists():
+        destination, suffix = target / f"{step}.{suffix}", suffix + 1
+      (self.directory / str(step)).rename(destination)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 

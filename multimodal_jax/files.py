@@ -14,10 +14,19 @@ from collections.abc import Callable
 from typing import IO, Any
 
 import numpy as np
+from etils import epath
 
 
-def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
-  """Calls `write(f)` on a temporary file in `path`'s directory, then renames it to `path`."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
+  """Calls `write(f)` on a temporary file in `path`'s directory, then renames it to `path`.
+
+  A remote path (`gs://...`: object stores publish an object whole when it is closed) is written
+  directly through `etils.epath`."""
+  if "://" in os.fspath(path):
+    with epath.Path(path).open("wb" if binary else "w") as f:
+      write(f)
+    return
+  path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
   try:
@@ -32,11 +41,11 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
     raise
 
 
-def atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   atomic_write(path, lambda f: f.write(text))
 
 
-def write_json(path: str, value: Any, indent: int | None = 2) -> None:
+def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> None:
   """`value` as JSON at `path`, atomically."""
   atomic_write_text(path, json.dumps(value, indent=indent) + "\n")
 

@@ -5,6 +5,7 @@ Only process 0 writes. Nothing here imports the rest of the package but `files`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from multimodal_jax.files import atomic_write
 
@@ -28,25 +30,31 @@ class MetricWriter:
   (under WORKDIR/tensorboard/<name>; name "metrics" for training, "eval" for evaluation).
 
   On resume the JSONL file is first truncated to the steps up to `start_step`, so a step
-  logged after the last checkpoint of an interrupted run is not logged twice.
+  logged after the last checkpoint of an interrupted run is not logged twice. Paths are
+  `etils.epath` paths: on storage that cannot append (`gs://...`), the file is rewritten whole at
+  each write.
   """
 
   def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True, name: str = "metrics"):
     self.enabled = enabled
-    self.path = os.path.join(workdir, f"{name}.jsonl")
+    self.path = epath.Path(workdir) / f"{name}.jsonl"
+    self._remote = "://" in os.fspath(workdir)
     self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    _truncate_jsonl(self.path, start_step)
-    self._file = open(self.path, "a")  # noqa: SIM115 (held open for the run; closed in close())
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._lines = _truncate_jsonl(self.path, start_step)
+    if not self._remote:
+      self._file = self.path.open("a")
     try:
       from tensorboardX import SummaryWriter  # optional: events only when installed
     except ImportError:
       print("note: tensorboardX is not installed; no TensorBoard events are written", file=sys.stderr)
     else:
+      if self._remote and not _remote_events_supported(os.fspath(workdir)):
+        return
       self._tb = SummaryWriter(
-        os.path.join(workdir, "tensorboard", name), purge_step=start_step + 1 if start_step else None
+        os.fspath(epath.Path(workdir) / "tensorboard" / name), purge_step=start_step + 1 if start_step else None
       )
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -54,8 +62,13 @@ class MetricWriter:
       return
     record = {"step": int(step)}
     record.update({k: _to_python(v) for k, v in metrics.items()})
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    line = json.dumps(record) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      atomic_write(self.path, lambda f: f.writelines(self._lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
     if self._tb is not None:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -64,26 +77,41 @@ class MetricWriter:
   def close(self) -> None:
     if not self.enabled:
       return
-    self._file.close()
+    if not self._remote:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 
 
-def _truncate_jsonl(path: str, start_step: int) -> None:
-  """Drops lines with step > start_step (left by a run that died after its last checkpoint)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
+def _remote_events_supported(workdir: str) -> bool:
+  """tensorboardX writes to gs:// through google-cloud-storage and to s3:// through boto3."""
+  client = {"gs": "google.cloud.storage", "s3": "boto3"}.get(workdir.split("://", 1)[0])
+  try:
+    found = client is not None and importlib.util.find_spec(client) is not None
+  except ModuleNotFoundError:  # the parent package (google.cloud) is missing
+    found = False
+  if not found:
+    print(f"note: no TensorBoard events in {workdir} (tensorboardX needs {client or 'a local path'})", file=sys.stderr)
+  return found
+
+
+def _truncate_jsonl(path, start_step: int) -> list[str]:
+  """Drops lines with step > start_step (left by a run that died after its last checkpoint);
+  returns the lines kept."""
+  path = epath.Path(path)
+  if not path.exists():
+    return []
+  lines = path.read_text().splitlines(keepends=True)
   kept = []
   for line in lines:
     try:
       if json.loads(line)["step"] <= start_step:
-        kept.append(line)
+        kept.append(line if line.endswith("\n") else line + "\n")
     except (ValueError, KeyError, TypeError):
       pass  # a line cut by a crash
-  if len(kept) != len(lines):  # rewritten atomically: a kill here leaves the old or the new file whole
+  if kept != lines:  # rewritten atomically: a kill here leaves the old or the new file whole
     atomic_write(path, lambda f: f.writelines(kept))
+  return kept
 
 
 class Progress:
