@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from multimodal_jax.errors import UserError
+from multimodal_jax.sharding import constrain
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -379,6 +380,7 @@ class SelfAttention(nn.Module):
       dot_general=projection_dot_general,
       name="qkv",
     )(x)
+    qkv = constrain(qkv, ("activation_batch", "activation_length", None, "activation_heads", "activation_kv"))
     impl = attention_implementation(self.implementation, qkv.dtype, head_dim, self_attention=mask is None)
     if impl == "cpu" and mask is None:
       out = attend_qkv(qkv, self.causal)  # [batch, length, heads, head_dim]
@@ -395,6 +397,10 @@ class SelfAttention(nn.Module):
     )(out)
 
 
+# Logical names of a `[batch, length, width]` activation (see sharding.LOGICAL_AXIS_RULES).
+ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+
+
 class TransformerBlock(nn.Module):
   """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). `[batch, length, width]`."""
 
@@ -408,13 +414,16 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, _=None):
     width = x.shape[-1]
+    x = constrain(x, ACTIVATION)
     x = x + SelfAttention(self.heads, self.causal, self.attention, name="attn")(layer_norm("ln_1")(x))
+    x = constrain(x, ACTIVATION)
     h = dense(int(width * self.mlp_ratio), ("embed", "mlp"), name="fc1", dot_general=projection_dot_general)(
       layer_norm("ln_2")(x)
     )
+    h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
     h = activation_fn(self.activation or ("gelu" if self.exact_gelu else "gelu_tanh"))(h)
     x = x + dense(width, ("mlp", "embed"), name="fc2", dot_general=projection_dot_general)(h)
-    return x, None
+    return constrain(x, ACTIVATION), None
 
 
 class Transformer(nn.Module):

@@ -37,6 +37,15 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
   ("layers", None),  # the stacked axis of nn.scan'd layers
   ("modalities", None),
   ("norm", None),
+  # Activations: the batch over the data axes, the model width whole (FSDP shards the width of the
+  # params only: gathering them per layer is its design; an activation split along it would be
+  # re-partitioned against the batch split in every layer), hidden widths and heads over tensor.
+  ("activation_batch", BATCH_AXES),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_mlp", "tensor"),
+  ("activation_heads", "tensor"),
+  ("activation_kv", None),
 )
 
 
@@ -120,17 +129,38 @@ def logical_to_sharding(
   """
   if logical_axes is None:
     return NamedSharding(mesh, P())
+  return NamedSharding(mesh, logical_to_spec(shape, logical_axes, mesh.shape, rules))
+
+
+def logical_to_spec(
+  shape: Sequence[int],
+  logical_axes: Sequence[str | None],
+  mesh_shape: Mapping[str, int],
+  rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+) -> P:
+  """The PartitionSpec of `logical_to_sharding` for a mesh of axis sizes `mesh_shape`."""
   rule_map = dict(rules)
   used: set[str] = set()
   spec = []
   for dim, name in zip(shape, logical_axes, strict=True):
-    axes = tuple(a for a in _mesh_axes_for(name, rule_map) if mesh.shape[a] > 1 and a not in used)
-    if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+    axes = tuple(a for a in _mesh_axes_for(name, rule_map) if mesh_shape.get(a, 1) > 1 and a not in used)
+    if axes and dim % math.prod(mesh_shape[a] for a in axes) == 0:
       used.update(axes)
       spec.append(axes[0] if len(axes) == 1 else axes)
     else:
       spec.append(None)
-  return NamedSharding(mesh, P(*spec))
+  return P(*spec)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """`x` constrained to the sharding its logical axis names give (activation names such as
+  "activation_batch", through LOGICAL_AXIS_RULES), on the mesh the train step traces under
+  (`jax.sharding.use_abstract_mesh`, which `train.make_train_step` sets). Without such a mesh (a
+  plain `model.apply`) it returns `x` as is."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or any(a not in mesh.shape for a in MESH_AXES):
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(x.shape, logical_axes, mesh.shape))
 
 
 def tree_shardings(abstract_tree: Any, logical_specs: Any, mesh: Mesh) -> Any:

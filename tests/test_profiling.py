@@ -148,3 +148,16 @@ def test_compile_cache_setting(tmp_path, monkeypatch):
     for k, v in saved.items():
       jax.config.update(k, v)
   np.testing.assert_equal(jax.config.jax_compilation_cache_dir, saved["jax_compilation_cache_dir"])
+
+
+def test_accelerator_check_summary_of_a_run():
+  from benchmarks import accelerator_check as ac
+
+  records = [{"step": s, "loss": 3.0 - 0.01 * s, "examples_per_sec": 100.0 + s % 3, "mfu": 0.4} for s in range(1, 51)]
+  records[0]["examples_per_sec"] = 1.0  # the first logged step includes compilation
+  summary = ac.summarize(records)
+  assert summary["loss_fell"] and summary["loss_last"] < summary["loss_first"]
+  assert summary["examples_per_sec"] == pytest.approx(101.0)
+  assert summary["mfu"] == pytest.approx(0.4) and summary["peak_memory_gib"] is None
+  assert not ac.summarize([{"step": s, "loss": 1.0 + s} for s in range(10)])["loss_fell"]
+  assert ac.overrides("clip", 200) == ["--config.dtype=bfloat16", "--config.steps=200"]

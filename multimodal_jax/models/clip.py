@@ -13,7 +13,8 @@ import math
 import jax.numpy as jnp
 from flax import linen as nn
 
-from multimodal_jax.layers import ConvEncoder, Transformer, dense, layer_norm
+from multimodal_jax.layers import ACTIVATION, ConvEncoder, Transformer, dense, layer_norm
+from multimodal_jax.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,7 @@ class VisionTransformer(nn.Module):
       name="patch_embed",
     )(images)
     b, h, w, d = x.shape
-    x = x.reshape(b, h * w, d)
+    x = constrain(x.reshape(b, h * w, d), ACTIVATION)
     scale = d**-0.5
     if cfg.pool == "token":
       cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(scale), ("embed",)), (d,))
@@ -184,7 +185,10 @@ class TextTransformer(nn.Module):
       nn.with_logical_partitioning(nn.initializers.normal(0.01), ("length", "embed")),
       (cfg.context_length, cfg.width),
     )
-    x = jnp.take(embed, tokens, axis=0) + pos
+    # The table is gathered whole along the width first (FSDP shards it there, as every weight):
+    # split along the width, the lookup and its gradient's scatter would fight the batch split.
+    embed = constrain(embed, ("vocab", "activation_embed"))
+    x = constrain(jnp.take(embed, tokens, axis=0) + pos, ACTIVATION)
     x = _transformer(self, causal=True)(x)
     x = layer_norm("ln_final")(x)
     # The last non-pad position (not a count of non-pad ids: in CLIP's BPE, "!" shares id 0 with pad).

@@ -21,7 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from multimodal_jax.layers import SelfAttention, activation_fn, dot_product_attention, projection_dot_general
+from multimodal_jax.layers import (
+  ACTIVATION,
+  SelfAttention,
+  activation_fn,
+  dot_product_attention,
+  projection_dot_general,
+)
+from multimodal_jax.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +114,10 @@ def _dense(features, axes, name, init=None, dtype=jnp.float32, use_bias=True):
   )
 
 
+# Logical names of a per-example vector `[batch, width]` (the conditioning and its modulations).
+VECTOR = ("activation_batch", "activation_embed")
+
+
 def _norm(x):
   """LayerNorm without affine parameters (the modulation supplies them), eps 1e-6, in float32."""
   x32 = x.astype(jnp.float32)
@@ -176,14 +187,16 @@ class DiTBlock(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     width = x.shape[-1]
     mod = _dense(9 * width, ("embed", "mlp"), "modulation", nn.initializers.zeros_init(), dtype)(c)
+    mod = constrain(mod, VECTOR)
     shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = jnp.split(mod, 9, axis=-1)
+    x = constrain(x, ACTIVATION)
     attn = SelfAttention(cfg.num_heads, implementation=cfg.attention, name="attn")
     x = x + gate1[:, None] * attn(_modulate(_norm(x), shift1, scale1))
     cross = CrossAttention(cfg.num_heads, dtype, cfg.attention, name="cross")
     x = x + gate2[:, None] * cross(_modulate(_norm(x), shift2, scale2), ctx, mask)
     h = _dense(int(width * cfg.mlp_ratio), ("embed", "mlp"), "fc1", dtype=dtype)(_modulate(_norm(x), shift3, scale3))
     h = _dense(width, ("mlp", "embed"), "fc2", dtype=dtype)(activation_fn(cfg.activation)(h))
-    return x + gate3[:, None] * h, None
+    return constrain(x + gate3[:, None] * h, ACTIVATION), None
 
 
 class DiT(nn.Module):
@@ -216,14 +229,14 @@ class DiT(nn.Module):
     # Patchify: [B, H, W, C] -> [B, g*g, p*p*C] (row-major patches, each p x p x C).
     patches = x_t.astype(dtype).reshape(b, g, p, g, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * ch)
     x = _dense(cfg.width, ("conv_in", "embed"), "patch_embed", dtype=dtype)(patches)
-    x = x + jnp.asarray(sincos_2d(cfg.width, g), dtype)[None]
+    x = constrain(x + jnp.asarray(sincos_2d(cfg.width, g), dtype)[None], ACTIVATION)
 
     # Timestep conditioning (SiLU applied once here; every modulation layer starts with it in DiT).
     temb = timestep_embedding(t, cfg.frequency_dim).astype(dtype)
     normal = nn.initializers.normal(0.02)
-    temb = _dense(cfg.width, (None, "embed"), "time_mlp_1", normal, dtype)(temb)
-    temb = _dense(cfg.width, ("mlp", "embed"), "time_mlp_2", normal, dtype)(nn.silu(temb))
-    c = nn.silu(temb)
+    temb = constrain(_dense(cfg.width, (None, "embed"), "time_mlp_1", normal, dtype)(temb), VECTOR)
+    temb = constrain(_dense(cfg.width, ("mlp", "embed"), "time_mlp_2", normal, dtype)(nn.silu(temb)), VECTOR)
+    c = constrain(nn.silu(temb), VECTOR)
 
     # Context: masked tokens zeroed (their values cannot leak), projected, one learned null token first.
     context_mask = context_mask.astype(bool)
@@ -231,6 +244,7 @@ class DiT(nn.Module):
     ctx = _dense(cfg.width, ("mlp", "embed"), "context_proj", dtype=dtype)(ctx)
     null = self.param("null_token", nn.with_logical_partitioning(normal, ("embed",)), (cfg.width,))
     ctx = jnp.concatenate([jnp.broadcast_to(null.astype(dtype), (b, 1, cfg.width)), ctx], axis=1)
+    ctx = constrain(ctx, ACTIVATION)
     mask = jnp.concatenate([jnp.ones((b, 1), bool), context_mask], axis=1)
 
     block = nn.remat(DiTBlock) if cfg.remat else DiTBlock
