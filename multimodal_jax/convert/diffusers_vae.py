@@ -148,3 +148,61 @@ def load_diffusers_vae(path: str | os.PathLike) -> tuple[AutoencoderKLConfig, di
   else:
     state_dict = torch_files.load(weights)  # torch.save files, read without PyTorch
   return config, convert_autoencoder_kl(state_dict, config)
+
+
+def _to_torch(value: np.ndarray) -> np.ndarray:
+  """Our layout -> diffusers': HWIO conv -> OIHW; (in, out) linear -> (out, in); vectors as they are."""
+  value = np.asarray(value, np.float32)
+  if value.ndim == 4:
+    return np.array(value.transpose(3, 2, 0, 1), order="C")
+  if value.ndim == 2:
+    return np.array(value.T, order="C")
+  return np.array(value, order="C")
+
+
+def export_autoencoder_kl(params: Mapping[str, Any], config: AutoencoderKLConfig) -> dict[str, np.ndarray]:
+  """The inverse of `convert_autoencoder_kl`: our params -> a diffusers AutoencoderKL state dict
+  (today's names: `to_q` / `to_out.0`, attention projections as linear weights)."""
+  expected = expected_shapes(config)
+  flat = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  missing = sorted(set(expected) - set(flat))
+  if missing:
+    raise StateDictError(f"the params lack {'/'.join(missing[0])}: they are not an AutoencoderKL of this config")
+  return {torch_name(path): _to_torch(flat[path]) for path in expected}
+
+
+def diffusers_config(config: AutoencoderKLConfig) -> dict[str, Any]:
+  """The diffusers `config.json` of `config` (what `AutoencoderKL.from_pretrained` reads)."""
+  blocks = list(config.block_out_channels)
+  out = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": config.in_channels,
+    "out_channels": config.out_channels,
+    "latent_channels": config.latent_channels,
+    "block_out_channels": blocks,
+    "down_block_types": ["DownEncoderBlock2D"] * len(blocks),
+    "up_block_types": ["UpDecoderBlock2D"] * len(blocks),
+    "layers_per_block": config.layers_per_block,
+    "norm_num_groups": config.norm_num_groups,
+    "act_fn": "silu",
+    "mid_block_add_attention": config.mid_block_add_attention,
+    "use_quant_conv": config.use_quant_conv,
+    "use_post_quant_conv": config.use_post_quant_conv,
+  }
+  if config.scaling_factor is not None:
+    out["scaling_factor"] = config.scaling_factor
+  if config.shift_factor is not None:
+    out["shift_factor"] = config.shift_factor
+  return out
+
+
+def save_diffusers_vae(directory: str | os.PathLike, params: Mapping[str, Any], config: AutoencoderKLConfig) -> None:
+  """Writes a diffusers AutoencoderKL folder (`config.json` + `diffusion_pytorch_model.safetensors`)
+  that `diffusers.AutoencoderKL.from_pretrained(directory)` and `load_diffusers_vae` read."""
+  from safetensors.numpy import save_file
+
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  save_file(export_autoencoder_kl(params, config), os.path.join(directory, WEIGHT_FILES[0]))
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump(diffusers_config(config), f, indent=2)
