@@ -22,6 +22,7 @@ from multimodal_jax.checkpoint import CheckpointMismatchError, CheckpointWriteEr
 from multimodal_jax.config import Rules, apply_overrides, get_dotted, overridden_keys, validate
 from multimodal_jax.errors import UserError
 from multimodal_jax.loop import NonFiniteLossError
+from multimodal_jax.profiling import setup_compile_cache
 from multimodal_jax.sharding import MeshSpecError
 
 # Failures with a message that says what to do: printed as one line, no traceback.
@@ -74,6 +75,7 @@ def run(
     if not training:
       check_fixed_keys(saved_run(args.workdir), overridden_keys(overrides), config, eval_keys, args.mode)
     distributed.maybe_initialize()
+    setup_compile_cache(config.get("compile_cache", ""))  # before anything compiles
     modes[args.mode](config, args.workdir)
   except ONE_LINE_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -20,8 +21,8 @@ import optax
 
 from multimodal_jax import checkpoint as ckpt
 from multimodal_jax import metrics as mt
+from multimodal_jax import profiling, train
 from multimodal_jax import sharding as shd
-from multimodal_jax import train
 from multimodal_jax.config import DTYPE, MESH, NON_NEGATIVE, POSITIVE, Rule, get_dotted, one_of
 from multimodal_jax.errors import UserError
 
@@ -46,7 +47,7 @@ class TrainData(Protocol):
 # The loop's and the optimizer's keys, shared by every experiment: `base_config()` holds their
 # defaults, `base_rules()` what each must be. `SECTION_KEYS` may also live in a sub-config of their
 # own (one per training stage, e.g. `autoencoder.steps`); seed, mesh and dtype stay at the top.
-TOP_KEYS = ("seed", "mesh", "dtype")
+TOP_KEYS = ("seed", "mesh", "dtype", "profile_steps", "compile_cache")
 SECTION_KEYS = (
   "steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "grad_accum_steps",
   "ema_decay", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "weight_decay_mask", "freeze",
@@ -62,6 +63,8 @@ def base_config(section: bool = False, **defaults: Any) -> ml_collections.Config
     c.seed = 0
     c.mesh = "data:-1"  # device mesh, e.g. data:4,fsdp:2 (multimodal_jax.sharding)
     c.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
+    c.profile_steps = ""  # START:END: a jax.profiler trace of those steps in WORKDIR/profile
+    c.compile_cache = ""  # persistent compilation cache: DIR, "" (~/.cache/multimodal_jax/jax_cache) or off
   c.steps = 1000  # total: a resumed run trains up to this step
   c.batch_size = 64  # global, over all processes and devices
   c.learning_rate = 1e-3  # peak of linear warmup + cosine decay (train.make_optimizer)
@@ -108,7 +111,17 @@ def base_rules(prefix: str = "", section: bool = False) -> dict[str, Rule]:
   if not section:
     rules.update({"seed": Rule(lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"), "mesh": MESH})
     rules["dtype"] = DTYPE
+    rules["profile_steps"] = Rule(_profile_steps_ok, "START:END with 0 <= START < END (e.g. 5:8), or empty")
+    rules["compile_cache"] = Rule(lambda v: isinstance(v, str), "a directory, off, or empty for the user cache dir")
   return {prefix + k: v for k, v in rules.items()}
+
+
+def _profile_steps_ok(text: str) -> bool:
+  try:
+    profiling.parse_profile_steps(text)
+  except (ValueError, AttributeError):
+    return False
+  return True
 
 
 def _regex_ok(text: str) -> bool:
@@ -165,6 +178,7 @@ class LoopConfig:
   dtype: str = "float32"
   ema_decay: float = 0.0  # 0 disables the EMA
   init_from: str = ""  # initial params of a fresh run (a resumed run ignores it)
+  profile_steps: str = ""  # START:END: profile those steps into WORKDIR/profile
 
   @classmethod
   def from_config(cls, config: Any, section: str | None = None) -> LoopConfig:
@@ -303,6 +317,22 @@ def fit(
   eval_writer = mt.MetricWriter(workdir, start_step, enabled=is_main, name="eval")
   progress = mt.Progress(start_step, cfg.steps, enabled=is_main)
   throughput = mt.Throughput()
+  window = profiling.ProfileWindow(cfg.profile_steps, os.path.join(workdir, "profile"))
+  compiled, cost = None, {}  # the step compiled once (its FLOPs from the lowered HLO), the last rates
+
+  def device_metrics(examples_per_sec: float) -> dict:
+    """TFLOP/s per device, MFU where the device's peak is known, peak device memory where reported."""
+    device = jax.local_devices()[0]
+    steps_per_sec = examples_per_sec / cfg.batch_size
+    cost.update(
+      profiling.throughput_metrics(cost.get("flops"), steps_per_sec, mesh.size, device.device_kind, cfg.dtype)
+    )
+    out = {k: v for k, v in cost.items() if k != "flops"}
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      out["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
+    return out
+
   eval_metrics: dict = {}
   last_saved = start_step if start_step else None
   pending: tuple[int, dict] | None = None  # metrics of the newest step, checked one step late
@@ -328,12 +358,17 @@ def fit(
   try:
     for step in range(start_step, cfg.steps):
       batch = shd.host_to_global_batch(next(train_data), mesh)
-      state, metrics = step_fn(state, batch)
+      if compiled is None:
+        lowered = step_fn.lower(state, batch)
+        compiled, cost["flops"] = lowered.compile(), profiling.step_flops(lowered)
+      window.before(step)
+      state, metrics = compiled(state, batch)
+      window.after(step, metrics)
       done = step + 1
       if pending is not None:
         prev_step, prev = pending
         prev = check(prev_step, prev)
-        _maybe_log(writer, progress, throughput, prev_step, prev, cfg)
+        _maybe_log(writer, progress, throughput, prev_step, prev, cfg, device_metrics)
       pending = (done, metrics)
       throughput.add(cfg.batch_size)
       if done == start_step + 1:
@@ -343,7 +378,7 @@ def fit(
       evaluate = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
       if save or evaluate:
         prev = check(*pending)
-        _maybe_log(writer, progress, throughput, done, prev, cfg)
+        _maybe_log(writer, progress, throughput, done, prev, cfg, device_metrics)
         pending = None
         if evaluate:
           run_eval(done)
@@ -357,7 +392,13 @@ def fit(
       check(*pending)
     if start_step >= cfg.steps and is_main:
       print(f"the checkpoint is at step {start_step} >= steps={cfg.steps}: nothing to train", flush=True)
+    elif is_main and cost.get("flops"):
+      rates = f"{cost['flops'] / 1e12:.4g} TFLOP per step"
+      if "tflops_per_sec_per_device" in cost:
+        rates += f", {cost['tflops_per_sec_per_device']:.4g} TFLOP/s per device"
+      print(rates + (f", MFU {cost['mfu']:.1%}" if "mfu" in cost else ""), flush=True)
   finally:
+    window.close()
     checkpointer.close()
     writer.close()
     eval_writer.close()
@@ -365,11 +406,13 @@ def fit(
   return FitResult(state=state, start_step=start_step, eval_metrics=eval_metrics)
 
 
-def _maybe_log(writer, progress, throughput, step, metrics, cfg):
+def _maybe_log(writer, progress, throughput, step, metrics, cfg, device_metrics=None):
   progress.update(step, float(metrics["loss"]))
   if step % cfg.log_every and step not in (1, cfg.steps):
     return
   rate = throughput.rate()
   values = {k: v for k, v in metrics.items() if k != "finite"}
   values["examples_per_sec"] = rate if math.isfinite(rate) else 0.0
+  if device_metrics is not None:
+    values.update(device_metrics(values["examples_per_sec"]))
   writer.write(step, values)
