@@ -1,0 +1,88 @@
+"""Reading the image cache through grain with 0, 1, 2 ... worker processes: batches per second.
+
+  python -m benchmarks.data_loading --spec csv:PAIRS.tsv --data_dir DIR [--image_size 32] [--workers 0,1,2]
+
+Prepares the cache first (timed, once), then reads `--batches` shuffled batches of `--batch_size`
+records per worker count, after a warm-up of 5 batches, and prints a table naming the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import grain
+import numpy as np
+
+from multimodal_jax.data import image_files, specs
+
+
+def cpu_name() -> str:
+  """The CPU's model name and vector extensions, from /proc/cpuinfo (as `lscpu` shows them)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return platform.processor() or "unknown CPU"
+  model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+  flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+  isa = ", ".join(f for f in ("avx512f", "avx2", "fma", "sse4_2") if f in flags)
+  return f"{model}, {info.count('processor')} cores, {isa or 'no AVX'}"
+
+
+class _Normalize(grain.transforms.Map):
+  """uint8 images -> float32 normalised with CLIP's mean/std (the work a training transform does)."""
+
+  def map(self, record: dict) -> dict:
+    mean, std = image_files.PRESETS["openai"]
+    return {"image": image_files.normalize(record["image"], mean, std)}
+
+
+def _rate(source, batch_size: int, workers: int, batches: int) -> float:
+  sampler = grain.samplers.IndexSampler(len(source), shuffle=True, num_epochs=None, seed=0)
+  loader = grain.DataLoader(
+    data_source=source,
+    sampler=sampler,
+    operations=[_Normalize(), grain.transforms.Batch(batch_size, drop_remainder=True)],
+    worker_count=workers,
+  )
+  iterator = iter(loader)
+  for _ in range(5):
+    next(iterator)
+  start = time.perf_counter()
+  for _ in range(batches):
+    batch = next(iterator)
+  elapsed = time.perf_counter() - start
+  assert batch["image"].shape[0] == batch_size and batch["image"].dtype == np.float32
+  return batches / elapsed
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--spec", required=True)
+  parser.add_argument("--data_dir", required=True)
+  parser.add_argument("--image_size", type=int, default=32)
+  parser.add_argument("--batch_size", type=int, default=256)
+  parser.add_argument("--batches", type=int, default=100)
+  parser.add_argument("--workers", default="0,1,2")
+  args = parser.parse_args()
+  from absl import flags
+
+  flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags, which no absl main parsed here
+  settings = specs.DataSettings(image_size=args.image_size, channels=3, data_dir=args.data_dir)
+  start = time.perf_counter()
+  source = specs.open_dataset(args.spec, settings).split("train")
+  prepared = time.perf_counter() - start
+  print(
+    f"CPU: {cpu_name()} ({platform.machine()}); {len(source)} images of {args.image_size} px ready in {prepared:.1f} s"
+  )
+  print("| workers | batches/s | images/s |")
+  print("|---|---|---|")
+  for workers in (int(w) for w in args.workers.split(",")):
+    rate = _rate(source, args.batch_size, workers, args.batches)
+    print(f"| {workers} | {rate:.1f} | {rate * args.batch_size:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
