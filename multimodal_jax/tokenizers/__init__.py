@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from multimodal_jax.tokenizers.clip_bpe import ClipBPETokenizer, find_open_clip_vocab
+from multimodal_jax.tokenizers.clip_bpe import ClipBPETokenizer, find_open_clip_vocab, shipped_vocab
 from multimodal_jax.tokenizers.hf_json import HFJsonTokenizer
 from multimodal_jax.tokenizers.words import WordTokenizer
 
@@ -33,4 +33,4 @@ class Tokenizer(Protocol):
     ...
 
 
-__all__ = ["ClipBPETokenizer", "HFJsonTokenizer", "Tokenizer", "WordTokenizer", "find_open_clip_vocab"]
+__all__ = ["ClipBPETokenizer", "HFJsonTokenizer", "Tokenizer", "WordTokenizer", "find_open_clip_vocab", "shipped_vocab"]

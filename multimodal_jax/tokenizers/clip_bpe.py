@@ -46,6 +46,12 @@ _CACHE_LIMIT = 100_000
 _SKIPPED = frozenset("\u0345")
 
 
+def shipped_vocab() -> str:
+  """Path of the copy of `bpe_simple_vocab_16e6.txt.gz` shipped in this package (`tokenizers/data/`,
+  OpenAI's MIT-licensed file, its notice beside it): `ClipBPETokenizer`'s default vocabulary."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", VOCAB_FILE)
+
+
 def find_open_clip_vocab() -> str:
   """Path of `bpe_simple_vocab_16e6.txt.gz` inside the installed open_clip package (found with
   `importlib.util.find_spec`, so neither open_clip nor torch is imported). Raises UserError if absent."""
@@ -126,15 +132,18 @@ class ClipBPETokenizer:
   """CLIP's BPE: `encode(texts) -> int32 [n, context_length]` (`[49406, ..., 49407, 0, ...]`).
 
   Args:
-    vocab_path: `bpe_simple_vocab_16e6.txt.gz` (gzip'd or plain text); `find_open_clip_vocab()`
-      finds the copy inside an installed open_clip.
+    vocab_path: `bpe_simple_vocab_16e6.txt.gz` (gzip'd or plain text); None: the copy shipped in
+      this package (`shipped_vocab()`); `find_open_clip_vocab()` finds the one inside an installed
+      open_clip.
     context_length: tokens per row (77 for OpenAI CLIP). Longer texts are cut, keeping the start
       token first and the end token last.
     fix_text: run `ftfy.fix_text` first (open_clip does). None: when ftfy is installed. True
       without ftfy raises UserError.
   """
 
-  def __init__(self, vocab_path: str | os.PathLike, context_length: int = 77, fix_text: bool | None = None):
+  def __init__(
+    self, vocab_path: str | os.PathLike | None = None, context_length: int = 77, fix_text: bool | None = None
+  ):
     if context_length < 2:
       raise ValueError(f"context_length {context_length} leaves no room for the start and end tokens (need >= 2)")
     self._ftfy_fix = None
@@ -146,7 +155,7 @@ class ClipBPETokenizer:
           raise UserError("fix_text=True needs ftfy: `pip install ftfy` (or pass fix_text=False)") from None
       else:
         self._ftfy_fix = ftfy.fix_text
-    merges = _read_merges(os.fspath(vocab_path))
+    merges = _read_merges(os.fspath(vocab_path) if vocab_path is not None else shipped_vocab())
     self.byte_encoder = bytes_to_unicode()
     self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
     vocab = list(self.byte_encoder.values())
