@@ -161,3 +161,35 @@ def test_accelerator_check_summary_of_a_run():
   assert summary["mfu"] == pytest.approx(0.4) and summary["peak_memory_gib"] is None
   assert not ac.summarize([{"step": s, "loss": 1.0 + s} for s in range(10)])["loss_fell"]
   assert ac.overrides("clip", 200) == ["--config.dtype=bfloat16", "--config.steps=200"]
+
+
+def test_fit_logs_tflops_and_writes_a_profile_for_its_window(tmp_path):
+  import json
+
+  from multimodal_jax import loop
+  from multimodal_jax.data.pipeline import GrainBatches
+  from tests import toy
+
+  config = loop.base_config(steps=8, batch_size=32, seed=3, log_every=2, checkpoint_every=8, profile_steps="3:5")
+  tx, schedule = toy.optimizer()
+  loop.fit(
+    workdir=str(tmp_path),
+    config=config,
+    mesh=shd.make_mesh("data:4,fsdp:2"),
+    loss_fn=toy.loss_fn,
+    init_params=toy.init_params,
+    tx=tx,
+    train_data=GrainBatches(toy.ToySource(), 32, seed=3),
+    learning_rate_fn=schedule,
+  )
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  # MLP 16 -> 32 -> 4 on 32 rows: forward, both weight gradients and the hidden layer's input gradient
+  flops = 2 * 32 * (16 * 32 + 32 * 4) + 2 * 32 * 16 * 32 + 2 * 2 * 32 * 32 * 4
+  for r in records[1:]:
+    assert r["tflops_per_sec_per_device"] * 1e12 == pytest.approx(flops * r["examples_per_sec"] / 32 / 8, rel=1e-6)
+    assert "mfu" not in r  # no peak for a CPU
+  traces = [n for _, _, names in os.walk(tmp_path / "profile") for n in names]
+  assert any(n.endswith(".xplane.pb") for n in traces), traces
+  rule = loop.base_rules()["profile_steps"]
+  assert rule.test("5:8") and rule.test("") and not rule.test("8:5")
