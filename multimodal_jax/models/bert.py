@@ -63,11 +63,11 @@ class BertSelfAttention(nn.Module):
   """Multi-head self-attention with a padding mask. `x [b, L, hidden]`, `mask_bias [b, 1, 1, L]`
   (0 for real tokens, a large negative number for padding) -> `[b, L, hidden]` (before the residual)."""
 
-  cfg: BertConfig
+  config: BertConfig
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask_bias: jnp.ndarray) -> jnp.ndarray:
-    cfg = self.cfg
+    cfg = self.config
     head_dim = cfg.hidden // cfg.heads
 
     def proj(name):
@@ -98,11 +98,11 @@ class BertLayer(nn.Module):
   Returns `(x, None)` so that it can run under nn.scan.
   """
 
-  cfg: BertConfig
+  config: BertConfig
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask_bias: jnp.ndarray):
-    cfg = self.cfg
+    cfg = self.config
     x = layer_norm("attention_ln", cfg.layer_norm_eps)(x + BertSelfAttention(cfg, name="attention")(x, mask_bias))
     h = nn.gelu(dense(cfg.intermediate, ("embed", "mlp"), name="intermediate")(x), approximate=not cfg.exact_gelu)
     x = layer_norm("output_ln", cfg.layer_norm_eps)(x + dense(cfg.hidden, ("mlp", "embed"), name="output")(h))
@@ -131,10 +131,10 @@ class BertModel(nn.Module):
   frozen towers.
   """
 
-  cfg: BertConfig
+  config: BertConfig
 
   def setup(self):
-    cfg = self.cfg
+    cfg = self.config
     self.word_embeddings = self.param(
       "word_embeddings", _param_init(0.02, ("vocab", "embed")), (cfg.vocab_size, cfg.hidden)
     )
@@ -162,7 +162,7 @@ class BertModel(nn.Module):
     self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray | None = None, token_type_ids: jnp.ndarray | None = None
   ) -> jnp.ndarray:
     """Token features `[b, L, hidden]` (the last hidden state of Hugging Face's BertModel)."""
-    cfg = self.cfg
+    cfg = self.config
     length = input_ids.shape[-1]
     if length > cfg.max_positions:
       raise ValueError(f"input has {length} tokens but the model has {cfg.max_positions} positions: truncate it")
