@@ -165,6 +165,12 @@ def _state_bytes(abstract_state) -> int:
   )
 
 
+def state_bytes(work: Workload, spec: str, devices) -> int:
+  """Per-device parameter + AdamW bytes of `work` on mesh `spec` (from the shardings alone)."""
+  abstract, _ = train.abstract_train_state(work.init_params, optax.adamw(1e-4), shd.make_mesh(spec, devices))
+  return _state_bytes(abstract)
+
+
 def plan(work: Workload, spec: str, devices) -> dict:
   """Lowers and compiles `work`'s train step on mesh `spec`; what each device would hold and do."""
   mesh = shd.make_mesh(spec, devices)
@@ -219,14 +225,14 @@ def loss_plan(batch: int, devices, impl: str, dim: int = 512) -> dict:
 
 
 def depth_plan(layers: int, scanned: bool) -> dict:
-  """Compile time of a ViT-B/16 image tower's forward + backward (batch 8, one device) at a depth."""
+  """Compile time of a ViT-B/16 image tower's forward + backward (batch 8, float32, one device) at a depth."""
   from multimodal_jax.layers import Transformer
 
   model = Transformer(layers, 12, scan=True, unroll=1 if scanned else True, attention="xla")
-  x = jax.ShapeDtypeStruct((8, 197, 768), jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((8, 197, 768), jnp.float32)
   params = jax.eval_shape(model.init, jax.random.key(0), x)
   t0 = time.perf_counter()
-  jax.jit(jax.grad(lambda p, x: model.apply(p, x).astype(jnp.float32).sum())).lower(params, x).compile()
+  jax.jit(jax.grad(lambda p, x: model.apply(p, x).sum())).lower(params, x).compile()
   return {"layers": layers, "scanned": scanned, "compile_s": time.perf_counter() - t0}
 
 
@@ -271,6 +277,10 @@ def print_row(r: dict) -> None:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="ViT-L/14 on data:64 and fsdp:64 and the loss plan only")
+  parser.add_argument(
+    "--only", default="", help="comma list: keep the models whose name contains one (e.g. DiT,AVDCNN)"
+  )
+  parser.add_argument("--meshes", default="", help="';'-separated mesh specs to keep (e.g. 'data:-1;fsdp:64')")
   args = parser.parse_args(argv)
   devices = jax.devices()
   if len(devices) < DEVICES:
@@ -292,6 +302,11 @@ def main(argv=None) -> None:
     for work in (dit_workload(), avdcnn_workload()):
       jobs += [(work, spec, devices) for spec in MESHES_64]
       jobs += [(work, spec, devices[:8]) for spec in MESHES_8]
+  keep = [k.strip() for k in args.only.split(",") if k.strip()]
+  meshes = [m.strip() for m in args.meshes.split(";") if m.strip()]
+  jobs = [
+    (w, spec, d) for w, spec, d in jobs if (not keep or any(k in w.name for k in keep)) and spec in (meshes or [spec])
+  ]
   print(
     "\nper device; peak = arguments + outputs - donated + temporaries; AG/RS/AR/A2A/CP: all-gather, "
     "reduce-scatter, all-reduce, all-to-all, collective-permute"
@@ -300,7 +315,7 @@ def main(argv=None) -> None:
   for work, spec, devs in jobs:
     rows.append(plan(work, spec, devs))
     print_row(rows[-1])
-  state = {r["mesh"]: r["state_gib"] for r in rows if r["model"] == vit_l.name}
+  state = {spec: state_bytes(vit_l, spec, devices) for spec in ("data:-1", "fsdp:64")}  # shapes only, no compile
 
   print("\ncontrastive loss alone (forward + backward, [batch, 512] float32 embeddings, mesh data:-1), per device")
   print(f"{'batch':>6} | {'devices':>7} | {'gathered temp MiB':>17} | {'chunked temp MiB':>16} | ratio")

@@ -368,6 +368,7 @@ class SelfAttention(nn.Module):
   heads: int
   causal: bool = False
   implementation: str | None = "auto"
+  dtype: Any = None  # computation dtype of the projections (None: from the inputs and params)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -377,6 +378,7 @@ class SelfAttention(nn.Module):
       (3, self.heads, head_dim),
       kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None, "heads", "kv")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "heads", "kv")),
+      dtype=self.dtype,
       dot_general=projection_dot_general,
       name="qkv",
     )(x)
@@ -392,6 +394,7 @@ class SelfAttention(nn.Module):
       axis=(-2, -1),
       kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("heads", "kv", "embed")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+      dtype=self.dtype,
       dot_general=projection_dot_general,
       name="out",
     )(out)

@@ -190,7 +190,7 @@ class DiTBlock(nn.Module):
     mod = constrain(mod, VECTOR)
     shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = jnp.split(mod, 9, axis=-1)
     x = constrain(x, ACTIVATION)
-    attn = SelfAttention(cfg.num_heads, implementation=cfg.attention, name="attn")
+    attn = SelfAttention(cfg.num_heads, implementation=cfg.attention, dtype=dtype, name="attn")
     x = x + gate1[:, None] * attn(_modulate(_norm(x), shift1, scale1))
     cross = CrossAttention(cfg.num_heads, dtype, cfg.attention, name="cross")
     x = x + gate2[:, None] * cross(_modulate(_norm(x), shift2, scale2), ctx, mask)
