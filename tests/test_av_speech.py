@@ -121,6 +121,7 @@ def test_phoneme_visemes_and_fixed_mouth():
   assert _opening(np.rint(open_mouth * 255).astype(np.uint8))[0] > 0.1
 
 
+@pytest.mark.slow
 def test_rebuild_is_identical(examples, tmp_path):
   again = av_speech.load(str(tmp_path), config="tiny")
   for split in ("train", "test"):

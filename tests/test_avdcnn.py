@@ -73,6 +73,7 @@ def test_shapes_and_flattened_widths(config, widths, heads):
     assert isinstance(leaf, nn.Partitioned) and len(leaf.names) == leaf.value.ndim
 
 
+@pytest.mark.slow
 def test_residual_head_starts_as_the_identity_the_gain_head_below_it_and_the_plain_head_does_not():
   batch = _batch(4)
   centre = batch["audio"][:, :, 2]
@@ -126,6 +127,7 @@ def test_max_pool_equals_flax_max_pool():
     np.testing.assert_array_equal(avdcnn.max_pool(x, window), nn.max_pool(x, window, strides=window))
 
 
+@pytest.mark.slow
 def test_conv_impls_share_parameters_and_agree():
   rng = np.random.default_rng(1)
   batch = {"audio": rng.normal(size=(4, 257, 5)).astype(np.float32), "lips": rng.integers(0, 255, (4, 5, 16, 24, 3))}
@@ -170,6 +172,7 @@ def test_loss_equals_the_formula():
   np.testing.assert_allclose(float(weighted), np.mean(np.sum(w * (y_hat - y) ** 2, -1)), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_population_statistics_and_batch_independent_inference():
   model, _, params = _init(TINY)
   data = _batch(64, seed=1)
@@ -397,6 +400,7 @@ def test_sample_batches_are_distinct_frames_of_a_seeded_permutation():
   assert len(whole["target"]) == len(source)
 
 
+@pytest.mark.slow
 def test_batch_stats_shapes_are_those_of_the_population_statistics():
   model, _, params = _init(TINY)
   stats = avdcnn.population_batch_stats(model, params, [_batch(8)])
@@ -433,6 +437,7 @@ def _fit_with_state(workdir, steps, calls, ema_decay=0.0):
   )
 
 
+@pytest.mark.slow
 def test_model_state_is_saved_from_the_saved_params_and_resumes_bit_identically(tmp_path):
   import chex
 

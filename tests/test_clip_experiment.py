@@ -48,6 +48,7 @@ def test_wrong_image_size_is_explained():
     model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)), jnp.zeros((1, 16), jnp.int32))
 
 
+@pytest.mark.slow
 def test_text_is_pooled_at_the_end_token():
   model = clip_model.CLIP(clip_model.PRESETS["tiny"])
   tokens = jnp.array([[1, 7, 9, 2] + [0] * 12], jnp.int32)

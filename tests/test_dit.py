@@ -103,6 +103,7 @@ def test_masked_context_tokens_have_no_effect_and_all_false_is_unconditional():
 
 
 @pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.slow
 def test_scan_and_unrolled_layers_give_the_same_output(remat):
   cfg = dataclasses.replace(SMALL, remat=remat)
   x, t, ctx, mask = _inputs(cfg)
@@ -145,6 +146,7 @@ def _setup(cfg, mesh, tx):
   return state, step, shd.host_to_global_batch(batch, mesh), loss_fn
 
 
+@pytest.mark.slow
 def test_eps_training_on_a_3d_mesh_shards_params_and_makes_the_loss_fall():
   mesh = shd.make_mesh("data:2,fsdp:2,tensor:2")
   state, step, batch, loss_fn = _setup(SMALL, mesh, optax.adamw(3e-3))

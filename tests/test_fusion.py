@@ -107,6 +107,7 @@ def test_usual_joint_fusion_trains_the_encoders_through_the_joint_loss():
   assert fused_only["encoders_audio"] > 0.0 and fused_only["encoders_image"] > 0.0
 
 
+@pytest.mark.slow
 def test_conv_encoder_accepts_images_and_spectrograms():
   enc = ConvEncoder(channels=(4, 8), features=16)
   for x in (jnp.ones((2, 28, 28, 1)), jnp.ones((2, 50, 32))):

@@ -214,6 +214,7 @@ def test_missing_autoencoder_checkpoint_is_one_line(trained, tmp_path, captioned
   assert not os.path.exists(tmp_path / "lost" / "samples.png")
 
 
+@pytest.mark.slow
 def test_class_and_feature_prompts_condition_the_denoiser():
   import jax
   import jax.numpy as jnp

@@ -40,6 +40,7 @@ def test_params_are_created_sharded_with_the_logical_rules():
 
 
 @pytest.mark.parametrize("mesh_spec", ["data:8", "data:4,fsdp:2", "data:2,fsdp:2,tensor:2"])
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step(mesh_spec):
   single, single_losses, _, _ = _run("data:1", devices=jax.devices()[:1])
   sharded, sharded_losses, _, _ = _run(mesh_spec)
@@ -73,6 +74,7 @@ def test_gradient_accumulation_matches_the_full_batch():
   np.testing.assert_allclose(results[0][1:], results[1][1:], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
   _, losses32, _, _ = _run("data:8", steps=2)
   state16, losses16, _, _ = _run("data:8", steps=2, compute_dtype=jnp.bfloat16)
@@ -80,6 +82,7 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
   np.testing.assert_allclose(losses16, losses32, rtol=3e-2)
 
 
+@pytest.mark.slow
 def test_ema_is_sharded_like_params_and_averages():
   state, _, _, _ = _run("data:4,fsdp:2", steps=3, ema_decay=0.5)
   for p, e in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):
