@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.mesh = "data:-1"
   c.dtype = "float32"
+  c.profile_steps = ""
+  c.compile_cache = ""
   c.data_dir = ""
   c.train_images = 0  # 0: all 4,000 distinct training images; N: the first N (quick runs, tests)
   # Prompt encoder.
