@@ -9,7 +9,7 @@ resolve here, in one place:
   model         tiny; `init_from` (the architecture of the `init_from=open_clip:FILE` weights) when
                 the run starts from open_clip weights
   image_tower   resnet; vit when the run starts from open_clip weights (they hold a ViT)
-  tokenizer     words for the embedded captions; clip_bpe otherwise
+  tokenizer     words for the embedded captions; clip_bpe otherwise (and with open_clip weights)
   context_length  16 for words; else the preset's (77 for every OpenAI-shaped preset and for
                 imported weights; 77 for tiny too)
   image_size    the preset's own (tiny 32, ViT-B-32 224, the imported weights')
@@ -58,7 +58,7 @@ def image_tower(config: Any) -> str:
 
 
 def tokenizer_kind(config: Any) -> str:
-  return config.tokenizer or ("words" if is_embedded(config) else "clip_bpe")
+  return config.tokenizer or ("words" if is_embedded(config) and not from_open_clip(config) else "clip_bpe")
 
 
 def base_model(config: Any) -> clip_model.ClipConfig:
