@@ -39,7 +39,10 @@ class Rule:
 
 
 def _show(value: Any) -> str:
-  return value if isinstance(value, str) else repr(value)
+  """A value as the user typed it, or quoted when that would not read as one line."""
+  if isinstance(value, str) and value.isprintable():
+    return value
+  return repr(value)
 
 
 def _number(value: Any) -> bool:
@@ -120,12 +123,12 @@ def _parse_value(key: str, text: str, current):
       return True
     if lowered in ("false", "0", "no"):
       return False
-    raise UserError(f"--config.{key}={text}: expected true or false")
+    raise UserError(f"--config.{key}={_show(text)}: expected true or false")
   if isinstance(current, (int, float)):
     try:
       return type(current)(float(text) if isinstance(current, float) else int(text))
     except ValueError:
-      raise UserError(f"--config.{key}={text}: expected a {type(current).__name__}") from None
+      raise UserError(f"--config.{key}={_show(text)}: expected a {type(current).__name__}") from None
   return text
 
 
@@ -138,7 +141,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
   for item in overrides:
     key, sep, text = item.partition("=")
     if not sep:
-      raise UserError(f"--config.{item}: expected --config.KEY=VALUE")
+      raise UserError(f"--config.{_show(item)}: expected --config.KEY=VALUE")
     *parents, leaf = key.split(".")
     node = config
     for part in parents:
@@ -151,7 +154,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
       known = sorted(k for k, _ in _flat(config.to_dict()))
       close = difflib.get_close_matches(key, known, n=3)
       hint = f"did you mean {', '.join(close)}? " if close else ""
-      raise UserError(f"unknown config key {key!r}; {hint}known keys: {', '.join(known)}")
+      raise UserError(f"unknown config key {key!r}; {hint}known keys: {', '.join(known)}")  # repr: one line
     node[leaf] = _parse_value(key, text, node[leaf])
   return config
 
