@@ -38,17 +38,36 @@ def _compile(name, init_params, loss_fn_for, batch_shapes, spec):
 
 
 def _clip(image_tower):
+  """The CLIP experiment's default step (tiny model, 32x32 grey images, 16 word tokens, the gathered
+  softmax loss over the batch axes), built from the library so it does not follow the CLI's churn."""
+  import dataclasses
+
   import jax.numpy as jnp
 
-  from experiments import clip as exp
+  from multimodal_jax import losses
+  from multimodal_jax import sharding as shd
   from multimodal_jax.models import clip as clip_model
 
-  config = exp.get_config()
-  config.image_tower = image_tower
-  model = clip_model.CLIP(exp.model_config(config))
-  init_params = exp.make_init_params(model, config, exp.text_inputs_for(config))
-  shapes = {"image": ((BATCH, 32, 32, 1), jnp.uint8), "text": ((BATCH, config.context_length), jnp.int32)}
-  return init_params, lambda mesh: exp.make_loss_fn(model, config, mesh), shapes
+  base = clip_model.PRESETS["tiny"]
+  cfg = dataclasses.replace(
+    base, vision=dataclasses.replace(base.vision, tower=image_tower, channels=1), text=base.text
+  )
+  model = clip_model.CLIP(cfg)
+  context = cfg.text.context_length
+  shapes = {"image": ((BATCH, 32, 32, 1), jnp.uint8), "text": ((BATCH, context), jnp.int32)}
+
+  def init_params(rng):
+    return model.init({"params": rng}, jnp.zeros((1, 32, 32, 1)), jnp.ones((1, context), jnp.int32))["params"]
+
+  def loss_fn_for(mesh):
+    def loss_fn(params, batch, rng):
+      del rng
+      img, txt, scale, _ = model.apply({"params": params}, batch["image"].astype(jnp.float32) / 255.0, batch["text"])
+      return losses.clip_softmax_loss_gathered(img, txt, scale, mesh, shd.BATCH_AXES), {}
+
+    return loss_fn
+
+  return init_params, loss_fn_for, shapes
 
 
 def _dit():
