@@ -174,7 +174,7 @@ def _train(tmp_path, workdir, *extra):
 def test_lit_from_open_clip_weights_then_export_round_trip(tmp_path, weights, capsys):
   path, cfg, params = weights
   workdir = tmp_path / "lit"
-  init = [f"--config.init_from=open_clip:{path}", "--config.freeze=image", "--config.ema_decay=0.5"]
+  init = [f"--config.init_from=open_clip:{path}", "--config.freeze=image"]
   assert _train(tmp_path, workdir, *init, "--config.channels=3") == 0, capsys.readouterr().err
   out = tmp_path / "exported" / "lit.safetensors"
   assert clip_exp.main(["--workdir", str(workdir), "--mode=export", f"--config.export_to=open_clip:{out}"]) == 0
