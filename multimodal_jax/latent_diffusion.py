@@ -98,17 +98,22 @@ def write_scale(ae_dir: str, step: int, scale: float) -> None:
     print(f"latent scale factor {scale:.5f} (1 / std of the training latents) in {ae_dir}/{SCALE_FILE}", flush=True)
 
 
-def denoiser_loss(model, schedule: diffusion.Schedule, table: dict, *, scale_factor, cond_drop_prob, prediction):
+def denoiser_loss(
+  model, schedule: diffusion.Schedule, table: dict, *, scale_factor, cond_drop_prob, prediction, shift_factor=0.0
+):
   """loss_fn over batches of precomputed posteriors (`latent_mean`, `latent_std`) and prompt indices
   (`prompt`) into `table` (the prompt inputs of every distinct training caption): a posterior sample,
-  scaled, noised at a random timestep; the prompt dropped with `cond_drop_prob` (classifier-free
+  shifted by `-shift_factor` (a pretrained VAE's, else 0) and scaled, noised at a random timestep; the prompt dropped with `cond_drop_prob` (classifier-free
   guidance learns the unconditional model too)."""
   table = jax.tree.map(jnp.asarray, table)
 
   def loss_fn(params, batch, rng):
     post_key, drop_key, diff_key = jax.random.split(rng, 3)
     mean, std = batch["latent_mean"], batch["latent_std"]
-    z = (mean + std * jax.random.normal(post_key, mean.shape, mean.dtype)) * scale_factor
+    z = mean + std * jax.random.normal(post_key, mean.shape, mean.dtype)
+    if shift_factor:
+      z = z - shift_factor
+    z = z * scale_factor
     inputs = jax.tree.map(lambda a: a[batch["prompt"]], table)
     context, mask = model.apply({"params": params}, inputs, method=model.encode_prompt)
     mask = diffusion.drop_condition(drop_key, mask, cond_drop_prob)
@@ -126,10 +131,12 @@ class Prompts:
 
   `tokenizer`: the word tokenizer of condition=text, or the CLIP run's (condition=clip, its vocabulary
   checks for unknown words); `features`: the featuriser of condition=minilm / clip
-  (`multimodal_jax.featurisers`); `digit_of(prompt) -> int` names the digit a prompt asks for (raises
-  UserError otherwise)."""
+  (`multimodal_jax.featurisers`); `digit_of(prompt) -> int` names the class a prompt asks for (-1 for
+  none, or a UserError where a prompt must name one); `num_classes`: the labels condition=class embeds."""
 
-  def __init__(self, condition: str, context_length: int, context_dim: int, digit_of, tokenizer=None, features=None):
+  def __init__(
+    self, condition, context_length, context_dim, digit_of, tokenizer=None, features=None, num_classes: int = 10
+  ):
     if condition not in CONDITIONS:
       raise UserError(f"condition={condition!r}: choose one of {', '.join(CONDITIONS)}")
     self.condition = condition
@@ -138,6 +145,7 @@ class Prompts:
     self.digit_of = digit_of
     self.tokenizer = tokenizer
     self.features = features
+    self.num_classes = num_classes
 
   @property
   def clip(self):
@@ -194,11 +202,14 @@ class Prompts:
 class LatentSampler:
   """Prompt inputs + one seed per image -> images float32 `[n, H, W, C]` in [-1, 1]: guided sampling
   of latents with the denoiser (`model`, `params`), divided by `scale_factor`, decoded by the
-  autoencoder (`ae`, `ae_params`)."""
+  autoencoder (`ae`, `ae_params`) after adding `shift_factor` back."""
 
-  def __init__(self, model, params, ae: akl.AutoencoderKL, ae_params, schedule, *, scale_factor, prediction):
+  def __init__(
+    self, model, params, ae: akl.AutoencoderKL, ae_params, schedule, *, scale_factor, prediction, shift_factor=0.0
+  ):
     self.model, self.params, self.ae, self.ae_params = model, params, ae, ae_params
     self.schedule, self.scale_factor, self.prediction = schedule, scale_factor, prediction
+    self.shift_factor = float(shift_factor)
     self.latent_shape = (model.dit.input_size, model.dit.input_size, model.dit.in_channels)
     self._generate = jax.jit(self._generate_fn, static_argnames=("guidance_scale", "sampler", "num_steps", "eta"))
 
@@ -214,7 +225,10 @@ class LatentSampler:
     z = diffusion.sample(
       model_fn, self.schedule, x_T, rng, sampler=sampler, num_steps=num_steps, eta=eta, prediction=self.prediction
     )
-    decoded = self.ae.apply({"params": ae_params}, z / self.scale_factor, method=self.ae.decode)
+    z = z / self.scale_factor
+    if self.shift_factor:
+      z = z + self.shift_factor
+    decoded = self.ae.apply({"params": ae_params}, z, method=self.ae.decode)
     return jnp.clip(decoded, -1.0, 1.0)
 
   def noise(self, seeds: np.ndarray) -> np.ndarray:

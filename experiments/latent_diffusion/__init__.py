@@ -54,7 +54,7 @@ import jax
 
 from experiments.latent_diffusion.build import make_prompts
 from experiments.latent_diffusion.config import EVAL_KEYS, RELATIONS, RULES, STAGES, get_config, stage_dir
-from experiments.latent_diffusion.generate import run_eval, run_sample
+from experiments.latent_diffusion.generate import run_eval, run_export, run_sample
 from experiments.latent_diffusion.stages import train_autoencoder, train_denoiser
 from multimodal_jax import cli, loop
 from multimodal_jax import sharding as shd
@@ -69,6 +69,10 @@ def run_train(config, workdir: str):
   for name in ("autoencoder", "denoiser"):
     loop.check_batch(config, mesh, prefix=f"{name}.")
   stages = [("autoencoder", train_autoencoder), ("denoiser", train_denoiser)]
+  if config.autoencoder_from:  # a pretrained VAE replaces stage 1
+    if config.stage == "autoencoder":
+      raise UserError("stage=autoencoder with autoencoder_from: the pretrained VAE is stage 1; train stage=denoiser")
+    stages = stages[1:]
   for name, fn in stages:
     if config.stage in ("all", name):
       start = time.time()
@@ -90,7 +94,7 @@ def _say(message: str) -> None:
 def main(argv=None) -> int:
   return cli.run(
     get_config,
-    {"train": run_train, "sample": run_sample, "eval": run_eval},
+    {"train": run_train, "sample": run_sample, "eval": run_eval, "export": run_export},
     argv,
     prog="python -m experiments.latent_diffusion",
     rules=RULES,

@@ -10,8 +10,10 @@ import ml_collections
 
 from multimodal_jax import diffusion, loop
 from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Rule, between, one_of
+from multimodal_jax.data import specs
 from multimodal_jax.errors import UserError
 from multimodal_jax.latent_diffusion import CONDITIONS
+from multimodal_jax.latent_diffusion_data import EMBEDDED
 from multimodal_jax.models.autoencoder_kl import PRESETS as AE_PRESETS
 from multimodal_jax.models.dit import PRESETS as DIT_PRESETS
 
@@ -19,7 +21,7 @@ STAGES = ("all", "autoencoder", "denoiser")
 
 
 EVAL_KEYS = (
-    "mesh", "data_dir", "prompt", "guidance_scale", "sampler", "sample_steps", "eta", "num_samples", "seed",
+    "mesh", "data_dir", "export_to", "compile_cache", "prompt", "guidance_scale", "sampler", "sample_steps", "eta", "num_samples", "seed",
     "eval_samples_per_digit", "eval_batch_size", "classifier_steps", "eval_test_images",
 )  # fmt: skip
 
@@ -29,6 +31,13 @@ RECORDED_KEYS = ("autoencoder_step", "clip_step")
 
 
 CLASSIFIER_FILE = "digit_classifier.npz"
+
+# The data settings this experiment reads (multimodal_jax.data.specs), with its defaults.
+DATA_DEFAULTS = {"image_size": 32, "channels": 1}
+DATA_KEYS = (
+  "data_dir", "image_key", "text_key", "label_key", "csv_image_key", "csv_caption_key", "csv_separator", "image_size",
+  "channels",
+)  # fmt: skip
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -42,7 +51,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.profile_steps = ""
   c.compile_cache = ""
-  c.data_dir = ""
+  # Data: the embedded digits, or csv:PATH / folder:DIR / tfds:NAME (multimodal_jax.data.specs) at
+  # image_size x image_size x channels; class-only data is captioned with `templates`.
+  c.dataset = EMBEDDED
+  c.update({k: v for k, v in specs.config_keys(**DATA_DEFAULTS).items() if k in DATA_KEYS})
+  c.templates = ""  # "": "a photo of a {}"; openai; or a FILE of one template per line
   c.train_images = 0  # 0: all 4,000 distinct training images; N: the first N (quick runs, tests)
   # Prompt encoder.
   c.context_length = 16  # text and minilm; clip uses the CLIP run's
@@ -60,7 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.cond_drop_prob = 0.1
   # The two stages' loop and optimizer keys (loop.base_config), each with its own.
   c.autoencoder = loop.base_config(section=True, steps=600, warmup_steps=100, checkpoint_every=500, keep_checkpoints=2)
-  c.autoencoder.preset = "digits"
+  c.autoencoder.preset = "auto"  # auto: digits (latents image_size/4) up to 32 px, small_f8 (/8) above
+  c.autoencoder_from = ""  # diffusers_vae:DIR: a pretrained VAE instead of stage 1
+  c.export_to = ""  # --mode=export: diffusers_vae:DIR
+  c.shift_factor = 0.0  # set from a pretrained VAE's config
   c.autoencoder.kl_weight = 1e-6
   c.denoiser = loop.base_config(
     section=True, steps=1500, batch_size=128, ema_decay=0.995, checkpoint_every=500, keep_checkpoints=2
@@ -79,6 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _vae_source_ok(value) -> bool:
+  return isinstance(value, str) and (value == "" or (value.startswith("diffusers_vae:") and len(value) > 14))
+
+
 def _positive_int(v) -> bool:
   return isinstance(v, int) and v > 0
 
@@ -90,7 +110,12 @@ RULES = {
   "condition": one_of(*CONDITIONS),
   "stage": one_of(*STAGES),
   "final_eval": BOOL,
-  "data_dir": TEXT,
+  **{k: v for k, v in specs.config_rules().items() if k in DATA_KEYS},
+  "dataset": specs.spec_rule((EMBEDDED,)),
+  "templates": TEXT,
+  "autoencoder_from": Rule(_vae_source_ok, "empty or diffusers_vae:DIR (a diffusers AutoencoderKL folder)"),
+  "export_to": Rule(_vae_source_ok, "empty or diffusers_vae:DIR (the folder to write)"),
+  "shift_factor": Rule(lambda v: isinstance(v, (int, float)), "a number"),
   "train_images": NON_NEGATIVE,
   "context_length": Rule(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
   "clip_workdir": TEXT,  # checked where the CLIP run is restored, with the command that makes one
@@ -104,7 +129,7 @@ RULES = {
   "num_train_timesteps": Rule(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
   "prediction": one_of(*diffusion.PREDICTIONS),
   "cond_drop_prob": between(0, 1),
-  "autoencoder.preset": one_of(*AE_PRESETS),
+  "autoencoder.preset": one_of("auto", *AE_PRESETS),
   "autoencoder.kl_weight": NON_NEGATIVE,
   "prompt": Rule(lambda v: isinstance(v, str) and bool(v.strip()), "a prompt (several separated by ';')"),
   "guidance_scale": NON_NEGATIVE,

