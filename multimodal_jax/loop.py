@@ -298,7 +298,8 @@ def fit(
       state = state.replace(model_state=jax.device_put(zeros, model_shardings))
     if cfg.init_from:
       params = initial_params(cfg.init_from, abstract_state.params, converters or {})
-      state = state.replace(params=params, ema_params=params if ema else None)
+      # The EMA gets its own buffers: the step donates the state, and one buffer in two leaves would be freed twice.
+      state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params) if ema else None)
       if is_main:
         print(f"initialised the params from {cfg.init_from}", flush=True)
 

@@ -77,12 +77,16 @@ def test_init_from_another_run_starts_at_step_zero_with_its_params(tmp_path):
   mesh = shd.make_mesh("data:4,fsdp:2")
   _, at3, _ = checkpoint.restore_params(str(tmp_path / "source"), train.abstract_params(toy.init_params, mesh), step=3)
   # learning rate 0: one step changes nothing, so the new run's params are the ones it started from.
-  result = _fit(tmp_path / "new", init_from=f"workdir:{tmp_path / 'source'}@3", steps=1, learning_rate=0.0)
+  result = _fit(
+    tmp_path / "new", init_from=f"workdir:{tmp_path / 'source'}@3", steps=1, learning_rate=0.0, ema_decay=0.5
+  )  # with an EMA too: its buffers are separate from the params' (the step donates both)
   counts = [int(x) for p, x in jax.tree_util.tree_leaves_with_path(result.state.opt_state) if "count" in str(p)]
   assert result.start_step == 0 and counts and set(counts) == {1}  # a fresh optimizer, one update
   new, want = toy.params_of(result.state), jax.tree.map(np.asarray, at3)
+  ema = jax.tree.map(np.asarray, jax.device_get(result.state.ema_params))
   for name in ("hidden_0", "out"):
     np.testing.assert_array_equal(new[name]["kernel"], want[name]["kernel"])
+    np.testing.assert_array_equal(ema[name]["kernel"], want[name]["kernel"])
   assert not np.array_equal(want["out"]["kernel"], toy.params_of(source.state)["out"]["kernel"])  # not step 6
 
 
