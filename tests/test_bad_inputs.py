@@ -138,7 +138,7 @@ CASES = [
   ("clip", ["--config.grad_accum_steps=3"], "not divisible by grad_accum_steps=3"),
   ("clip", ["--config.weight_decay=-0.1"], "--config.weight_decay=-0.1"),
   ("clip", ["--config.augment_shift=-2"], "--config.augment_shift=-2"),
-  ("clip", ["--mode=eval", "--config.image_tower=vit"], "trained with image_tower='resnet'"),
+  ("clip", ["--mode=eval", "--config.image_tower=vit"], "which the checkpoint fixes"),
   ("clip", ["--mode=eval", "--workdir={other}"], "not trained by this experiment"),
   ("clip", ["--mode=eval", "--config.eval_batch_size=0"], "--config.eval_batch_size=0"),
   ("avdcnn", ["--config.modalities=visual"], "--config.modalities=visual"),
