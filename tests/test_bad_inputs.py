@@ -149,7 +149,7 @@ CASES = [
   ("avdcnn", ["--config.grid_dir={tmp}/no_grid"], "expected an existing directory"),
   ("avdcnn", ["--config.eval_processes=0"], "--config.eval_processes=0"),
   ("avdcnn", ["--mode=eval", "--config.model=wide"], "trained with model='tiny'"),
-  ("avdcnn", ["--mode=enhance", "--config.input={tmp}/none.wav", "--config.output={tmp}/o.wav"], "existing file"),
+  ("avdcnn", ["--mode=enhance", "--config.input={tmp}/none.wav", "--config.output={tmp}/o.wav"], "does not exist"),
   ("avdcnn", ["--mode=enhance", "--config.input={wav0}", "--config.output={tmp}/o.wav"], "too short to enhance"),
   ("avdcnn", ["--mode=enhance", "--config.input={wav0}"], "enhance needs"),
   ("avdcnn", ["--mode=enhance", "--config.input={wav0}", "--config.output={tmp}/no/o.wav"], "does not exist"),
