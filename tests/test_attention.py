@@ -128,6 +128,7 @@ def _tiny_clip(attention):
   return clip.CLIP(clip.ClipConfig(attention=attention))
 
 
+@pytest.mark.slow
 def test_clip_towers_agree_across_implementations():
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   tokens = jnp.asarray([[5, 6, 7, 0] + [0] * 12, [9] * 16], jnp.int32)
@@ -139,6 +140,7 @@ def test_clip_towers_agree_across_implementations():
       np.testing.assert_allclose(a, b, atol=1e-5, err_msg=impl)
 
 
+@pytest.mark.slow
 def test_dit_self_and_cross_attention_agree_across_implementations():
   cfg = dit.dit_config("tiny", depth=2)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))

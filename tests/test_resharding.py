@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 MESHES = ("data:8", "data:4,fsdp:2", "data:2,fsdp:2,tensor:2")
 WARNING = "Involuntary full rematerialization"
 BATCH = 128  # the warning of the CLIP text tower (fixed) showed at 128, not at 16
@@ -143,6 +145,7 @@ def _warnings_by_step(stderr: str) -> dict[str, list[str]]:
   return found
 
 
+@pytest.mark.slow  # 15 compiles in a subprocess: 3-10 minutes on 2 shared cores
 def test_train_steps_compile_without_involuntary_rematerialization():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
