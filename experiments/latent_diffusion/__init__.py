@@ -5,6 +5,14 @@ conditioned on text prompts, sampled with DDPM/DDIM and classifier-free guidance
   python -m experiments.latent_diffusion --workdir DIR --mode=sample --config.prompt="a handwritten digit seven"
   python -m experiments.latent_diffusion --workdir DIR --mode=eval     # last line: JSON, also DIR/eval.json
 
+Your own images: `--config.dataset=csv:PATH|folder:DIR|tfds:NAME` with `--config.image_size` and
+`--config.channels` (1 or 3); captions from the CSV or a TFDS text feature, else `--config.templates`
+(default "a photo of a {}") with the class names (`multimodal_jax.latent_diffusion_data`). The
+autoencoder preset `auto` gives latents at image_size/4 up to 32 px and image_size/8 above.
+`--config.autoencoder_from=diffusers_vae:DIR` replaces stage 1 with a pretrained VAE (its
+scaling_factor / shift_factor); `--mode=export --config.export_to=diffusers_vae:DIR` writes the run's
+autoencoder as a diffusers folder. `--mode=sample` also writes each image as DIR/samples/NNNN.png.
+
 Stage 1 (`DIR/autoencoder`): AutoencoderKL preset "digits" (32x32x1 -> 8x8x4), reconstruction + beta KL;
 then the latent scale factor (1 / std of the encoder means over the training images) goes to
 `DIR/autoencoder/latent_scale.json`. Stage 2 (`DIR/denoiser`): a DiT on scaled latents (posterior
