@@ -40,9 +40,8 @@ import optax
 
 from benchmarks.common import busy_cpu_seconds, matmul_peak, own_cpu_seconds, warn_if_shared
 from multimodal_jax import diffusion as df
-from multimodal_jax import metrics as mt
+from multimodal_jax import profiling, train
 from multimodal_jax import sharding as shd
-from multimodal_jax import train
 from multimodal_jax.models import dit
 
 SIZE, CHANNELS, CONTEXT, CONTEXT_DIM = 8, 4, 8, 128
@@ -102,7 +101,7 @@ class Ours:
     forward = jax.jit(
       lambda p, b: twin.apply({"params": p}, b["x0"], jnp.zeros(TRAIN_BATCH, jnp.int32), b["context"], b["mask"])
     )
-    self.forward_flops = mt.compiled_flops(forward.lower(self.state.params, self.batch).compile())
+    self.forward_flops = profiling.cost_analysis_flops(forward.lower(self.state.params, self.batch).compile())
 
     def sample(params, x_T, context, mask, rng):
       model_fn = functools.partial(lambda p, x, t: model.apply({"params": p}, x, t, context, mask), params)

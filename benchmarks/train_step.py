@@ -29,9 +29,8 @@ import numpy as np
 
 from benchmarks.common import matmul_peak
 from experiments import fusion
-from multimodal_jax import metrics as mt
+from multimodal_jax import profiling, train
 from multimodal_jax import sharding as shd
-from multimodal_jax import train
 from multimodal_jax.data import av_digits
 
 
@@ -59,7 +58,7 @@ def bench_step(config, devices, batch_size: int, steps: int, repeats: int) -> tu
   state = train.init_train_state(init_params, tx, shardings, jax.random.key(0))
   step = train.make_train_step(fusion.make_loss_fn(model, config), tx, mesh, shardings)
   batch = shd.host_to_global_batch(synthetic_batch(batch_size), mesh)
-  per_device = mt.compiled_flops(step.lower(state, batch).compile())  # XLA counts one device's share
+  per_device = profiling.cost_analysis_flops(step.lower(state, batch).compile())  # XLA counts one device's share
   flops = per_device * len(devices) if per_device else None
   state, _ = step(state, batch)
   jax.block_until_ready(state)

@@ -115,11 +115,7 @@ def restore_params(
   try:
     for step in reversed(steps):
       try:
-        saved = {
-          leaf.name: tuple(leaf.shape)
-          for leaf in jax.tree.leaves(manager.item_metadata(step)["state"].tree)
-          if hasattr(leaf, "shape")
-        }
+        saved = _saved_shapes(manager, step)
         has_ema = any(name.startswith("ema_params.") for name in saved)
         field = "ema_params" if (has_ema if ema is None else ema) else "params"
         if field == "ema_params" and not has_ema:
@@ -154,9 +150,17 @@ def _warn_unreadable(step: int, directory, error: Exception, action: str) -> Non
     print(f"warning: the checkpoint at step {step} in {directory} is unreadable ({reason}); {action}", flush=True)
 
 
-def _check_names(step: int, directory, saved: dict, target: Any) -> None:
+def _saved_shapes(manager: Any, step: int) -> dict[str, tuple[int, ...]]:
+  """`{dotted name: shape}` of the arrays in the state of checkpoint `step` (metadata only)."""
+  tree = manager.item_metadata(step)["state"].tree
+  return {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(tree) if hasattr(leaf, "shape")}
+
+
+def _check_names(
+  step: int, directory, saved: dict, target: Any, fix: str = "rebuild the model with the config it was trained with"
+) -> None:
   """CheckpointMismatchError naming the first array of `target` that the checkpoint lacks or holds
-  with another shape."""
+  with another shape; `fix` says what to do."""
   for path, x in jax.tree_util.tree_leaves_with_path(target):
     name, shape = dotted(path), tuple(x.shape)
     if name not in saved:
@@ -166,8 +170,7 @@ def _check_names(step: int, directory, saved: dict, target: Any) -> None:
     else:
       continue
     raise CheckpointMismatchError(
-      f"the checkpoint at step {step} in {directory} holds a different model: {problem}; "
-      "rebuild the model with the config it was trained with"
+      f"the checkpoint at step {step} in {directory} holds a different model: {problem}; {fix}"
     )
 
 
@@ -287,23 +290,10 @@ class Checkpointer:
 
   def _check_matches(self, step: int, abstract_state: Any) -> None:
     """Raises CheckpointMismatchError naming the first array whose name or shape differs."""
-    saved = {
-      leaf.name: tuple(leaf.shape)
-      for leaf in jax.tree.leaves(self._manager.item_metadata(step)["state"].tree)
-      if hasattr(leaf, "shape")
-    }
+    saved = _saved_shapes(self._manager, step)
+    fix = "rerun with the config it was trained with, or use a new --workdir"
+    _check_names(step, self.directory, saved, abstract_state, fix)
     expected = {dotted(path): tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
-    for name, shape in expected.items():
-      if name not in saved:
-        problem = f"it has no array {name} (shape {shape})"
-      elif saved[name] != shape:
-        problem = f"{name} has shape {saved[name]} there but {shape} here"
-      else:
-        continue
-      raise CheckpointMismatchError(
-        f"the checkpoint at step {step} in {self.directory} holds a different model: {problem}; "
-        "rerun with the config it was trained with, or use a new --workdir"
-      )
     extra = sorted(set(saved) - set(expected))
     if extra:
       raise CheckpointMismatchError(

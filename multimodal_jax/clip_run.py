@@ -102,14 +102,6 @@ def evaluate(model, params, config, mesh, text_inputs, normalize, workdir: str |
   return scores
 
 
-def has_checkpoint(workdir: str) -> bool:
-  try:
-    checkpoint.read_config(workdir)
-  except checkpoint.NoCheckpointError:
-    return False
-  return True
-
-
 def build(config: Any) -> tuple[clip_model.CLIP, Callable, Callable]:
   """(model, text inputs, params initialiser) of a run's config."""
   model = clip_model.CLIP(cdata.model_config(config))
@@ -126,7 +118,7 @@ def restore(config: Any, workdir: str, keep: Sequence[str]):
   """(config, mesh, model, text inputs, step, params) of the run in `workdir` (its saved config but
   the `keep` keys), or, when the workdir holds no checkpoint and `init_from=open_clip:FILE` is set,
   of the imported weights at step 0 (the command line's config)."""
-  imported = cdata.from_open_clip(config) and not has_checkpoint(workdir)
+  imported = cdata.from_open_clip(config) and not checkpoint.saved_steps(workdir)
   if not imported:
     config = from_checkpoint.saved_config(workdir, config, keep)
   mesh = shd.make_mesh(config.mesh)

@@ -150,19 +150,3 @@ class Throughput:
     rate = self._examples / max(now - self._time, 1e-9)
     self._time, self._examples = now, 0
     return rate
-
-
-def compiled_flops(compiled: Any) -> float | None:
-  """FLOPs of one call of a compiled jax function according to XLA's cost analysis.
-
-  XLA counts the body of a loop once: for layers under a rolled `nn.scan`, count an unrolled twin
-  (as `benchmarks/diffusion.py` does) or multiply by the trip count.
-  """
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 - not every backend implements it
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  flops = (analysis or {}).get("flops")
-  return float(flops) if flops else None

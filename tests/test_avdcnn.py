@@ -414,8 +414,6 @@ def test_batch_stats_shapes_are_those_of_the_population_statistics():
 
 def _fit_with_state(workdir, steps, calls, ema_decay=0.0):
   from multimodal_jax import loop
-  from multimodal_jax import sharding as shd
-  from multimodal_jax.data.pipeline import GrainBatches
   from tests import toy
 
   def model_state_fn(params):  # any function of the saved params: here their sums per leaf
@@ -423,18 +421,7 @@ def _fit_with_state(workdir, steps, calls, ema_decay=0.0):
     return {"sums": [jnp.sum(x) for x in jax.tree.leaves(params)]}
 
   config = loop.base_config(steps=steps, batch_size=32, seed=3, checkpoint_every=4, ema_decay=ema_decay)
-  tx, schedule = toy.optimizer()
-  return loop.fit(
-    workdir=str(workdir),
-    config=config,
-    mesh=shd.make_mesh("data:4,fsdp:2"),
-    loss_fn=toy.loss_fn,
-    init_params=toy.init_params,
-    tx=tx,
-    train_data=GrainBatches(toy.ToySource(), 32, seed=3),
-    learning_rate_fn=schedule,
-    model_state_fn=model_state_fn,
-  )
+  return toy.fit(workdir, config, model_state_fn=model_state_fn)
 
 
 @pytest.mark.slow

@@ -9,24 +9,13 @@ import pytest
 
 from multimodal_jax import checkpoint as ckpt
 from multimodal_jax import loop
-from multimodal_jax import sharding as shd
 from multimodal_jax.data.pipeline import GrainBatches
 from tests import toy
 
 
 def _fit(workdir, steps, mesh="data:4,fsdp:2", source=None, checkpoint_every=4, **kw):
   config = loop.base_config(steps=steps, batch_size=32, seed=3, log_every=2, checkpoint_every=checkpoint_every, **kw)
-  tx, schedule = toy.optimizer()
-  return loop.fit(
-    workdir=str(workdir),
-    config=config,
-    mesh=shd.make_mesh(mesh),
-    loss_fn=toy.loss_fn,
-    init_params=toy.init_params,
-    tx=tx,
-    train_data=GrainBatches(source or toy.ToySource(), 32, seed=3),
-    learning_rate_fn=schedule,
-  )
+  return toy.fit(workdir, config, mesh, source)
 
 
 def _steps_logged(workdir):

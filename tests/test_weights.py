@@ -6,7 +6,6 @@ import pytest
 
 from multimodal_jax import checkpoint, loop, train
 from multimodal_jax import sharding as shd
-from multimodal_jax.data.pipeline import GrainBatches
 from multimodal_jax.errors import UserError
 from tests import toy
 
@@ -15,18 +14,7 @@ def _fit(workdir, mesh="data:4,fsdp:2", converters=None, **overrides):
   config = loop.base_config(steps=6, batch_size=32, seed=3, log_every=2, checkpoint_every=3)
   config.learning_rate, config.warmup_steps, config.weight_decay = 1e-2, 0, 0.1
   config.update(overrides)
-  tx, schedule = train.make_optimizer(config)
-  return loop.fit(
-    workdir=str(workdir),
-    config=config,
-    mesh=shd.make_mesh(mesh),
-    loss_fn=toy.loss_fn,
-    init_params=toy.init_params,
-    tx=tx,
-    train_data=GrainBatches(toy.ToySource(), 32, seed=3),
-    learning_rate_fn=schedule,
-    converters=converters,
-  )
+  return toy.fit(workdir, config, mesh, tx=train.make_optimizer(config), converters=converters)
 
 
 def _initial(seed=3):

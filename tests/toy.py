@@ -58,3 +58,24 @@ def flatten(tree, prefix=()):
       yield from flatten(v, prefix + (k,))
     else:
       yield "/".join(prefix + (k,)), v
+
+
+def fit(workdir, config, mesh="data:4,fsdp:2", source=None, tx=None, **fit_kw):
+  """`loop.fit` of the toy task in `workdir` with `config` (a `loop.base_config()`), batches of 32
+  from `source` (default ToySource()); `tx` is `(optimizer, schedule)`, default `optimizer()`."""
+  from multimodal_jax import loop
+  from multimodal_jax import sharding as shd
+  from multimodal_jax.data.pipeline import GrainBatches
+
+  optimizer_, schedule = tx or optimizer()
+  return loop.fit(
+    workdir=str(workdir),
+    config=config,
+    mesh=shd.make_mesh(mesh),
+    loss_fn=loss_fn,
+    init_params=init_params,
+    tx=optimizer_,
+    train_data=GrainBatches(source or ToySource(), 32, seed=3),
+    learning_rate_fn=schedule,
+    **fit_kw,
+  )
