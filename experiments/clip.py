@@ -31,10 +31,11 @@ from multimodal_jax.data import specs
 from multimodal_jax.data.pipeline import GrainBatches
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import from_checkpoint
+from multimodal_jax.layers import ATTENTION_IMPLEMENTATIONS
 from multimodal_jax.models import clip as clip_model
 
 EVAL_KEYS = ("mesh", "data_dir", "eval_batch_size", "eval_dataset", "templates", "export_to", "image_key",
-             "text_key", "label_key", "csv_image_key", "csv_caption_key", "csv_separator", "data_workers")  # fmt: skip
+             "text_key", "label_key", "csv_image_key", "csv_caption_key", "csv_separator", "data_workers", "attention")  # fmt: skip
 model_config, tokenizer_for = cdata.model_config, cdata.tokenizer_for  # used by latent diffusion's condition=clip
 text_inputs_for, make_init_params = clip_run.text_inputs_for, clip_run.make_init_params
 
@@ -55,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 200
   c.context_length = 0  # 0: 16 for words, 77 for BPE (or the imported model's)
   c.activation = ""  # "": the preset's (gelu); quick_gelu for OpenAI's own weights
+  c.attention = "auto"  # layers.dot_product_attention: auto (the CPU kernel on CPU, cuDNN for bf16 on GPU) | cpu | einsum | xla | cudnn
   c.augment_shift = 3  # random translation of training images by up to this many pixels
   c.remat = False
   c.export_to = ""  # --mode=export: open_clip:FILE.safetensors
@@ -81,6 +83,7 @@ RULES = {
   "eval_batch_size": POSITIVE,
   "context_length": Rule(lambda v: isinstance(v, int) and (v == 0 or v >= 2), "0 (auto) or an integer >= 2"),
   "activation": one_of("", "gelu", "quick_gelu", "gelu_tanh"),
+  "attention": one_of(*ATTENTION_IMPLEMENTATIONS),
   "augment_shift": NON_NEGATIVE,
   "remat": BOOL,
   "export_to": TEXT,

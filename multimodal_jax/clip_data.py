@@ -144,6 +144,7 @@ def model_config(config: Any) -> clip_model.ClipConfig:
     init_logit_scale=float(np.log(10.0)) if sigmoid and not imported else base.init_logit_scale,
     activation=config.activation or base.activation,
     remat=config.remat,
+    attention=config.get("attention", "auto"),
   )
 
 
