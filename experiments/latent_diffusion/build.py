@@ -125,7 +125,7 @@ def denoiser_model(config, prompts: Prompts, ae: akl.AutoencoderKL) -> Condition
   side = latent_side(config, ae)
   dit = dit_config(
       config.dit, input_size=side, in_channels=ae.config.latent_channels, patch_size=config.patch_size,
-      context_dim=prompts.context_dim,
+      context_dim=prompts.context_dim, attention=config.get("attention", "auto"),
   )  # fmt: skip
   return ConditionedDenoiser(
       dit, prompts.encoder_kind, vocab_size=prompts.vocab_size, context_length=config.context_length,

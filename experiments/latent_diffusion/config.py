@@ -14,6 +14,7 @@ from multimodal_jax.data import specs
 from multimodal_jax.errors import UserError
 from multimodal_jax.latent_diffusion import CONDITIONS
 from multimodal_jax.latent_diffusion_data import EMBEDDED
+from multimodal_jax.layers import ATTENTION_IMPLEMENTATIONS
 from multimodal_jax.models.autoencoder_kl import PRESETS as AE_PRESETS
 from multimodal_jax.models.dit import PRESETS as DIT_PRESETS
 
@@ -22,7 +23,7 @@ STAGES = ("all", "autoencoder", "denoiser")
 
 EVAL_KEYS = (
     "mesh", "data_dir", "export_to", "compile_cache", "prompt", "guidance_scale", "sampler", "sample_steps", "eta", "num_samples", "seed",
-    "eval_samples_per_digit", "eval_batch_size", "classifier_steps", "eval_test_images",
+    "eval_samples_per_digit", "eval_batch_size", "classifier_steps", "eval_test_images", "attention",
 )  # fmt: skip
 
 
@@ -66,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Denoiser and diffusion.
   c.dit = "tiny"
   c.patch_size = 2
+  c.attention = "auto"  # layers.dot_product_attention: auto | cpu | einsum | xla | cudnn
   c.scale_factor = 0.0  # 0: measured from the training latents after stage 1
   c.schedule = "scaled_linear"
   c.num_train_timesteps = 1000
@@ -124,6 +126,7 @@ RULES = {
   "text_heads": POSITIVE,
   "dit": one_of(*DIT_PRESETS),
   "patch_size": one_of(1, 2, 4, 8),
+  "attention": one_of(*ATTENTION_IMPLEMENTATIONS),
   "scale_factor": NON_NEGATIVE,
   "schedule": one_of(*diffusion.SCHEDULES),
   "num_train_timesteps": Rule(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
