@@ -169,6 +169,12 @@ def _check_names(
       problem = f"{name} has shape {saved[name]} there but {shape} here"
     else:
       continue
+    if name.startswith("opt_state."):
+      raise CheckpointMismatchError(
+        f"the checkpoint at step {step} in {directory} holds another optimizer state ({problem}): the optimizer or "
+        "its settings differ (e.g. freeze, weight_decay_mask); rerun with the settings it was trained with, or start "
+        f"a new --workdir with --config.init_from=workdir:{epath.Path(directory).parent}@{step} to keep its params"
+      )
     raise CheckpointMismatchError(
       f"the checkpoint at step {step} in {directory} holds a different model: {problem}; {fix}"
     )
@@ -271,6 +277,13 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
       except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
+        if "tree structures do not match" in str(e):  # readable, but another optimizer layout: never moved aside
+          raise CheckpointMismatchError(
+            f"the checkpoint at step {step} in {self.directory} holds a train state of another structure (the "
+            "optimizer or its settings differ, e.g. freeze or weight_decay_mask, or it was written by an older "
+            "version); rerun with the settings it was trained with, or start a new --workdir with "
+            f"--config.init_from=workdir:{self.directory.parent}@{step} to keep its params"
+          ) from None
         _warn_unreadable(step, self.directory, e, action="falling back to an earlier one")
         errors.append(step)
         self._set_aside(step)

@@ -87,24 +87,27 @@ def run(
 
 
 def check_workdir(workdir: str, create: bool) -> None:
-  """UserError unless `workdir` is (or, with `create`, can be made) a directory we can write in."""
+  """UserError unless `workdir` is a directory we can write in or (with `create`, for training) one
+  that can be made there; nothing is created here, so a run refused later leaves no empty folder."""
   if "://" in workdir:
     return  # remote storage: its client reports its own errors when the run writes
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} is a file, not a directory: choose another --workdir")
+  probe = workdir
   if not os.path.isdir(workdir):
     if not create:
       raise UserError(f"no checkpoint in {workdir}: the directory does not exist (train first with this --workdir)")
-    try:
-      os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-      raise UserError(f"cannot create --workdir {workdir}: {e.strerror}; choose a writable location") from None
+    probe = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.isdir(probe):  # the nearest folder that exists: the run creates the rest
+      if os.path.exists(probe):
+        raise UserError(f"cannot create --workdir {workdir}: {probe} is a file; choose another --workdir")
+      probe = os.path.dirname(probe)
   try:
-    with tempfile.TemporaryFile(dir=workdir):
+    with tempfile.TemporaryFile(dir=probe):
       pass
   except OSError as e:
     raise UserError(
-      f"cannot write in --workdir {workdir}: {e.strerror}; make it writable or choose another --workdir"
+      f"cannot write in --workdir {workdir} ({probe}: {e.strerror}); make it writable or choose another --workdir"
     ) from None
 
 

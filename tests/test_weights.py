@@ -97,3 +97,12 @@ def test_init_from_a_converter_is_sharded_and_checked(tmp_path):
     _fit(tmp_path / "bad2", converters={"mine": convert}, init_from="hub:x")
   with pytest.raises(UserError, match="no checkpoint"):
     _fit(tmp_path / "bad3", init_from=f"workdir:{tmp_path / 'nothing'}")
+
+
+def test_resuming_with_another_optimizer_layout_is_one_line_and_moves_nothing(tmp_path):
+  from multimodal_jax.checkpoint import CheckpointMismatchError, saved_steps
+
+  _fit(tmp_path, freeze="^hidden_0/", steps=3)
+  with pytest.raises(CheckpointMismatchError, match="another optimizer state .*init_from=workdir:"):
+    _fit(tmp_path, steps=6)  # the same run resumed without the freeze: AdamW would need moments it never had
+  assert saved_steps(str(tmp_path)) == [3] and not (tmp_path / "checkpoints_unreadable").exists()
