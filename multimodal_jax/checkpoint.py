@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import sys
+import threading
+import traceback
 from typing import Any
 
 import grain
@@ -377,6 +379,17 @@ class _DropOrbaxTracebacks(logging.Filter):
     return not str(record.msg).startswith("Given directory is read only")  # our readers open read-only
 
 
+class _DropAbandonedReads(logging.Filter):
+  """Drops asyncio's "exception was never retrieved" reports of orbax's reads of a checkpoint that
+  already failed (the failure itself was reported in one line): asyncio logs them, with a
+  traceback, when it collects the abandoned tasks."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if "never retrieved" not in str(record.msg) or not record.exc_info:
+      return True
+    return not _from_orbax(record.exc_info[1])
+
+
 def _ignore_closed_loop(unraisable, previous=sys.unraisablehook) -> None:
   """After a failed read, tensorstore completes pending reads into asyncio loops that orbax has
   already closed; each raises "Event loop is closed" where nothing can catch it. Those are noise
@@ -387,12 +400,29 @@ def _ignore_closed_loop(unraisable, previous=sys.unraisablehook) -> None:
   previous(unraisable)
 
 
+def _from_orbax(error: BaseException | None) -> bool:
+  frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+  return any("orbax" in frame.filename or "tensorstore" in frame.filename for frame in frames)
+
+
+def _quiet_thread_errors(args, previous=threading.excepthook) -> None:
+  """An orbax background thread that fails while reading or writing a checkpoint also fails the
+  call that waits for it, which reports it in one line; its own traceback is not printed."""
+  if not _from_orbax(args.exc_value):
+    previous(args)
+
+
 def _quiet_orbax_background_errors() -> None:
   if sys.unraisablehook is not _ignore_closed_loop:
     sys.unraisablehook = _ignore_closed_loop
+  if threading.excepthook is not _quiet_thread_errors:
+    threading.excepthook = _quiet_thread_errors
   absl = logging.getLogger("absl")
   if not any(isinstance(f, _DropOrbaxTracebacks) for f in absl.filters):
     absl.addFilter(_DropOrbaxTracebacks())
+  aio = logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropAbandonedReads) for f in aio.filters):
+    aio.addFilter(_DropAbandonedReads())
 
 
 def dotted(path) -> str:
