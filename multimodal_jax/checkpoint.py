@@ -3,7 +3,7 @@
 Layout: WORKDIR/checkpoints/<step>/{state,data,config}. Saves are asynchronous and atomic (orbax
 writes to a temporary directory and renames it when complete), so an interrupted save never
 replaces the last good checkpoint. A checkpoint that cannot be read is reported and the
-previous one is used. Nothing here imports the rest of the package.
+previous one is used. Nothing here imports the rest of the package but the leaf `quiet_orbax`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ import errno
 import json
 import logging
 import os
-import sys
-import threading
-import traceback
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from multimodal_jax import quiet_orbax
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ def restore_params(
       raise NoCheckpointError(f"no checkpoint of step {step} in {checkpoint_dir(workdir)} (it has steps {steps})")
     steps = [step]
   del step
-  _quiet_orbax_background_errors()
+  quiet_orbax.install()
   manager = ocp.CheckpointManager(
     checkpoint_dir(workdir),
     options=ocp.CheckpointManagerOptions(
@@ -202,7 +201,7 @@ class Checkpointer:
     )
     self._in_flight: int | None = None  # the step of the newest save started
     self._failed = False
-    _quiet_orbax_background_errors()
+    quiet_orbax.install()
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -364,65 +363,6 @@ _WRITE_FAILURES = (
 
 def _first_line(error: Exception) -> str:
   return (str(error).splitlines() or [type(error).__name__])[0][:200]
-
-
-class _DropOrbaxTracebacks(logging.Filter):
-  """Drops the tracebacks orbax's background threads log when a write fails (the failure reaches
-  the caller as an exception, which Checkpointer reports in one line) and orbax's note that a
-  reader was opened read-only (as ours are on purpose)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if "orbax" not in record.pathname:
-      return True
-    if record.levelno >= logging.ERROR:
-      return False
-    return not str(record.msg).startswith("Given directory is read only")  # our readers open read-only
-
-
-class _DropAbandonedReads(logging.Filter):
-  """Drops asyncio's "exception was never retrieved" reports of orbax's reads of a checkpoint that
-  already failed (the failure itself was reported in one line): asyncio logs them, with a
-  traceback, when it collects the abandoned tasks."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if "never retrieved" not in str(record.msg) or not record.exc_info:
-      return True
-    return not _from_orbax(record.exc_info[1])
-
-
-def _ignore_closed_loop(unraisable, previous=sys.unraisablehook) -> None:
-  """After a failed read, tensorstore completes pending reads into asyncio loops that orbax has
-  already closed; each raises "Event loop is closed" where nothing can catch it. Those are noise
-  (the failure itself was reported); anything else goes to the previous hook."""
-  error = unraisable.exc_value
-  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-    return
-  previous(unraisable)
-
-
-def _from_orbax(error: BaseException | None) -> bool:
-  frames = traceback.extract_tb(error.__traceback__) if error is not None else []
-  return any("orbax" in frame.filename or "tensorstore" in frame.filename for frame in frames)
-
-
-def _quiet_thread_errors(args, previous=threading.excepthook) -> None:
-  """An orbax background thread that fails while reading or writing a checkpoint also fails the
-  call that waits for it, which reports it in one line; its own traceback is not printed."""
-  if not _from_orbax(args.exc_value):
-    previous(args)
-
-
-def _quiet_orbax_background_errors() -> None:
-  if sys.unraisablehook is not _ignore_closed_loop:
-    sys.unraisablehook = _ignore_closed_loop
-  if threading.excepthook is not _quiet_thread_errors:
-    threading.excepthook = _quiet_thread_errors
-  absl = logging.getLogger("absl")
-  if not any(isinstance(f, _DropOrbaxTracebacks) for f in absl.filters):
-    absl.addFilter(_DropOrbaxTracebacks())
-  aio = logging.getLogger("asyncio")
-  if not any(isinstance(f, _DropAbandonedReads) for f in aio.filters):
-    aio.addFilter(_DropAbandonedReads())
 
 
 def dotted(path) -> str:

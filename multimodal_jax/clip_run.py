@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal_jax import checkpoint, clip_weights, loop, train
+from multimodal_jax import checkpoint, clip_weights, init_from, train
 from multimodal_jax import clip_data as cdata
 from multimodal_jax import sharding as shd
 from multimodal_jax.config import check_divisible
@@ -110,7 +110,7 @@ def build(config: Any) -> tuple[clip_model.CLIP, Callable, Callable]:
 
 
 def converters(model: clip_model.CLIP, config: Any) -> dict[str, Callable]:
-  """The `init_from` converters of a CLIP run (`loop.fit` / `loop.initial_params`)."""
+  """The `init_from` converters of a CLIP run (`loop.fit` / `init_from.initial_params`)."""
   return {"open_clip": clip_weights.open_clip_converter(model.cfg, cdata.model_name(config))}
 
 
@@ -125,7 +125,9 @@ def restore(config: Any, workdir: str, keep: Sequence[str]):
   check_divisible("eval_batch_size", config.eval_batch_size, mesh)
   model, text_inputs, init_params = build(config)
   if imported:
-    params = loop.initial_params(config.init_from, train.abstract_params(init_params, mesh), converters(model, config))
+    params = init_from.initial_params(
+      config.init_from, train.abstract_params(init_params, mesh), converters(model, config)
+    )
     return config, mesh, model, text_inputs, 0, params
   step, params = from_checkpoint.restore_params(workdir, init_params, mesh)
   return config, mesh, model, text_inputs, step, params

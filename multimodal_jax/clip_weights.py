@@ -92,7 +92,7 @@ def check_fits(file_cfg: ClipConfig, ours: ClipConfig, source: str, model: str) 
 
 
 def open_clip_converter(ours: ClipConfig, model: str):
-  """The `loop.fit` / `loop.initial_params` converter of `open_clip:FILE` for the model `ours`:
+  """The `loop.fit` / `init_from.initial_params` converter of `open_clip:FILE` for the model `ours`:
   `(path, abstract_params) -> params` laid out for `ours.scan`."""
 
   def convert(file: str, abstract_params: Any) -> dict[str, Any]:

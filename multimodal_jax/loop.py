@@ -20,8 +20,8 @@ import ml_collections
 import optax
 
 from multimodal_jax import checkpoint as ckpt
+from multimodal_jax import init_from, profiling, train
 from multimodal_jax import metrics as mt
-from multimodal_jax import profiling, train
 from multimodal_jax import sharding as shd
 from multimodal_jax.config import DTYPE, MESH, NON_NEGATIVE, POSITIVE, Rule, get_dotted, one_of
 from multimodal_jax.errors import UserError
@@ -194,50 +194,6 @@ class LoopConfig:
     return cls(**values)
 
 
-def initial_params(source: str, abstract_params: Any, converters: Mapping[str, Callable[[str, Any], Any]]) -> Any:
-  """The params named by `source`, created in `abstract_params`' shardings (FSDP/tensor as the
-  rules table says, never replicated first).
-
-  `workdir:DIR[@STEP]` restores another run of ours (its EMA params when it kept them; params only,
-  no optimizer state). `KIND:PATH` calls `converters[KIND](PATH, abstract_params)`, which returns
-  the converted params as a tree of arrays; a tensor the model lacks or holds with another shape
-  is a one-line UserError naming it.
-  """
-  kind, _, rest = source.partition(":")
-  if kind == "workdir":
-    directory, _, step = rest.partition("@")
-    if step and not step.isdigit():
-      raise UserError(f"init_from={source}: the step after @ must be a number")
-    try:
-      _, params, _ = ckpt.restore_params(directory, abstract_params, step=int(step) if step else None)
-    except (ckpt.NoCheckpointError, ckpt.CheckpointMismatchError) as e:
-      raise UserError(f"init_from={source}: {e}") from None
-    return params
-  if kind not in converters:
-    known = ", ".join(["workdir", *converters])
-    raise UserError(f"init_from={source}: unknown source kind {kind!r}; this experiment reads {known}")
-  converted = converters[kind](rest, abstract_params)
-  check_same_tree(converted, abstract_params, f"init_from={source}")
-  return jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding), converted, abstract_params)
-
-
-def check_same_tree(params: Any, abstract_params: Any, what: str) -> None:
-  """UserError naming the first tensor that `params` lacks, has in excess or holds with another
-  shape than `abstract_params`."""
-  got = {ckpt.dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-  want = {ckpt.dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
-  for name, shape in want.items():
-    if name not in got:
-      raise UserError(f"{what} does not fit the model: it has no tensor {name} (shape {shape}); check --config.model")
-    if got[name] != shape:
-      raise UserError(
-        f"{what} does not fit the model: {name} has shape {got[name]} there but {shape} here; check --config.model"
-      )
-  extra = sorted(set(got) - set(want))
-  if extra:
-    raise UserError(f"{what} does not fit the model: it has {extra[0]} {got[extra[0]]}, which the model lacks")
-
-
 @dataclasses.dataclass
 class FitResult:
   state: train.TrainState
@@ -297,7 +253,7 @@ def fit(
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_model)
       state = state.replace(model_state=jax.device_put(zeros, model_shardings))
     if cfg.init_from:
-      params = initial_params(cfg.init_from, abstract_state.params, converters or {})
+      params = init_from.initial_params(cfg.init_from, abstract_state.params, converters or {})
       # The EMA gets its own buffers: the step donates the state, and one buffer in two leaves would be freed twice.
       state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params) if ema else None)
       if is_main:
