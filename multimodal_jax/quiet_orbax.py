@@ -51,9 +51,18 @@ def _ignore_closed_loop(unraisable, previous=sys.unraisablehook) -> None:
   previous(unraisable)
 
 
+# How tensorstore's errors for checkpoint files read: raised from C++, they may carry no Python frame
+# of orbax or tensorstore at all (only asyncio's), so their text identifies them.
+_TENSORSTORE_TEXTS = ("OCDBT database", '"zarr" driver', "orbax-checkpoint-tmp")
+
+
 def _from_orbax(error: BaseException | None) -> bool:
-  frames = traceback.extract_tb(error.__traceback__) if error is not None else []
-  return any("orbax" in frame.filename or "tensorstore" in frame.filename for frame in frames)
+  if error is None:
+    return False
+  frames = traceback.extract_tb(error.__traceback__)
+  if any("orbax" in frame.filename or "tensorstore" in frame.filename for frame in frames):
+    return True
+  return any(text in str(error) for text in _TENSORSTORE_TEXTS)
 
 
 def _quiet_thread_errors(args, previous=threading.excepthook) -> None:

@@ -161,8 +161,12 @@ def test_pretrained_vae_replaces_stage_one_and_export_round_trips(tmp_path, caps
   assert again_config.shift_factor == 0.25 and _tree_equal(again_params, vae_params)
 
 
-def test_bad_vae_sources_are_one_line(tmp_path, capsys):
-  data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path / "tfds")
+def test_bad_vae_sources_are_one_line(tmp_path, capsys, av_digits_dir):
+  from multimodal_jax.data import captioned_digits
+
+  data_dir = av_digits_dir
+  captioned_digits.load(data_dir)  # prepared first: its progress output is not part of the errors checked below
+  capsys.readouterr()
   empty = tmp_path / "empty"
   empty.mkdir()
   wrong = tmp_path / "wrong"  # weights of a 3-channel VAE under a config.json that says 1 channel
