@@ -198,7 +198,7 @@ def diffusers_config(config: AutoencoderKLConfig) -> dict[str, Any]:
 
 def save_diffusers_vae(directory: str | os.PathLike, params: Mapping[str, Any], config: AutoencoderKLConfig) -> None:
   """Writes a diffusers AutoencoderKL folder (`config.json` + `diffusion_pytorch_model.safetensors`)
-  that `diffusers.AutoencoderKL.from_pretrained(directory)` and `load_diffusers_vae` read."""
+  that diffusers' AutoencoderKL loads from that local folder, and `load_diffusers_vae` reads."""
   from safetensors.numpy import save_file
 
   directory = os.fspath(directory)
