@@ -66,7 +66,7 @@ def synthetic_batch(batch: int, seed: int = 0) -> dict:
 
 
 def local_clip_softmax_loss(img: jnp.ndarray, txt: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
-  """The symmetric InfoNCE loss of normalised `img`, `txt` `[b, d]` at temperature 1 / `scale`."""
+  """The symmetric InfoNCE loss of normalized `img`, `txt` `[b, d]` at temperature 1 / `scale`."""
   logits = scale * (img.astype(jnp.float32) @ txt.astype(jnp.float32).T)
   labels = jnp.arange(logits.shape[0])
   li = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], axis=1).mean()

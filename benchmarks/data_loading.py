@@ -32,7 +32,7 @@ def cpu_name() -> str:
 
 
 class _Normalize(grain.transforms.Map):
-  """uint8 images -> float32 normalised with CLIP's mean/std (the work a training transform does)."""
+  """uint8 images -> float32 normalized with CLIP's mean/std (the work a training transform does)."""
 
   def map(self, record: dict) -> dict:
     mean, std = image_files.PRESETS["openai"]

@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss = "compressed"  # compressed (|S|^0.3 magnitudes, default) | log_power (the paper's)
   c.under_weight = 1.0  # weight of squared audio errors below the target (over-suppression); 1: the paper's loss
   c.head = "gain"  # audio head: gain (noisy centre frame - softplus, default) | residual | plain (the paper's)
-  c.target_floor = -4.0  # floor of the normalised clean target (digital silence would be ~ -10)
+  c.target_floor = -4.0  # floor of the normalized clean target (digital silence would be ~ -10)
   c.bn_batches = 16  # training batches for the population batch-norm statistics
   c.data_config = "default"  # av_speech config: default | tiny
   c.data_dir = ""
@@ -97,7 +97,7 @@ def model_config(config) -> avdcnn.AVDCNNConfig:
 
 
 def make_loss_fn(model: avdcnn.AVDCNN, mu: float, under_weight: float = 1.0, loss: str = "log_power"):
-  """`losses.avdcnn_loss` of the normalised log-power frames (the paper's) or their compressed magnitudes."""
+  """`losses.avdcnn_loss` of the normalized log-power frames (the paper's) or their compressed magnitudes."""
 
   def loss_fn(params, batch, rng):
     out = avdcnn.apply_train(model, params, batch, rng)

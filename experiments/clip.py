@@ -91,7 +91,7 @@ RULES = {
 
 
 def make_loss_fn(model, config, mesh, normalize=None):
-  """The contrastive loss of a batch `{"image": uint8, "text": ids}` (images normalised by `normalize`,
+  """The contrastive loss of a batch `{"image": uint8, "text": ids}` (images normalized by `normalize`,
   default the run's own `clip_data.normalization`, and randomly shifted)."""
   normalize = normalize or cdata.make_normalizer(*cdata.normalization(config))
   axes = shd.BATCH_AXES
@@ -118,7 +118,7 @@ def run_train(config, workdir):
   model, text_inputs, init_params = clip_run.build(config)
   source, caption_key, dataset = cdata.train_source(config)
   mean, std = cdata.normalization(config, lambda: dataset if dataset is not None else (r["image"] for r in source))
-  if "dataset" in (config.image_mean, config.image_std):  # recorded: evaluation normalises as training did
+  if "dataset" in (config.image_mean, config.image_std):  # recorded: evaluation normalizes as training did
     config.image_mean, config.image_std = cdata.as_setting(mean), cdata.as_setting(std)
   normalize = cdata.make_normalizer(mean, std)
   size, chans = cdata.image_size(config), cdata.channels(config)

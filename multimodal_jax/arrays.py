@@ -1,5 +1,5 @@
 """Small array functions shared across the library: a function applied over fixed-size row chunks,
-L2 normalisation, random translation of images. Imports nothing of ours.
+L2 normalization, random translation of images. Imports nothing of ours.
 """
 
 from __future__ import annotations

@@ -91,13 +91,13 @@ def log_power(spectrum: jnp.ndarray, eps: float = 1e-10) -> jnp.ndarray:
 def normalize_utterance(
   features: jnp.ndarray, eps: float = 1e-5, frames: jnp.ndarray | int | None = None
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-  """Per-utterance mean/std normalisation over frames of `[..., frames, bins]` (per bin).
+  """Per-utterance mean/std normalization over frames of `[..., frames, bins]` (per bin).
 
   With `frames` (an int or a traced scalar), only the first `frames` frames count (the rest are
   padding, e.g. of a signal zero-padded to a fixed length so that a jitted shape repeats); the
-  padding is normalised with the same statistics.
+  padding is normalized with the same statistics.
 
-  Returns `(normalised, mean, std)`, mean and std `[..., 1, bins]`, so that an enhanced output can
+  Returns `(normalized, mean, std)`, mean and std `[..., 1, bins]`, so that an enhanced output can
   be mapped back with `x * std + mean`.
   """
   count = features.shape[-2] if frames is None else frames

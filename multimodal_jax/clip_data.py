@@ -1,5 +1,5 @@
 """What a CLIP run reads, from its config: the training pairs, the evaluation set, the tokenizer,
-the image size, channels and normalisation, and the model config they imply.
+the image size, channels and normalization, and the model config they imply.
 
 The embedded captioned digits (`dataset=captioned_digits`, the default) keep their own word
 tokenizer, MNIST statistics and 32 px single-channel images; any other SPEC (`csv:`, `tfds:`,

@@ -1,8 +1,8 @@
 """AVDCNN inference: whole-utterance enhancement, and enhancing a user's recordings (files or folders).
 
-`Enhancer` runs the frame-wise model over an utterance: STFT -> per-utterance normalised log power
+`Enhancer` runs the frame-wise model over an utterance: STFT -> per-utterance normalized log power
 (the training features of `data/frames.py`) -> the model on every frame with its ±2 context and the
-population batch-norm statistics -> de-normalised with the noisy statistics -> resynthesis with the
+population batch-norm statistics -> de-normalized with the noisy statistics -> resynthesis with the
 noisy phase by overlap-add. Signals are zero-padded to whole seconds (`audio.bucket_length`) so that
 one jitted function serves every utterance of the same padded length; the padding is masked out.
 
@@ -29,12 +29,12 @@ RADIUS = avdcnn.CONTEXT // 2  # ±2 context frames
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".aifc", ".au", ".caf", ".w64", ".rf64", ".mp3")
 
 
-def context_batch(normalised: jnp.ndarray, lips: jnp.ndarray | None, frames) -> dict:
-  """The model's inputs for every frame of an utterance: `audio` `[T, 257, 5]` (each normalised frame
+def context_batch(normalized: jnp.ndarray, lips: jnp.ndarray | None, frames) -> dict:
+  """The model's inputs for every frame of an utterance: `audio` `[T, 257, 5]` (each normalized frame
   with its ±2 neighbours) and, with `lips` `[T, 16, 24, 3]`, `lips` `[T, 5, 16, 24, 3]`; context is
   clamped to the first `frames` frames (the rest are padding)."""
-  index = audio.context_index(normalised.shape[0], RADIUS, frames)
-  batch = {"audio": jnp.swapaxes(normalised[index], 1, 2)}
+  index = audio.context_index(normalized.shape[0], RADIUS, frames)
+  batch = {"audio": jnp.swapaxes(normalized[index], 1, 2)}
   return batch | ({"lips": lips[index]} if lips is not None else {})
 
 
@@ -51,8 +51,8 @@ class Enhancer:
   def _enhance_padded(self, params, batch_stats, noisy, lips, frames):
     spectrum = audio.stft(noisy)
     log_power = audio.log_power(spectrum)
-    normalised, mean, std = audio.normalize_utterance(log_power, frames=frames)
-    batch = context_batch(normalised, lips, frames)
+    normalized, mean, std = audio.normalize_utterance(log_power, frames=frames)
+    batch = context_batch(normalized, lips, frames)
     out = avdcnn.apply_inference(self.model, params, batch_stats, batch)["audio"]
     valid = (jnp.arange(log_power.shape[0]) < frames)[:, None]
     enhanced = jnp.where(valid, out * std + mean, log_power)

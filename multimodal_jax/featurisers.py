@@ -85,7 +85,7 @@ def _minilm_inputs(tokenizer) -> Callable[[list[str]], dict[str, np.ndarray]]:
 
 
 class LockedMiniLM:
-  """all-MiniLM-L6-v2 sentence embeddings: texts -> float32 `[n, 384]` (L2-normalised, as
+  """all-MiniLM-L6-v2 sentence embeddings: texts -> float32 `[n, 384]` (L2-normalized, as
   sentence-transformers gives them), computed once per distinct text."""
 
   def __init__(self, context_length: int = 32, batch_size: int = 64, path: str | None = None):

@@ -31,7 +31,7 @@ def masked_mean(values: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.nda
 def clip_softmax_loss(image_emb: jnp.ndarray, text_emb: jnp.ndarray, logit_scale: jnp.ndarray) -> jnp.ndarray:
   """CLIP's symmetric InfoNCE loss, a scalar.
 
-  image_emb, text_emb: `[batch, dim]`, already L2-normalised; row i of each is a matching pair.
+  image_emb, text_emb: `[batch, dim]`, already L2-normalized; row i of each is a matching pair.
   logits `[batch, batch]` = logit_scale · image_emb @ text_embᵀ; the loss is the mean of the image→text
   cross-entropy (over rows) and the text→image one (over columns), with labels arange(batch).
   """
@@ -46,9 +46,9 @@ def sigmoid_loss(
 ) -> jnp.ndarray:
   """SigLIP's pairwise sigmoid loss, a scalar.
 
-  image_emb, text_emb: `[batch, dim]`, already L2-normalised. With logits z-signed as
+  image_emb, text_emb: `[batch, dim]`, already L2-normalized. With logits z-signed as
   ℓ_ij = logit_scale · I_i·T_j + logit_bias and z_ij = +1 on the diagonal, −1 elsewhere, the loss is
-  −(1/batch) Σ_i Σ_j log σ(z_ij ℓ_ij): summed over texts, averaged over images (the SigLIP paper's normalisation).
+  −(1/batch) Σ_i Σ_j log σ(z_ij ℓ_ij): summed over texts, averaged over images (the SigLIP paper's normalization).
   """
   image, text = image_emb.astype(jnp.float32), text_emb.astype(jnp.float32)
   logits = jnp.asarray(logit_scale, jnp.float32) * image @ text.T + jnp.asarray(logit_bias, jnp.float32)
@@ -372,13 +372,13 @@ COMPRESSED_SCALE = 50.0  # so that the compressed loss is of the log-power loss'
 
 
 def compressed_magnitude(
-  normalised: jnp.ndarray, mean: jnp.ndarray, std: jnp.ndarray, compression: float = COMPRESSION
+  normalized: jnp.ndarray, mean: jnp.ndarray, std: jnp.ndarray, compression: float = COMPRESSION
 ) -> jnp.ndarray:
-  """`sqrt(COMPRESSED_SCALE) * |S|^compression` of normalised log-power frames `[b, bins]` with their
-  utterances' statistics `[b, bins]` (`log|S|^2 = normalised * std + mean`).
+  """`sqrt(COMPRESSED_SCALE) * |S|^compression` of normalized log-power frames `[b, bins]` with their
+  utterances' statistics `[b, bins]` (`log|S|^2 = normalized * std + mean`).
 
-  AVDCNN's `loss="compressed"` is `avdcnn_loss` of these instead of the normalised log power: the
+  AVDCNN's `loss="compressed"` is `avdcnn_loss` of these instead of the normalized log power: the
   squared error of power-law compressed magnitudes weighs loud time-frequency bins (speech, and the
   noise over it) more than near-silent ones, with the same model and outputs.
   """
-  return np.sqrt(COMPRESSED_SCALE) * jnp.exp(0.5 * compression * (normalised * std + mean))
+  return np.sqrt(COMPRESSED_SCALE) * jnp.exp(0.5 * compression * (normalized * std + mean))

@@ -54,7 +54,7 @@ def test_resynthesis_with_the_true_phase_is_exact():
   np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-4)
 
 
-def test_context_frames_and_normalisation():
+def test_context_frames_and_normalization():
   feats = jnp.arange(12.0).reshape(4, 3)  # [frames, bins]
   ctx = jnp.moveaxis(feats[audio.context_index(4, 2), :], -2, -1)  # [frames, bins, 5]
   assert ctx.shape == (4, 3, 5)

@@ -320,8 +320,8 @@ def test_features_match_the_audio_front_end_and_frames_keep_to_their_utterance()
   examples = _fake_examples()
   x, y, _, _ = frames_lib.utterance_features(examples[1], floor=-4.0)
   lp = audio.log_power(audio.stft(examples[1]["noisy"]))
-  normalised, mean, std = audio.normalize_utterance(lp)
-  np.testing.assert_allclose(x, normalised, rtol=1e-4, atol=1e-4)
+  normalized, mean, std = audio.normalize_utterance(lp)
+  np.testing.assert_allclose(x, normalized, rtol=1e-4, atol=1e-4)
   clean_lp = audio.log_power(audio.stft(examples[1]["clean"]))
   np.testing.assert_allclose(y, np.maximum((clean_lp - mean) / std, -4.0), rtol=1e-4, atol=1e-4)
   source = frames_lib.FrameSource(examples, floor=-4.0)
@@ -332,7 +332,7 @@ def test_features_match_the_audio_front_end_and_frames_keep_to_their_utterance()
   np.testing.assert_array_equal(record["audio"][:, 0], x[0])
   np.testing.assert_array_equal(record["audio"][:, 3], x[1])
   np.testing.assert_array_equal(record["lips"][0], examples[1]["lips"][0])
-  # the record's statistics de-normalise its frames back to the noisy log power
+  # the record's statistics de-normalize its frames back to the noisy log power
   np.testing.assert_allclose(record["audio"][:, 2] * record["std"] + record["mean"], lp[0], rtol=1e-4, atol=1e-3)
   rows = np.array([0, first_of_second - 1, first_of_second, len(source) - 1])
   stacked = source.batch(rows)
@@ -350,14 +350,14 @@ def test_compressed_loss_is_the_squared_error_of_compressed_magnitudes():
   loss, parts = exp.make_loss_fn(model, mu=0.5, loss="compressed")(params, batch, jax.random.key(0))
   out = avdcnn.apply_train(model, params, batch, jax.random.key(0))
 
-  def magnitude(normalised):  # |S|^0.3 from the normalised log power |S|^2, by hand
-    power = np.exp(np.asarray(normalised, np.float64) * batch["std"] + batch["mean"])
+  def magnitude(normalized):  # |S|^0.3 from the normalized log power |S|^2, by hand
+    power = np.exp(np.asarray(normalized, np.float64) * batch["std"] + batch["mean"])
     return np.sqrt(power) ** 0.3
 
   by_hand = losses.COMPRESSED_SCALE * np.mean(np.sum((magnitude(out["audio"]) - magnitude(batch["target"])) ** 2, -1))
   np.testing.assert_allclose(parts["audio_loss"], by_hand, rtol=1e-4)
   assert loss == pytest.approx(float(parts["audio_loss"]) + 0.5 * float(parts["visual_loss"]), rel=1e-5)
-  # the visual target is the normalised centre mouth image
+  # the visual target is the normalized centre mouth image
   centre = np.asarray(batch["lips"][:, 2], np.float32) / 255.0
   flat = centre.reshape(len(centre), -1)
   expected = (flat - flat.mean(1, keepdims=True)) / (flat.std(1, keepdims=True) + 1e-3)
@@ -374,7 +374,7 @@ def test_enhancer_equals_the_unpadded_pipeline_and_keeps_the_length():
   ex = examples[1]
   enhanced = enhancer(ex["noisy"], ex["lips"])
   assert enhanced.shape == ex["noisy"].shape and enhanced.dtype == np.float32
-  # by hand, at the exact length: features -> model per frame -> de-normalise -> resynthesis
+  # by hand, at the exact length: features -> model per frame -> de-normalize -> resynthesis
   offset = len(examples[0]["lips"])
   frames = source.batch(np.arange(offset, len(source)))
   out = np.asarray(_infer(model, params, stats, frames)["audio"])

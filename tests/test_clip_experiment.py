@@ -30,7 +30,7 @@ def captioned_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("tower", ["vit", "resnet"])
 @pytest.mark.slow
-def test_clip_towers_give_normalised_embeddings(tower):
+def test_clip_towers_give_normalized_embeddings(tower):
   cfg = clip_model.PRESETS["tiny"]
   cfg = clip_model.ClipConfig(vision=clip_model.VisionConfig(tower=tower), text=cfg.text)
   model = clip_model.CLIP(cfg)

@@ -17,7 +17,7 @@ def unit_rows(rng, batch, dim):
 
 
 def correlated_pair(seed, batch, dim):
-  """Normalised image and text features whose matching rows are close, so positives are not negligible."""
+  """Normalized image and text features whose matching rows are close, so positives are not negligible."""
   rng = np.random.default_rng(seed)
   image = unit_rows(rng, batch, dim)
   text = image + 0.5 * rng.normal(size=image.shape).astype(np.float32)

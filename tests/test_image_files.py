@@ -1,5 +1,5 @@
 """Image decoding with Pillow: every common mode to 1 or 3 channels, open_clip's resize and centre crop,
-unreadable files, normalisation presets and dataset statistics."""
+unreadable files, normalization presets and dataset statistics."""
 
 from pathlib import Path
 

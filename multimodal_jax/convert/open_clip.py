@@ -12,7 +12,7 @@ activation: OpenAI's own checkpoints (open_clip's `pretrained="openai"` and `*-q
 were trained with QuickGELU, so pass `quick_gelu=True` for them (it defaults to True only when the
 state dict carries OpenAI's `input_resolution` / `context_length` / `vocab_size` entries).
 
-Images go in `[batch, H, W, C]` (open_clip's are `[batch, C, H, W]`), normalised as for the torch
+Images go in `[batch, H, W, C]` (open_clip's are `[batch, C, H, W]`), normalized as for the torch
 model (OpenAI mean / std); text is tokenised as for open_clip (pad id 0, end-of-text last: our text
 tower pools at the last non-pad token, which is where open_clip's argmax over ids lands).
 

@@ -12,7 +12,7 @@ Nothing here downloads anything; the data come from locally installed packages:
   "sieben", "sette", ...).
 
 All audio is returned as float32 mono at `SAMPLE_RATE` (8 kHz), silence-trimmed
-and peak-normalised.
+and peak-normalized.
 """
 
 import dataclasses
@@ -173,7 +173,7 @@ def read_wav(path: str) -> np.ndarray:
   return resample(*read_wav_native(path))
 
 
-def trim_and_normalise(audio: np.ndarray, threshold_db: float = -30.0) -> np.ndarray:
+def trim_and_normalize(audio: np.ndarray, threshold_db: float = -30.0) -> np.ndarray:
   """Cuts leading/trailing silence, fits MAX_CLIP_SAMPLES, scales peak to 1.
 
   Args:
@@ -215,7 +215,7 @@ def load_asterisk_clips(speakers: tuple[str, ...] | None = None) -> list[Clip]:
       continue
     for digit in range(10):
       audio = read_wav(os.path.join(digits_dir, f"{digit}.wav"))
-      clips.append(Clip(trim_and_normalise(audio), digit, speaker))
+      clips.append(Clip(trim_and_normalize(audio), digit, speaker))
   return clips
 
 
@@ -242,12 +242,12 @@ def espeak_digit(voice: str, digit: int, speed: int, pitch: int) -> np.ndarray:
     pitch: 0-99 (espeak -p).
 
   Returns:
-    float32 `[n]` at 8 kHz, trimmed and peak-normalised.
+    float32 `[n]` at 8 kHz, trimmed and peak-normalized.
   """
   cmd = [ESPEAK_BINARY, "-v", voice, "-s", str(speed), "-p", str(pitch)]
   out = subprocess.run([*cmd, "--stdout", str(digit)], capture_output=True, check=True).stdout
   audio, rate = parse_wav_bytes(out)
-  return trim_and_normalise(resample(audio, rate))
+  return trim_and_normalize(resample(audio, rate))
 
 
 def synth_espeak_clips(

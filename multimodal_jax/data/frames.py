@@ -1,8 +1,8 @@
 """Training frames for frame-wise speech enhancement (AVDCNN), with random access for grain.
 
 Features, per utterance as in the AVDCNN paper: the STFT (`audio.N_FFT` Hann window, `audio.HOP`
-hop, 16 kHz) log power of the noisy signal is normalised per utterance and bin (mean / std over its
-frames); the clean target is the clean log power normalised with the NOISY utterance's mean and std
+hop, 16 kHz) log power of the noisy signal is normalized per utterance and bin (mean / std over its
+frames); the clean target is the clean log power normalized with the NOISY utterance's mean and std
 (the only statistics known at inference), floored at `floor`; each frame is seen with its
 ±`radius` neighbours. Signals are zero-padded to whole seconds so that the jitted feature function
 sees few shapes; the padding is masked out of the statistics.
@@ -21,8 +21,8 @@ from multimodal_jax import audio
 
 @functools.partial(jax.jit, static_argnames=("floor",))
 def _training_features(noisy: jnp.ndarray, clean: jnp.ndarray, frames: jnp.ndarray, floor: float):
-  """Normalised noisy log power and clean target `[frames_of_bucket, 257]` of zero-padded signals,
-  and the noisy statistics (mean, std) `[1, 257]` that normalised them."""
+  """Normalized noisy log power and clean target `[frames_of_bucket, 257]` of zero-padded signals,
+  and the noisy statistics (mean, std) `[1, 257]` that normalized them."""
   noisy_lp = audio.log_power(audio.stft(noisy))
   clean_lp = audio.log_power(audio.stft(clean))
   x, mean, std = audio.normalize_utterance(noisy_lp, frames=frames)
@@ -30,7 +30,7 @@ def _training_features(noisy: jnp.ndarray, clean: jnp.ndarray, frames: jnp.ndarr
 
 
 def utterance_features(example: dict, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """`(noisy_normalised, clean_target, mean, std)` of one example with `noisy` and `clean` float
+  """`(noisy_normalized, clean_target, mean, std)` of one example with `noisy` and `clean` float
   signals `[n]`: the first two float32 `[T, 257]`, the noisy log-power statistics float32 `[257]`."""
   n = len(example["noisy"])
   frames = audio.num_frames(n)
@@ -48,9 +48,9 @@ class FrameSource:
   """Random access to training frames with their ±`radius` context (grain-compatible: `__len__`,
   `__getitem__`; `batch(rows)` gathers many at once).
 
-  Record i: `audio` float32 `[257, 2r + 1]` (normalised noisy log power), `lips` uint8
-  `[2r + 1, 16, 24, 3]`, `target` float32 `[257]` (the normalised clean frame), `mean`, `std` float32
-  `[257]` (the noisy utterance's log-power statistics, which de-normalise `audio` and `target`).
+  Record i: `audio` float32 `[257, 2r + 1]` (normalized noisy log power), `lips` uint8
+  `[2r + 1, 16, 24, 3]`, `target` float32 `[257]` (the normalized clean frame), `mean`, `std` float32
+  `[257]` (the noisy utterance's log-power statistics, which de-normalize `audio` and `target`).
   Context frames past an utterance's ends repeat its edge frame. Features are computed once, at
   construction, from `examples` (a random-access source of dicts with `noisy`, `clean`, `lips`).
   """

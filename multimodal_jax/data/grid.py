@@ -212,9 +212,9 @@ def split_speakers(speakers: list[str], test_speakers: tuple[str, ...] | None) -
 
 
 def load_utterance(item: Item, box) -> tuple[speech_sources.Utterance, np.ndarray]:
-  """(clean utterance at 16 kHz, peak-normalised; lips uint8 `[T, 16, 24, 3]`) of one item."""
+  """(clean utterance at 16 kHz, peak-normalized; lips uint8 `[T, 16, 24, 3]`) of one item."""
   audio, rate = speech_sources.read_wav(item.audio)
-  audio = speech_sources.normalise(speech_sources.to_16k(audio, rate))
+  audio = speech_sources.normalize(speech_sources.to_16k(audio, rate))
   lips = to_audio_frames(crop_mouth(read_frames(item.frames), box), len(audio))
   return speech_sources.Utterance(audio, f"grid/{item.speaker}", read_alignment(item.align)), lips
 

@@ -1,4 +1,4 @@
-"""Image files decoded with Pillow into the model's pixels: channel count, size and normalisation.
+"""Image files decoded with Pillow into the model's pixels: channel count, size and normalization.
 
 `load_image(path, size, channels)` reads any common kind of image (PNG in L, LA, RGB, RGBA, P, 1
 and 16-bit I;16 modes, JPEG, BMP, TIFF, WebP, GIF's first frame) and returns uint8
@@ -11,7 +11,7 @@ Alpha is dropped, not composited (as Pillow's `convert("RGB")`, which open_clip 
 use), so transparent pixels keep their stored colour. Grey from colour is Pillow's ITU-R 601 luma.
 16-bit grey is scaled to 8 bits (value / 257, rounded); Pillow would otherwise clip it at 255.
 
-Normalisation presets (`normalization`): `openai` (CLIP's mean/std), `imagenet`, explicit numbers,
+Normalization presets (`normalization`): `openai` (CLIP's mean/std), `imagenet`, explicit numbers,
 or `dataset` (per-channel statistics of the training images, `image_statistics`). A preset of three
 channels used with one-channel images is averaged to one value.
 """
@@ -192,7 +192,7 @@ def normalization(
 
   Each is a preset (`openai`, `imagenet`), comma-separated numbers, or `dataset`: taken from
   `statistics()` (the training images' (mean, std), e.g. `image_statistics`), which the caller
-  stores with its run so that evaluation normalises exactly as training did.
+  stores with its run so that evaluation normalizes exactly as training did.
   """
   mean, std = _parse(mean_spec, "image_mean"), _parse(std_spec, "image_std")
   if mean is None or std is None:

@@ -146,7 +146,7 @@ def split_long(audio: np.ndarray, max_seconds: float = MAX_SECONDS) -> list[np.n
   return out
 
 
-def normalise(audio: np.ndarray) -> np.ndarray:
+def normalize(audio: np.ndarray) -> np.ndarray:
   """Scales `audio` to peak PEAK, float32."""
   return (audio * (PEAK / (np.abs(audio).max() + 1e-9))).astype(np.float32)
 
@@ -156,7 +156,7 @@ def _recording_utterances(audio: np.ndarray, speaker: str, text: str) -> list[Ut
   pieces = split_long(audio[start:stop])
   whole = len(pieces) == 1
   return [
-    Utterance(normalise(p), speaker, text if whole else "") for p in pieces if len(p) >= MIN_SECONDS * SAMPLE_RATE
+    Utterance(normalize(p), speaker, text if whole else "") for p in pieces if len(p) >= MIN_SECONDS * SAMPLE_RATE
   ]
 
 
@@ -359,7 +359,7 @@ def synth_utterance(text: str, voice: str, speed: int, pitch: int) -> Utterance 
     return None
   scale = SAMPLE_RATE / engine.rate
   phonemes = tuple((round(s * scale) - start, name) for s, name in events)
-  return Utterance(normalise(audio[start:stop]), f"espeak/{voice}", text, phonemes)
+  return Utterance(normalize(audio[start:stop]), f"espeak/{voice}", text, phonemes)
 
 
 def synth_espeak(languages: tuple[str, ...], variants: tuple[str, ...], count: int, seed: int) -> list[Utterance]:

@@ -14,8 +14,8 @@ def zero_shot_classifier(
   class_names: Sequence[str],
   templates: Sequence[str],
 ) -> np.ndarray:
-  """Class embeddings `[classes, dim]`: for each class, the mean of the normalised embeddings of
-  its prompts (every template filled with the class name), normalised again (as CLIP does)."""
+  """Class embeddings `[classes, dim]`: for each class, the mean of the normalized embeddings of
+  its prompts (every template filled with the class name), normalized again (as CLIP does)."""
   prompts = [t.format(name) for name in class_names for t in templates]
   emb = l2_normalize(np.asarray(encode_text(prompts), np.float32)).reshape(len(class_names), len(templates), -1)
   return l2_normalize(emb.mean(axis=1))

@@ -2,12 +2,12 @@
 multi-task reconstruction of the noisy frame's clean log power and the mouth image.
 
 Inputs per example (one STFT frame t with ±2 context frames):
-- `audio` `[batch, 257, 5]`: the noisy normalised log-power spectrum, bins × context frames.
+- `audio` `[batch, 257, 5]`: the noisy normalized log-power spectrum, bins × context frames.
 - `lips` `[batch, 5, 16, 24, 3]`: the mouth images of the same 5 frames, each scaled to 0-1 and
-  normalised per image (`normalize_lips`).
+  normalized per image (`normalize_lips`).
 
-Outputs: `{"audio": [batch, 257]}` (the enhanced normalised log-power frame t) and, for models that
-see the lips, `"visual": [batch, 1152]` (the normalised mouth image of frame t, 16×24×3 flattened).
+Outputs: `{"audio": [batch, 257]}` (the enhanced normalized log-power frame t) and, for models that
+see the lips, `"visual": [batch, 1152]` (the normalized mouth image of frame t, 16×24×3 flattened).
 
 Taken from the paper: the audio CNN conv 12×2 (10) -> max-pool 2×1 -> conv 5×1 (4); the visual CNN
 conv 15×2 (12) -> 7×2 (10) -> 3×2 (6); linear activations, stride 1, batch norm after every conv;
@@ -34,7 +34,7 @@ Chosen here, where the paper is not specific:
   paper's linear head. (How they compare: docs/results/avdcnn.md.)
 - Presets: `paper` (the layers above), `wide` (2,048 + 2,048 shared sigmoid units instead of
   1,000 + 800), `tiny` (tests).
-- Batch norm: the train step is a pure function, so training normalises with the statistics of
+- Batch norm: the train step is a pure function, so training normalizes with the statistics of
   the current batch and discards the running averages (`apply(..., mutable=["batch_stats"])`).
   Inference uses population statistics computed once from training batches with the final params
   (`population_batch_stats`, "precise BN"): per layer the mean of the batch means and the pooled
@@ -78,7 +78,7 @@ class AVDCNNConfig:
   hidden: tuple[int, ...] = (1000, 800)
   dropout: float = 0.1
   head: str = "gain"  # audio head: gain | residual | plain (the paper's); see the module docstring
-  gain_bias: float = -3.0  # gain head: initial attenuation softplus(gain_bias) ~ 0.05 normalised units
+  gain_bias: float = -3.0  # gain head: initial attenuation softplus(gain_bias) ~ 0.05 normalized units
   bins: int = BINS
   context: int = CONTEXT
   conv_impl: str = "auto"  # auto | xla | banded: how convolutions are computed (same parameters; see ConvBN)
@@ -312,7 +312,7 @@ def model_inputs(batch: dict, config: AVDCNNConfig) -> tuple[jnp.ndarray, jnp.nd
 
 
 def lips_target(lips: jnp.ndarray) -> jnp.ndarray:
-  """The visual head's target: the normalised centre mouth image of uint8 `lips` `[b, context, 16, 24, 3]`,
+  """The visual head's target: the normalized centre mouth image of uint8 `lips` `[b, context, 16, 24, 3]`,
   flattened to `[b, 1152]`."""
   centre = lips[:, lips.shape[1] // 2]
   return normalize_lips(centre).reshape(centre.shape[0], -1)
@@ -342,7 +342,7 @@ def batch_stats_shapes(model: AVDCNN) -> Any:
 
 
 def apply_train(model: AVDCNN, params: Any, batch: dict, rng: jax.Array) -> dict:
-  """Training forward pass: batch-statistics normalisation, dropout; running averages discarded."""
+  """Training forward pass: batch-statistics normalization, dropout; running averages discarded."""
   audio, lips = model_inputs(batch, model.config)
   out, _ = model.apply({"params": params}, audio, lips, train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
   return out

@@ -1,6 +1,6 @@
 """A BERT encoder (post-LN, as Hugging Face's BertModel) and sentence embeddings as
 sentence-transformers computes them: mean of the token features over the attention mask, then
-L2-normalised (all-MiniLM-L6-v2's Pooling + Normalize modules).
+L2-normalized (all-MiniLM-L6-v2's Pooling + Normalize modules).
 
 `BertConfig()` is all-MiniLM-L6-v2 (hidden 384, 6 layers, 12 heads, MLP 1536, vocab 30522, 512
 positions); `multimodal_jax.convert.minilm.load_minilm()` returns its config, params and tokenizer.
@@ -117,7 +117,7 @@ def mean_pool(features: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
 
 
 def sentence_embedding(features: jnp.ndarray, mask: jnp.ndarray, normalize: bool = True) -> jnp.ndarray:
-  """Token features `[b, L, d]` and mask `[b, L]` -> `[b, d]`: masked mean, L2-normalised unless
+  """Token features `[b, L, d]` and mask `[b, L]` -> `[b, d]`: masked mean, L2-normalized unless
   `normalize=False` (what all-MiniLM-L6-v2 does)."""
   pooled = mean_pool(features, mask)
   return l2_normalize(pooled) if normalize else pooled
@@ -190,14 +190,14 @@ class BertModel(nn.Module):
     return self.features(input_ids, attention_mask, token_type_ids)
 
   def encode(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray, normalize: bool = True) -> jnp.ndarray:
-    """Sentence embeddings `[b, hidden]`: masked mean of the features, L2-normalised by default."""
+    """Sentence embeddings `[b, hidden]`: masked mean of the features, L2-normalized by default."""
     return sentence_embedding(self.features(input_ids, attention_mask), attention_mask, normalize)
 
 
 class MiniLMTextTower(BertModel):
   """A (locked) text tower: `(input_ids [b, L], mask [b, L]) -> sentence features [b, hidden]`.
 
-  Same params as `BertModel` (so `load_minilm()`'s params apply directly). `normalize`: L2-normalise
+  Same params as `BertModel` (so `load_minilm()`'s params apply directly). `normalize`: L2-normalize
   the pooled features (all-MiniLM-L6-v2's sentence embedding); set False to feed a trainable
   projection. `frozen`: stop gradients at the output (see the module docstring).
   """

@@ -96,7 +96,7 @@ def _transformer(tower: nn.Module, causal: bool) -> Transformer:
 
 
 class VisionTransformer(nn.Module):
-  """Images `[batch, H, W, C]` (float, normalised) -> features `[batch, width]` (before projection)."""
+  """Images `[batch, H, W, C]` (float, normalized) -> features `[batch, width]` (before projection)."""
 
   cfg: VisionConfig
   exact_gelu: bool = True
@@ -201,7 +201,7 @@ class TextTransformer(nn.Module):
 class CLIP(nn.Module):
   """`__call__(images, tokens) -> (image_embeddings, text_embeddings, logit_scale, logit_bias)`.
 
-  Embeddings are L2-normalised `[batch, embed_dim]`; `logit_scale` is exp(param) clamped at
+  Embeddings are L2-normalized `[batch, embed_dim]`; `logit_scale` is exp(param) clamped at
   `max_logit_scale`; `logit_bias` is None unless `init_logit_bias` is set.
   """
 

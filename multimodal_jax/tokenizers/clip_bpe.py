@@ -16,7 +16,7 @@ character with `</w>`, and merge pairs by rank from `bpe_simple_vocab_16e6.txt.g
 row by its end token (the row's largest id), not by counting non-zero ids.
 
 ftfy: open_clip runs `ftfy.fix_text` first, which repairs mojibake ("cafÃ©" -> "café") and
-normalises some characters (e.g. curly quotes are kept, but "ﬁ" ligatures and full-width
+normalizes some characters (e.g. curly quotes are kept, but "ﬁ" ligatures and full-width
 punctuation are rewritten). With `fix_text=None` (default) it is used when `ftfy` is installed,
 which gives open_clip's ids exactly; without it, ids differ only for text ftfy would change.
 """
