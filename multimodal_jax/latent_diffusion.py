@@ -6,8 +6,12 @@
 * their posterior latents under a trained autoencoder, computed once per autoencoder step and cached
   (`LATENTS_FILE`), and the latent scale factor measured from them (`SCALE_FILE`);
 * `denoiser_loss`: eps/v/x0 prediction over batches of precomputed posteriors and prompt indices;
-* `Prompts`: texts -> the denoiser's prompt inputs for a condition, and the checks a prompt must pass;
 * `LatentSampler`: prompt inputs and seeds -> images, through guided DDPM/DDIM sampling and the decoder.
+
+The rest of the pipeline: prompts per condition in `latent_diffusion_prompts`, the images in
+`latent_diffusion_data`, the models and the two training stages in `latent_diffusion_run`, sampling,
+evaluation and export of a trained run in `latent_diffusion_generate`, the config's rules in
+`latent_diffusion_config`.
 """
 
 from __future__ import annotations
@@ -25,12 +29,9 @@ from multimodal_jax.arrays import batched_apply
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval.generative import to_signed_unit
 from multimodal_jax.models import autoencoder_kl as akl
-from multimodal_jax.tokenizers.words import split_words
 
 LATENTS_FILE = "latents.npz"
 SCALE_FILE = "latent_scale.json"
-CONDITIONS = ("text", "minilm", "clip", "class")
-ENCODER_KINDS = {"text": "text", "class": "class", "minilm": "features", "clip": "features"}
 
 
 def split_arrays(source) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -124,79 +125,6 @@ def denoiser_loss(
     return diffusion.diffusion_loss(model_fn, schedule, z, diff_key, prediction)
 
   return loss_fn
-
-
-class Prompts:
-  """Texts -> a `ConditionedDenoiser`'s prompt inputs for `condition`, and `check(prompt)`.
-
-  `tokenizer`: the word tokenizer of condition=text, or the CLIP run's (condition=clip, its vocabulary
-  checks for unknown words); `features`: the featuriser of condition=minilm / clip
-  (`multimodal_jax.featurisers`); `digit_of(prompt) -> int` names the class a prompt asks for (-1 for
-  none, or a UserError where a prompt must name one); `num_classes`: the labels condition=class embeds."""
-
-  def __init__(
-    self, condition, context_length, context_dim, digit_of, tokenizer=None, features=None, num_classes: int = 10
-  ):
-    if condition not in CONDITIONS:
-      raise UserError(f"condition={condition!r}: choose one of {', '.join(CONDITIONS)}")
-    self.condition = condition
-    self.context_length = context_length
-    self.context_dim = context_dim
-    self.digit_of = digit_of
-    self.tokenizer = tokenizer
-    self.features = features
-    self.num_classes = num_classes
-
-  @property
-  def clip(self):
-    """The CLIP run's featuriser (condition=clip), else None."""
-    return self.features if self.condition == "clip" else None
-
-  @property
-  def minilm(self):
-    return self.features if self.condition == "minilm" else None
-
-  @property
-  def encoder_kind(self) -> str:
-    return ENCODER_KINDS[self.condition]
-
-  @property
-  def vocab_size(self) -> int:
-    return self.tokenizer.vocab_size if self.condition == "text" else 0
-
-  def check(self, prompt: str) -> int:
-    """The digit `prompt` asks for; UserError for a prompt the model cannot take."""
-    digit = self.digit_of(prompt)
-    if self.tokenizer is not None:
-      count = len(self.tokenizer.tokenize(prompt)) + 2  # with the start and end tokens
-    elif self.minilm is not None:
-      count = self.minilm.token_count(prompt)
-    else:
-      count = 0
-    if count > self.context_length:
-      fixed = "by the CLIP run" if self.clip is not None else "when the denoiser is trained"
-      raise UserError(
-        f"prompt {prompt!r} is {count} tokens but the context holds {self.context_length}: shorten it "
-        f"(the context length is fixed {fixed})"
-      )
-    if self.tokenizer is not None:  # the word tokenizer maps an unknown word to one <unknown> id
-      unknown = sorted({w for w in split_words(prompt) if w not in self.tokenizer.vocabulary})
-      if unknown:
-        encoder = "the CLIP run's text tower" if self.clip is not None else "the text encoder"
-        raise UserError(
-          f"prompt {prompt!r} has words {encoder} never saw in training ({', '.join(unknown)}); "
-          "use words of the training captions, e.g. 'a handwritten digit seven'"
-        )
-    return digit
-
-  def inputs(self, texts: list[str], labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Prompt inputs `[n, ...]` for texts (and the digits they name, for condition=class)."""
-    if self.condition == "text":
-      return {"ids": self.tokenizer.encode(texts)}
-    if self.condition == "class":
-      return {"label": np.asarray(labels, np.int32)}
-    features, mask = self.features(texts)
-    return {"features": features, "mask": mask}
 
 
 class LatentSampler:

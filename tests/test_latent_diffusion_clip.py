@@ -16,7 +16,7 @@ import pytest
 
 from experiments import clip as clip_exp
 from experiments import latent_diffusion as ld
-from experiments.latent_diffusion import build as ld_build
+from multimodal_jax import latent_diffusion_prompts as ldp
 from multimodal_jax import sharding as shd
 from multimodal_jax.checkpoint import read_config
 from multimodal_jax.errors import UserError
@@ -74,7 +74,7 @@ def test_clip_features_are_the_runs_own_text_tower(clip_dir):
   mesh = shd.make_mesh("data:-1")
   config = ld.get_config()
   config.condition, config.clip_workdir, config.context_length = "clip", str(clip_dir), 99  # the CLIP run's wins
-  prompts = ld_build.make_prompts(config, mesh)
+  prompts = ldp.make_prompts(config, mesh)
   features = prompts.clip
   assert isinstance(features, ClipTokenFeatures) and prompts.context_dim == 128 and prompts.encoder_kind == "features"
   assert prompts.check("a handwritten seven.") == 7
@@ -83,9 +83,9 @@ def test_clip_features_are_the_runs_own_text_tower(clip_dir):
   with pytest.raises(UserError, match="is 20 tokens but the context holds 16"):
     prompts.check("a photo of the number seven " * 3)
   assert features.step == 2 and features.width == 128 and features.context_length == 16
-  ld_build.check_clip_step({"clip_step": 2}, prompts, "DIR")  # the step a denoiser was trained on: fine
+  ldp.check_clip_step({"clip_step": 2}, prompts, "DIR")  # the step a denoiser was trained on: fine
   with pytest.raises(UserError, match="features of CLIP step 1 but .* is now at step 2: retrain the denoiser"):
-    ld_build.check_clip_step({"clip_step": 1, "clip_workdir": str(clip_dir)}, prompts, "DIR")
+    ldp.check_clip_step({"clip_step": 1, "clip_workdir": str(clip_dir)}, prompts, "DIR")
   texts = ["a handwritten digit seven", "the number two", "a handwritten digit seven"]
   seq, mask = features(texts)
   assert seq.shape == (3, 16, 128) and seq.dtype == np.float32 and mask.dtype == bool
@@ -128,9 +128,9 @@ def test_missing_or_wrong_clip_workdir_is_one_line(clip_dir, captioned_dir, tmp_
   config.condition, config.clip_workdir = "clip", str(clip_dir)
   saved = read_config(str(clip_dir))
   with pytest.raises(UserError, match="another experiment, not a CLIP run"):
-    ld_build.clip_run(config)  # the LD config itself has no image_tower
+    ldp.clip_run(config)  # the LD config itself has no image_tower
   with pytest.raises(UserError, match="text_tower=minilm, which has no token features"):
-    ld_build.clip_run(ml_collections.ConfigDict({**saved, "text_tower": "minilm"}))
+    ldp.clip_run(ml_collections.ConfigDict({**saved, "text_tower": "minilm"}))
 
 
 @pytest.mark.slow

@@ -13,12 +13,13 @@ from flax import linen as nn
 from PIL import Image
 
 from experiments import latent_diffusion as ld
-from experiments.latent_diffusion import build as ld_build
-from experiments.latent_diffusion.generate import Generator
 from multimodal_jax import latent_diffusion_data as ldd
+from multimodal_jax import latent_diffusion_run as ldr
+from multimodal_jax import sharding as shd
 from multimodal_jax.convert.diffusers_vae import load_diffusers_vae, save_diffusers_vae
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval.images import decode_png
+from multimodal_jax.latent_diffusion_generate import Generator
 from multimodal_jax.models import autoencoder_kl as akl
 
 TINY = [
@@ -65,7 +66,7 @@ def _config(**overrides):
 
 
 def test_folder_images_get_class_prompts_and_a_held_out_split(folder, tmp_path):
-  data = ld_build.load_data(_config(dataset=f"folder:{folder}", image_size=32, channels=3, data_dir=str(tmp_path)))
+  data = ldd.load_image_set(_config(dataset=f"folder:{folder}", image_size=32, channels=3, data_dir=str(tmp_path)))
   assert data.class_names == CLASSES and data.images.shape == (36, 32, 32, 3) and data.images.dtype == np.uint8
   assert data.test_images.shape == (4, 32, 32, 3)  # every tenth record is held out
   assert np.array_equal(np.bincount(data.labels), [18, 18]) and np.array_equal(data.test_labels, [0, 0, 1, 1])
@@ -76,7 +77,7 @@ def test_folder_images_get_class_prompts_and_a_held_out_split(folder, tmp_path):
   assert texts == ["a photo of a bright square"] * 2 + ["a photo of a dark ring"] * 2 and list(labels) == [0, 0, 1, 1]
   templates = tmp_path / "templates.txt"
   templates.write_text("a drawing of a {}\n# skipped\nthe {}, seen closely\n")
-  two = ld_build.load_data(_config(dataset=f"folder:{folder}", templates=str(templates), data_dir=str(tmp_path)))
+  two = ldd.load_image_set(_config(dataset=f"folder:{folder}", templates=str(templates), data_dir=str(tmp_path)))
   assert len(two.captions) == 72 and two.captions[:2] == [
     "a drawing of a bright square",
     "the bright square, seen closely",
@@ -89,12 +90,12 @@ def test_folder_images_get_class_prompts_and_a_held_out_split(folder, tmp_path):
 def test_autoencoder_preset_follows_the_image_size():
   for size, side in ((32, 8), (64, 8)):
     config = _config(image_size=size, channels=3)
-    model = ld_build.autoencoder_model(config)
+    model = ldr.autoencoder_model(config)
     assert model.config.in_channels == model.config.out_channels == 3
-    assert ld_build.latent_side(config, model) == side
-  assert ld_build.autoencoder_model(_config()).config == akl.PRESETS["digits"]  # the default run's model
+    assert ldr.latent_side(config, model) == side
+  assert ldr.autoencoder_model(_config()).config == akl.PRESETS["digits"]  # the default run's model
   with pytest.raises(UserError, match="choose an image_size divisible by 16"):
-    ld_build.latent_side(_config(image_size=40), ld_build.autoencoder_model(_config(image_size=40)))
+    ldr.latent_side(_config(image_size=40), ldr.autoencoder_model(_config(image_size=40)))
   with pytest.raises(UserError, match="captioned_digits images are 32x32 grey"):
     ldd.load_image_set(_config(image_size=64))
 
@@ -140,8 +141,8 @@ def test_pretrained_vae_replaces_stage_one_and_export_round_trips(tmp_path, caps
   measured = json.loads((own / "autoencoder" / "latent_scale.json").read_text())["scale_factor"]
   vae_config, vae_params = load_diffusers_vae(vae)
   assert vae_config.scaling_factor == pytest.approx(measured) and vae_config.shift_factor is None
-  mesh = ld_build.shd.make_mesh("data:-1")
-  _, own_params, _ = ld_build.restore_autoencoder(str(own), mesh)
+  mesh = shd.make_mesh("data:-1")
+  _, own_params, _ = ldr.restore_autoencoder(str(own), mesh)
   assert _tree_equal(vae_params, jax.device_get(own_params))
   # With a shift factor, as newer VAEs have: the denoiser trains on it, stage 1 never runs.
   save_diffusers_vae(vae, vae_params, akl.AutoencoderKLConfig(**{**vae_config.__dict__, "shift_factor": 0.25}))
@@ -171,7 +172,7 @@ def test_bad_vae_sources_are_one_line(tmp_path, capsys, av_digits_dir):
   empty.mkdir()
   wrong = tmp_path / "wrong"  # weights of a 3-channel VAE under a config.json that says 1 channel
   model = akl.AutoencoderKL(akl.PRESETS["small_f8"])
-  params = nn.meta.unbox(jax.jit(ld_build.autoencoder_init(model))(jax.random.key(0)))
+  params = nn.meta.unbox(jax.jit(ldr.autoencoder_init(model))(jax.random.key(0)))
   save_diffusers_vae(wrong, jax.device_get(params), model.config)
   config = json.loads((wrong / "config.json").read_text())
   (wrong / "config.json").write_text(json.dumps({**config, "block_out_channels": [16, 32, 64, 128]}))

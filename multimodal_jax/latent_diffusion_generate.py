@@ -1,4 +1,13 @@
-"""Sampling from a trained workdir (`Generator`, `--mode=sample`) and its evaluation (`--mode=eval`)."""
+"""What latent diffusion does with a trained workdir: `Generator` (prompts, labels and seeds -> images),
+and the modes `run_sample`, `run_eval` and `run_export` (`experiments/latent_diffusion` wires them).
+
+Every mode reads the denoiser's saved config: only the keys of `EVAL_KEYS` may differ from training.
+`run_eval` generates `eval_samples_per_digit` images per class from the held-out prompts and reports
+`conditional_accuracy` (a small CNN trained on the real training images, cached in
+`WORKDIR/digit_classifier.npz`, labels them), `fid` (Fréchet distance to the real test images in
+that classifier's feature space; `fid_reference` is the same distance for as many real training
+images) and the autoencoder's `reconstruction_mse` on the test images (pixels in [-1, 1]).
+"""
 
 from __future__ import annotations
 
@@ -9,36 +18,38 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from experiments.latent_diffusion import build
-from experiments.latent_diffusion.config import CLASSIFIER_FILE, EVAL_KEYS, RECORDED_KEYS
 from multimodal_jax import checkpoint
 from multimodal_jax import latent_diffusion as ldm
+from multimodal_jax import latent_diffusion_run as ldr
 from multimodal_jax import sharding as shd
 from multimodal_jax.arrays import batched_apply
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import from_checkpoint, generative, images
+from multimodal_jax.latent_diffusion_config import CLASSIFIER_FILE, EVAL_KEYS, RECORDED_KEYS, VAE_SOURCE, stage_dirs
+from multimodal_jax.latent_diffusion_data import load_image_set
+from multimodal_jax.latent_diffusion_prompts import check_clip_step, make_prompts
 
 
 class Generator:
   """The trained pipeline of a workdir: prompts, digits and seeds -> images in [-1, 1]."""
 
   def __init__(self, config, workdir: str):
-    _, dn_dir = build.stage_dirs(workdir)
+    _, dn_dir = stage_dirs(workdir)
     config = from_checkpoint.saved_config(dn_dir, config, EVAL_KEYS, recorded=RECORDED_KEYS)
     if not 1 <= config.sample_steps <= config.num_train_timesteps:  # the run's own timesteps
       raise UserError(f"sample_steps={config.sample_steps}: choose 1 to {config.num_train_timesteps}")
     self.config = config
     self.mesh = shd.make_mesh(config.mesh)
-    self.data = build.load_data(config)
-    self.prompts = build.make_prompts(config, self.mesh, self.data)
-    build.check_clip_step(config.to_dict(), self.prompts, dn_dir)
-    ae, ae_params, self.ae_step = build.restore_autoencoder(workdir, self.mesh, config)
+    self.data = load_image_set(config)
+    self.prompts = make_prompts(config, self.mesh, self.data)
+    check_clip_step(config.to_dict(), self.prompts, dn_dir)
+    ae, ae_params, self.ae_step = ldr.restore_autoencoder(workdir, self.mesh, config)
     self.ae, self.ae_params = ae, ae_params
-    model = build.denoiser_model(config, self.prompts, ae)
-    init = build.denoiser_init(model, self.prompts.inputs(self.data.captions[:1], np.zeros(1)))
+    model = ldr.denoiser_model(config, self.prompts, ae)
+    init = ldr.denoiser_init(model, self.prompts.inputs(self.data.captions[:1], np.zeros(1)))
     self.step, params = from_checkpoint.restore_params(dn_dir, init, self.mesh, ema=config.denoiser.ema_decay > 0)
     self.sampler = ldm.LatentSampler(
-      model, params, ae, ae_params, build.make_schedule(config), scale_factor=config.scale_factor,
+      model, params, ae, ae_params, ldr.make_schedule(config), scale_factor=config.scale_factor,
       prediction=config.prediction, shift_factor=config.shift_factor,
     )  # fmt: skip
 
@@ -81,6 +92,7 @@ def run_sample(config, workdir: str) -> dict:
 
 
 def run_eval(config, workdir: str) -> dict:
+  """The scores of the module docstring, printed and written to DIR/eval.json."""
   generator = Generator(config, workdir)
   config, data = generator.config, generator.data
   test_images, test_labels = data.test_images, data.test_labels
@@ -132,14 +144,14 @@ def run_export(config, workdir: str) -> dict:
 
   if not config.export_to:
     raise UserError("--mode=export needs --config.export_to=diffusers_vae:DIR (the folder to write)")
-  ae_dir, dn_dir = build.stage_dirs(workdir)
+  ae_dir, dn_dir = stage_dirs(workdir)
   if checkpoint.saved_steps(dn_dir):
     config = from_checkpoint.saved_config(dn_dir, config, EVAL_KEYS, recorded=RECORDED_KEYS)
-  ae, params, step = build.restore_autoencoder(workdir, shd.make_mesh(config.mesh), config)
+  ae, params, step = ldr.restore_autoencoder(workdir, shd.make_mesh(config.mesh), config)
   scale = config.scale_factor if checkpoint.saved_steps(dn_dir) else (ldm.read_scale(ae_dir) or {}).get("scale_factor")
   factors = {"scaling_factor": float(scale) if scale else ae.config.scaling_factor}
   factors["shift_factor"] = float(config.shift_factor) if config.shift_factor else ae.config.shift_factor
-  out = config.export_to[len(build.VAE_SOURCE) :]
+  out = config.export_to[len(VAE_SOURCE) :]
   if jax.process_index() == 0:
     save_diffusers_vae(out, nn.meta.unbox(jax.device_get(params)), dataclasses.replace(ae.config, **factors))
     print(f"wrote the autoencoder (step {step}, scaling_factor {factors['scaling_factor']}) to {out}", flush=True)
