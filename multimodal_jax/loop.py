@@ -252,8 +252,8 @@ def fit(
     if model_state_fn is not None:  # a placeholder until the first save computes it
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_model)
       state = state.replace(model_state=jax.device_put(zeros, model_shardings))
-    if cfg.init_from:
-      params = init_from.initial_params(cfg.init_from, abstract_state.params, converters or {})
+    params = init_from.initial_params(cfg.init_from, abstract_state.params, converters or {}) if cfg.init_from else None
+    if params is not None:
       # The EMA gets its own buffers: the step donates the state, and one buffer in two leaves would be freed twice.
       state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params) if ema else None)
       if is_main:

