@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from multimodal_jax import audio, errors
-from multimodal_jax.data import av_speech, lips, noise_sources, speech_sources
+from multimodal_jax.data import av_speech, espeak, lips, noise_bank, noise_sources, speech_sources
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_sizes_shapes_and_dtypes(examples):
   sizes = av_speech.CONFIGS["tiny"]
   assert len(examples["train"]) == sizes.train_synth + sizes.train_real
   test_utterances = sizes.test_synth + sizes.test_real
-  assert len(examples["test"]) == test_utterances * len(av_speech.TEST_NOISES) * len(av_speech.TEST_SNRS)
+  assert len(examples["test"]) == test_utterances * len(noise_bank.TEST_NOISES) * len(av_speech.TEST_SNRS)
   for split in ("train", "test"):
     for ex in examples[split]:
       assert set(ex) == {"clean", "noisy", "lips", "snr", "noise", "speaker", "text"}
@@ -64,14 +64,14 @@ def test_noisy_is_clean_plus_noise_at_the_labelled_snr(examples):
 
 
 def test_test_speakers_and_noises_are_unseen_in_training(examples):
-  assert not set(av_speech.TRAIN_NOISES) & set(av_speech.TEST_NOISES)
+  assert not set(noise_bank.TRAIN_NOISES) & set(noise_bank.TEST_NOISES)
   train_speakers = {ex["speaker"] for ex in examples["train"]}
   test_speakers = {ex["speaker"] for ex in examples["test"]}
   assert not train_speakers & test_speakers
   assert "asterisk/Carlo" in test_speakers
   assert any(s.startswith("espeak/") for s in test_speakers)
-  assert {ex["noise"] for ex in examples["train"]} <= set(av_speech.TRAIN_NOISES)
-  assert {ex["noise"] for ex in examples["test"]} == set(av_speech.TEST_NOISES)
+  assert {ex["noise"] for ex in examples["train"]} <= set(noise_bank.TRAIN_NOISES)
+  assert {ex["noise"] for ex in examples["test"]} == set(noise_bank.TEST_NOISES)
   train_variants = {s.split("+")[-1] for s in train_speakers if s.startswith("espeak/")}
   assert train_variants <= set(av_speech.TRAIN_VARIANTS)
   assert not set(av_speech.TRAIN_VARIANTS) & set(av_speech.TEST_VARIANTS)
@@ -94,7 +94,7 @@ def test_rendered_lips_follow_the_speech(examples):
     assert _opening(ex["lips"][: onset - 3]).max() < 0.04  # A closed slit; open is > 0.1.
   # The same utterance has the same lips whatever the noise and SNR.
   first = [ex for ex in examples["test"] if ex["speaker"] == examples["test"][0]["speaker"]]
-  assert len(first) == len(av_speech.TEST_NOISES) * len(av_speech.TEST_SNRS)
+  assert len(first) == len(noise_bank.TEST_NOISES) * len(av_speech.TEST_SNRS)
   for ex in first[1:]:
     np.testing.assert_array_equal(ex["lips"], first[0]["lips"])
 
@@ -133,7 +133,7 @@ def test_rebuild_is_identical(examples, tmp_path):
 
 
 def test_espeak_phonemes_are_timed():
-  u = speech_sources.synth_utterance("papa mama", "en-us+m1", 150, 50)
+  u = espeak.synth_utterance("papa mama", "en-us+m1", 150, 50)
   assert u is not None and u.audio.dtype == np.float32
   names = [name for _, name in u.phonemes]
   assert names.count("p") == 2 and names.count("m") == 2
@@ -170,13 +170,13 @@ def test_noise_dir_files_are_split_resampled_and_mixed_down(tmp_path):
   files = noise_sources.noise_files(str(directory))
   assert [p.split("/")[-1] for p in files["train"]] == ["fan.wav", "rain.flac", "road.wav"]
   assert [p.split("/")[-1] for p in files["test"]] == ["tap.wav"]
-  bank = av_speech.noise_bank("train", [], av_speech.CONFIGS["tiny"], str(directory))
+  bank = noise_bank.for_split("train", [], av_speech.CONFIGS["tiny"], str(directory))
   assert bank.names == ("fan", "rain", "road")
   for name in bank.names:
     noise = bank(name, np.random.default_rng(1), 40000, "s0")  # longer than every file: looped
     assert noise.shape == (40000,) and noise.dtype == np.float32
     assert noise.std() == pytest.approx(1.0, rel=1e-3)
-  assert av_speech.noise_bank("test", [], av_speech.CONFIGS["tiny"], str(directory)).names == ("tap",)
+  assert noise_bank.for_split("test", [], av_speech.CONFIGS["tiny"], str(directory)).names == ("tap",)
   (directory / "test").mkdir()
   (directory / "train").mkdir()
   with pytest.raises(errors.UserError, match="gives no train noise"):
@@ -187,7 +187,7 @@ def test_unreadable_noise_file_is_one_line(tmp_path):
   directory = _noise_dir(tmp_path)
   (directory / "broken.wav").write_bytes(b"not audio")
   with pytest.raises(errors.UserError, match="noise file .*broken.wav.* is not a readable audio file"):
-    av_speech.noise_bank("train", [], av_speech.CONFIGS["tiny"], str(directory))
+    noise_bank.for_split("train", [], av_speech.CONFIGS["tiny"], str(directory))
 
 
 def test_mix_over_the_whole_signal():
@@ -204,8 +204,8 @@ def test_every_noise_type_is_made():
   rng = np.random.default_rng(1)
   talkers = [speech_sources.Utterance(rng.uniform(-0.5, 0.5, 8000).astype(np.float32), f"s{i}", "") for i in range(3)]
   made = {}
-  for split, names in (("train", av_speech.TRAIN_NOISES), ("test", av_speech.TEST_NOISES)):
-    bank = av_speech.NoiseBank(split, talkers, sizes)
+  for split, names in (("train", noise_bank.TRAIN_NOISES), ("test", noise_bank.TEST_NOISES)):
+    bank = noise_bank.NoiseBank(split, talkers, sizes)
     for name in names:
       noise = bank(name, np.random.default_rng(2), 24000, "s0")
       assert noise.shape == (24000,) and noise.dtype == np.float32 and np.isfinite(noise).all()
@@ -232,8 +232,8 @@ def test_missing_packages_are_named(monkeypatch, tmp_path):
     "run 'apt-get install -y pocketsphinx-testdata' (as root)"
   )
   monkeypatch.setattr(noise_sources, "SONIC_PI_DIR", str(tmp_path / "none"))
-  monkeypatch.setattr(speech_sources, "ESPEAK_LIBRARY", "libno-such-espeak.so.1")
-  monkeypatch.setattr(speech_sources.ctypes.util, "find_library", lambda name: None)
+  monkeypatch.setattr(espeak, "ESPEAK_LIBRARY", "libno-such-espeak.so.1")
+  monkeypatch.setattr(espeak.ctypes.util, "find_library", lambda name: None)
   with pytest.raises(errors.MissingDataPackageError) as excinfo:
     av_speech.load(str(tmp_path / "tfds"), config="tiny")
   message = _message(excinfo)

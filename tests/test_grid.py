@@ -70,10 +70,10 @@ def built(corpus, tmp_path_factory):
 
 
 def test_fake_corpus_builds_with_av_speech_features(built):
-  from multimodal_jax.data import av_speech
+  from multimodal_jax.data import av_speech, noise_bank
 
   assert len(built["train"]) == 2
-  assert len(built["test"]) == 2 * len(av_speech.TEST_NOISES) * len(av_speech.TEST_SNRS)
+  assert len(built["test"]) == 2 * len(noise_bank.TEST_NOISES) * len(av_speech.TEST_SNRS)
   texts = set()
   for split, speaker in (("train", "grid/s1"), ("test", "grid/s2")):
     for i in range(len(built[split])):
@@ -87,7 +87,7 @@ def test_fake_corpus_builds_with_av_speech_features(built):
       assert snr == pytest.approx(float(ex["snr"]), abs=0.1)
       texts.add(ex["text"])
   assert texts == {"bin blue", ""}
-  assert {built["test"][i]["noise"] for i in range(len(built["test"]))} == set(av_speech.TEST_NOISES)
+  assert {built["test"][i]["noise"] for i in range(len(built["test"]))} == set(noise_bank.TEST_NOISES)
 
 
 def test_lips_are_the_mouth_box_at_50_fps(built, corpus):

@@ -9,26 +9,12 @@ stream of one 16x24 RGB mouth image per 20 ms STFT frame (50 fps):
 * `snr`: float32 `[]` dB, of the whole noisy signal against the whole clean one.
 * `noise`, `speaker`, `text`: str (text is '' when the transcript is unknown).
 
-Clean speech (`speech_sources.py`): real recordings (Asterisk prompts of 4 speakers, band-limited
+Clean speech: real recordings (`speech_sources.py`: Asterisk prompts of 4 speakers, band-limited
 to 4 kHz; pocketsphinx test utterances) and espeak-ng sentences in 5 languages with 13 voice
-variants; each utterance gets 0.1-0.4 s of silence before and after. Test speakers are never heard
-in training (espeak variants TEST_VARIANTS in every language and the Asterisk speaker Carlo) and
-test noise types are never heard in training (TEST_NOISES vs TRAIN_NOISES), as in the paper.
-
-Noise types (NoiseBank), unit RMS before mixing:
-
-* train (18 types): synthetic white, pink, brown; coloured (random spectral tilt and resonances);
-  modulated (white, pink or coloured noise under a slow random envelope); hum (a harmonic machine
-  tone); siren (a swept alarm tone); talker (one other training talker); babble (3-7 of them);
-  music (the 5 music-on-hold tracks, 8 kHz); sonic-pi ambient (`ambi_*` textures), tabla (hits on
-  a 70-130 bpm grid), bass (`bass_*` hits), guitar (`guit_*` textures), percussion (`perc_*` and
-  `misc_*` one-shots: bells, doors, impacts, snaps), vinyl (`vinyl_*` hiss and scratches), loops
-  (the non-drum `loop_*` files: 3d printer, drone, compus, electric, garzul, mika, safari, weirdo);
-  mixed (two of the others, -6 to +6 dB apart).
-* test: drums (sonic-pi drum, kick and snare hits and break loops, 90-160 bpm); electronic
-  (sonic-pi `elec_*` / `glitch_*` hits); street (synthetic rumble, passing cars, horns); cafe
-  (babble of 6-10 test talkers, pink room tone, synthetic cutlery clinks). No test sample file is
-  used in training (the drum breaks, `elec_*`, `glitch_*` and the `mehackit_*` synth sounds stay out).
+variants (`espeak.py`); each utterance gets 0.1-0.4 s of silence before and after. Test speakers are
+never heard in training (espeak variants TEST_VARIANTS in every language and the Asterisk speaker
+Carlo) and test noise types are never heard in training (`noise_bank.py`: 18 TRAIN_NOISES, 4
+TEST_NOISES, synthetic and sonic-pi / music-on-hold samples), as in the paper.
 
 Train: `train_mixtures` mixtures per utterance (2 in the default config), each with a random noise
 type and SNR (TRAIN_SNRS). Test: every test utterance with every test noise at every TEST_SNRS
@@ -50,58 +36,20 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from multimodal_jax import audio as audio_lib
 from multimodal_jax import errors
+from multimodal_jax.audio import SAMPLE_RATE
+from multimodal_jax.data import espeak, noise_bank, noise_sources, prepared, speech_sources
 from multimodal_jax.data import lips as lips_lib
-from multimodal_jax.data import noise_sources, prepared, speech_sources
 
 SEED = 20240705
-SAMPLE_RATE = audio_lib.SAMPLE_RATE
-TRAIN_NOISES = (
-  "white",
-  "pink",
-  "brown",
-  "coloured",
-  "modulated",
-  "hum",
-  "siren",
-  "talker",
-  "babble",
-  "music",
-  "ambient",
-  "tabla",
-  "bass",
-  "guitar",
-  "percussion",
-  "vinyl",
-  "loops",
-  "mixed",
-)
-TEST_NOISES = ("drums", "electronic", "street", "cafe")
 TRAIN_SNRS = tuple(float(s) for s in range(-5, 11))  # dB, drawn uniformly.
 TEST_SNRS = (-5.0, 0.0, 5.0, 10.0)
-ESPEAK_LANGUAGES = tuple(speech_sources.ESPEAK_LANGUAGES)
+ESPEAK_LANGUAGES = tuple(espeak.ESPEAK_LANGUAGES)
 TRAIN_VARIANTS = ("m1", "m2", "m4", "m6", "m7", "f1", "f3", "f5", "klatt", "croak")
 TEST_VARIANTS = ("m3", "f2", "klatt4")
 TEST_REAL_SPEAKERS = ("asterisk/Carlo",)
 PAD_SECONDS = (0.1, 0.4)  # Silence before and after each utterance.
 MAX_PEAK = 0.99
-# sonic-pi sample groups (file name prefixes) per noise type.
-SONIC_PI_GROUPS = {
-  "ambient": ("ambi_",),
-  "tabla": ("tabla_", "loop_tabla"),
-  "bass": ("bass_",),
-  "guitar": ("guit_",),
-  "percussion": ("perc_", "misc_"),
-  "vinyl": ("vinyl_",),
-  "loops": tuple(
-    f"loop_{name}" for name in ("3d_printer", "compus", "drone", "electric", "garzul", "mika", "safari", "weirdo")
-  ),
-  "drums": ("drum_", "bd_", "sn_", "loop_amen", "loop_breakbeat"),
-  "electronic": ("elec_", "glitch_"),
-}
-TEXTURES = ("ambient", "guitar", "vinyl", "loops")  # Long clips, played as overlaid loops (up to 8 s each).
-BABBLE_TALKERS = (3, 7)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,20 +90,20 @@ def _rng(seed: int, *stage: int) -> np.random.Generator:
 # ---------------------------------------------------------------- packages
 
 
+def missing_speech_packages() -> list[tuple[str, str]]:
+  """The missing Debian packages of the clean speech (recordings, transcripts, espeak-ng)."""
+  return speech_sources.missing_packages() + espeak.missing_packages()
+
+
 def missing_packages() -> list[tuple[str, str]]:
-  """The missing Debian packages, as (package, what it gives)."""
-  missing = speech_sources.missing_packages()
-  if not all(os.path.isfile(f) for f in noise_sources.music_files()):
-    missing.append(("asterisk-moh-opsound-wav", "real music noise"))
-  if not noise_sources.sonic_pi_files(SONIC_PI_GROUPS["drums"]):
-    missing.append(("sonic-pi-samples", "real noise samples"))
-  return missing
+  """The missing Debian packages, speech then noise, as (package, what it gives)."""
+  return missing_speech_packages() + noise_bank.missing_packages()
 
 
 def check_packages(noise_dir: str = "") -> None:
   """Raises MissingDataPackageError naming every missing package and the install command (one line).
   With a `noise_dir` the noise packages are not needed, only the speech ones."""
-  missing = speech_sources.missing_packages() if noise_dir else missing_packages()
+  missing = missing_speech_packages() if noise_dir else missing_packages()
   if not missing:
     return
   packages = " ".join(dict.fromkeys(p for p, _ in missing))
@@ -179,9 +127,9 @@ def speech_pools(sizes: Sizes, seed: int) -> dict[str, list[speech_sources.Utter
   test_real = [u for u in real if u.speaker in TEST_REAL_SPEAKERS]
   pick = lambda pool, k: [pool[i] for i in np.sort(rng.choice(len(pool), min(k, len(pool)), replace=False))]
   return {
-    "train": speech_sources.synth_espeak(ESPEAK_LANGUAGES, TRAIN_VARIANTS, sizes.train_synth, seed + 1)
+    "train": espeak.synth_espeak(ESPEAK_LANGUAGES, TRAIN_VARIANTS, sizes.train_synth, seed + 1)
     + pick(train_real, sizes.train_real),
-    "test": speech_sources.synth_espeak(ESPEAK_LANGUAGES, TEST_VARIANTS, sizes.test_synth, seed + 2)
+    "test": espeak.synth_espeak(ESPEAK_LANGUAGES, TEST_VARIANTS, sizes.test_synth, seed + 2)
     + pick(test_real, sizes.test_real),
   }
 
@@ -195,87 +143,6 @@ def pad_utterance(
   if utterance.phonemes is None:
     return audio, None
   return audio, tuple((s + before, name) for s, name in utterance.phonemes)
-
-
-# ---------------------------------------------------------------- noise
-
-
-class NoiseBank:
-  """Makes noise of each type of one split; every call takes its randomness from `rng`.
-
-  Args:
-    split: 'train' or 'test'.
-    talkers: clean utterances of the split (babble of other speakers).
-    sizes: the config.
-  """
-
-  def __init__(self, split: str, talkers: list[speech_sources.Utterance], sizes: Sizes):
-    self.names = TRAIN_NOISES if split == "train" else TEST_NOISES
-    self._talkers = talkers
-    self._samples = {}
-    for name in self.names:
-      if name in SONIC_PI_GROUPS:
-        paths = noise_sources.sonic_pi_files(SONIC_PI_GROUPS[name])[: sizes.sonic_pi_files]
-        self._samples[name] = noise_sources.load_sonic_pi(paths, SAMPLE_RATE, 8.0 if name in TEXTURES else 4.0)
-    if "music" in self.names:
-      music = noise_sources.load_music(noise_sources.MUSIC_TRACKS[: sizes.music_tracks])
-      self._music = speech_sources.to_16k(music, noise_sources.digit_sources.SAMPLE_RATE)
-
-  def _babble(self, rng: np.random.Generator, speaker: str, n: int, talkers: tuple[int, int]) -> np.ndarray:
-    others = [u.audio for u in self._talkers if u.speaker != speaker] or [u.audio for u in self._talkers]
-    chosen = rng.choice(len(others), int(rng.integers(*talkers, endpoint=True)))
-    return noise_sources.babble(rng, [others[i] for i in chosen], n)
-
-  def __call__(self, name: str, rng: np.random.Generator, n: int, speaker: str) -> np.ndarray:
-    """Noise `name` of n samples, float32 `[n]` (unit RMS up to the mixtures' small deviations)."""
-    if name == "white":
-      return noise_sources.white_noise(rng, n)
-    if name == "pink":
-      return noise_sources.pink_noise(rng, n)
-    if name == "brown":
-      return noise_sources.brown_noise(rng, n)
-    if name == "coloured":
-      return noise_sources.coloured_noise(rng, n, SAMPLE_RATE)
-    if name == "modulated":
-      base = ("white", "pink", "coloured")[int(rng.integers(3))]
-      return noise_sources.modulated(rng, self(base, rng, n, speaker), SAMPLE_RATE)
-    if name == "hum":
-      return noise_sources.hum(rng, n, SAMPLE_RATE)
-    if name == "siren":
-      return noise_sources.siren(rng, n, SAMPLE_RATE)
-    if name == "talker":
-      return self._babble(rng, speaker, n, (1, 1))
-    if name == "babble":
-      return self._babble(rng, speaker, n, BABBLE_TALKERS)
-    if name == "music":
-      return noise_sources.random_segment(rng, self._music, n)
-    if name in TEXTURES:
-      return noise_sources.texture(
-        rng, self._samples[name], n, layers=int(rng.integers(1, 3)) if name != "ambient" else 2
-      )
-    if name == "tabla":
-      return noise_sources.sequence(rng, self._samples[name], n, SAMPLE_RATE, bpm=(70, 130))
-    if name == "bass":
-      return noise_sources.sequence(rng, self._samples[name], n, SAMPLE_RATE, bpm=(60, 130))
-    if name == "percussion":
-      return noise_sources.sequence(rng, self._samples[name], n, SAMPLE_RATE, bpm=(30, 90))
-    if name == "mixed":
-      first, second = rng.choice(len(TRAIN_NOISES) - 1, 2, replace=False)  # Any two but "mixed" (the last).
-      gain = 10 ** (rng.uniform(-6.0, 6.0) / 20)
-      out = self(TRAIN_NOISES[first], rng, n, speaker) + gain * self(TRAIN_NOISES[second], rng, n, speaker)
-      return (out / (out.std() + 1e-9)).astype(np.float32)
-    if name == "drums":
-      return noise_sources.sequence(rng, self._samples[name], n, SAMPLE_RATE, bpm=(90, 160))
-    if name == "electronic":
-      return noise_sources.sequence(rng, self._samples[name], n, SAMPLE_RATE, bpm=(60, 140))
-    if name == "street":
-      return noise_sources.street(rng, n, SAMPLE_RATE)
-    if name == "cafe":
-      crowd = self._babble(rng, speaker, n, (6, 10))
-      room = noise_sources.pink_noise(rng, n)
-      mix = crowd + 0.3 * room + 0.8 * noise_sources.clinks(rng, n, SAMPLE_RATE)
-      return (mix / (mix.std() + 1e-9)).astype(np.float32)
-    raise ValueError(f"unknown noise {name!r}")
 
 
 # ---------------------------------------------------------------- examples
@@ -303,18 +170,9 @@ def make_example(clean, lips, noise, noise_name: str, snr: float, utterance: spe
   }
 
 
-def noise_bank(split: str, talkers: list[speech_sources.Utterance], sizes: Sizes, noise_dir: str = ""):
-  """The noise of a split: a NoiseBank (the noise types of TRAIN_NOISES / TEST_NOISES), or with
-  `noise_dir` the split's audio files there (`noise_sources.noise_files`). Either has `names` and is
-  called as `bank(name, rng, n, speaker)`."""
-  if not noise_dir:
-    return NoiseBank(split, talkers, sizes)
-  return noise_sources.FileNoises(noise_sources.noise_files(noise_dir)[split], SAMPLE_RATE)
-
-
 def generate(split: str, pool: list[speech_sources.Utterance], sizes: Sizes, seed: int = SEED, noise_dir: str = ""):
   """Yields (key, example) of one split from its clean utterances, examples as stored (audio int16)."""
-  bank = noise_bank(split, pool, sizes, noise_dir)
+  bank = noise_bank.for_split(split, pool, sizes, noise_dir)
   for i, utterance in enumerate(pool):
     rng = _rng(seed, 1 if split == "train" else 2, i)
     clean, phonemes = pad_utterance(utterance, rng)

@@ -30,7 +30,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from multimodal_jax import errors
-from multimodal_jax.data import av_speech, noise_sources, prepared, speech_sources
+from multimodal_jax.audio import SAMPLE_RATE
+from multimodal_jax.data import av_speech, noise_bank, noise_sources, prepared, speech_sources
 from multimodal_jax.data import lips as lips_lib
 
 VIDEO_FPS = 25.0
@@ -184,7 +185,7 @@ def crop_mouth(frames: np.ndarray, box: tuple[float, float, float, float] | None
 def to_audio_frames(crops: np.ndarray, num_samples: int, fps: float = VIDEO_FPS) -> np.ndarray:
   """Video crops `[F, 16, 24, 3]` at `fps` -> uint8 `[T, 16, 24, 3]`, one per STFT frame (frame t at
   t * 20 ms), linearly interpolated between the two nearest video frames (ends held)."""
-  times = lips_lib.frame_samples(num_samples) / lips_lib.SAMPLE_RATE
+  times = lips_lib.frame_samples(num_samples) / SAMPLE_RATE
   position = np.clip(times * fps, 0, len(crops) - 1)
   low = np.floor(position).astype(np.int64)
   high = np.minimum(low + 1, len(crops) - 1)
@@ -221,9 +222,9 @@ def load_utterance(item: Item, box) -> tuple[speech_sources.Utterance, np.ndarra
 
 def generate(items: list[Item], split: str, box, noise_config: str, seed: int = av_speech.SEED, noise_dir: str = ""):
   """Yields (key, example) of a split as av_speech stores them (audio int16); the noise of
-  `noise_dir`'s files when given (`av_speech.noise_bank`)."""
+  `noise_dir`'s files when given (`noise_bank.for_split`)."""
   loaded = [load_utterance(item, box) for item in items]
-  bank = av_speech.noise_bank(split, [u for u, _ in loaded], av_speech.CONFIGS[noise_config], noise_dir)
+  bank = noise_bank.for_split(split, [u for u, _ in loaded], av_speech.CONFIGS[noise_config], noise_dir)
   for i, (utterance, lips) in enumerate(loaded):
     rng = np.random.default_rng([seed, zlib.crc32(f"{split}/{utterance.speaker}/{items[i].name}".encode())])
     n = len(utterance.audio)

@@ -25,9 +25,9 @@ import zlib
 import numpy as np
 
 from multimodal_jax import audio as audio_lib
+from multimodal_jax.audio import HOP, N_FFT, SAMPLE_RATE  # 50 frames per second
 
 HEIGHT, WIDTH = 16, 24
-SAMPLE_RATE, N_FFT, HOP = audio_lib.SAMPLE_RATE, audio_lib.N_FFT, audio_lib.HOP  # 50 frames per second
 SHAPE_PARAMS = ("opening", "width", "rounding", "teeth", "tongue")
 REST = (0.0, 0.45, 0.15, 0.0, 0.0)  # Closed, relaxed mouth.
 SMOOTH_FRAMES = 1.2  # Gaussian sigma of the coarticulation smoothing, in frames.
