@@ -118,8 +118,7 @@ def run_train(config, workdir):
   model, text_inputs, init_params = clip_run.build(config)
   source, caption_key, dataset = cdata.train_source(config)
   mean, std = cdata.normalization(config, lambda: dataset if dataset is not None else (r["image"] for r in source))
-  if "dataset" in (config.image_mean, config.image_std):  # recorded: evaluation normalizes as training did
-    config.image_mean, config.image_std = cdata.as_setting(mean), cdata.as_setting(std)
+  cdata.resolve(config, mean, std)  # recorded: evaluation uses what training did, whatever the defaults become
   normalize = cdata.make_normalizer(mean, std)
   size, chans = cdata.image_size(config), cdata.channels(config)
   transform = cdata.make_transform(text_inputs, size, chans, caption_key, label=dataset is None)

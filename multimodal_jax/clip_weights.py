@@ -51,8 +51,8 @@ _FIELDS = (
 )
 
 
-def _activation(cfg: ClipConfig) -> str:
-  return cfg.activation or ("gelu" if cfg.exact_gelu else "gelu_tanh")
+def _activation(config: ClipConfig) -> str:
+  return config.activation or ("gelu" if config.exact_gelu else "gelu_tanh")
 
 
 def _path(file: str, what: str) -> str:
@@ -104,25 +104,25 @@ def open_clip_converter(ours: ClipConfig, model: str):
   return convert
 
 
-def export_open_clip(params: Any, cfg: ClipConfig, tokenizer: str, target: str) -> tuple[str, str]:
-  """Writes `params` of `CLIP(cfg)` to `target` = `open_clip:FILE.safetensors` (and the model config
+def export_open_clip(params: Any, config: ClipConfig, tokenizer: str, target: str) -> tuple[str, str]:
+  """Writes `params` of `CLIP(config)` to `target` = `open_clip:FILE.safetensors` (and the model config
   open_clip needs to FILE.json); returns both paths. One-line UserError for what cannot export."""
   kind, _, file = target.partition(":")
   if kind != "open_clip" or not file.endswith(".safetensors"):
     raise UserError(f"--config.export_to={target}: expected open_clip:FILE.safetensors")
-  if cfg.vision.tower != "vit" or cfg.vision.pool != "token":
+  if config.vision.tower != "vit" or config.vision.pool != "token":
     raise UserError(
-      f"--config.export_to={target}: this run's image tower is {cfg.vision.tower}, and open_clip takes our ViT only "
+      f"--config.export_to={target}: this run's image tower is {config.vision.tower}, and open_clip takes our ViT only "
       "(train with --config.image_tower=vit)"
     )
-  if cfg.text_tower != "transformer":
+  if config.text_tower != "transformer":
     raise UserError(f"--config.export_to={target}: this run's text tower is precomputed (minilm); open_clip needs clip")
-  if tokenizer != "clip_bpe" or cfg.text.vocab_size != BPE_VOCAB_SIZE:
+  if tokenizer != "clip_bpe" or config.text.vocab_size != BPE_VOCAB_SIZE:
     raise UserError(
       f"--config.export_to={target}: this run's tokenizer is {tokenizer}, and an exported model is only useful with "
       f"CLIP's BPE vocabulary of {BPE_VOCAB_SIZE} ids (train with --config.tokenizer=clip_bpe)"
     )
-  if cfg.vision.channels != 3:
+  if config.vision.channels != 3:
     raise UserError(f"--config.export_to={target}: open_clip takes 3-channel images (train with --config.channels=3)")
   path = os.path.abspath(os.path.expanduser(file))
   folder = os.path.dirname(path)
@@ -133,7 +133,7 @@ def export_open_clip(params: Any, cfg: ClipConfig, tokenizer: str, target: str) 
   host = _to_numpy(params)
   partial = path[: -len(".safetensors")] + f".partial-{os.getpid()}.safetensors"
   try:
-    config_partial = open_clip.save_open_clip(partial, host, dataclasses.replace(cfg))
+    config_partial = open_clip.save_open_clip(partial, host, dataclasses.replace(config))
     config_path = path[: -len(".safetensors")] + ".json"
     os.replace(config_partial, config_path)
     os.replace(partial, path)

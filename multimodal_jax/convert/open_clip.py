@@ -1,7 +1,7 @@
 """Import OpenAI CLIP / open_clip PyTorch ViT checkpoints into `multimodal_jax.models.clip.CLIP` params.
 
-  cfg, params = load_open_clip("open_clip_pytorch_model.bin")  # or .safetensors, or a state dict
-  model = CLIP(cfg)
+  config, params = load_open_clip("open_clip_pytorch_model.bin")  # or .safetensors, or a state dict
+  model = CLIP(config)
   img, txt, scale, bias = model.apply({"params": params}, images, tokens)
 
 The architecture (a `ClipConfig`) is read off the tensor shapes: widths, layers, patch size, image
@@ -178,9 +178,9 @@ def config_from_state_dict(
   return ClipConfig(**fields)
 
 
-def _expected(cfg: ClipConfig) -> list[tuple[str, tuple[int, ...]]]:
-  """(open_clip name, shape) of every tensor `cfg` needs, in state-dict order."""
-  v, t = cfg.vision, cfg.text
+def _expected(config: ClipConfig) -> list[tuple[str, tuple[int, ...]]]:
+  """(open_clip name, shape) of every tensor `config` needs, in state-dict order."""
+  v, t = config.vision, config.text
   grid = v.image_size // v.patch_size
 
   def blocks(prefix: str, width: int, layers: int, mlp_ratio: float):
@@ -206,11 +206,11 @@ def _expected(cfg: ClipConfig) -> list[tuple[str, tuple[int, ...]]]:
 
   names = [
     ("positional_embedding", (t.context_length, t.width)),
-    ("text_projection", (t.width, cfg.embed_dim)),
+    ("text_projection", (t.width, config.embed_dim)),
     ("logit_scale", ()),
     ("visual.class_embedding", (v.width,)),
     ("visual.positional_embedding", (grid * grid + 1, v.width)),
-    ("visual.proj", (v.width, cfg.embed_dim)),
+    ("visual.proj", (v.width, config.embed_dim)),
     ("visual.conv1.weight", (v.width, v.channels, v.patch_size, v.patch_size)),
     ("visual.ln_pre.weight", (v.width,)),
     ("visual.ln_pre.bias", (v.width,)),
@@ -222,23 +222,23 @@ def _expected(cfg: ClipConfig) -> list[tuple[str, tuple[int, ...]]]:
     ("ln_final.weight", (t.width,)),
     ("ln_final.bias", (t.width,)),
   ]
-  if cfg.init_logit_bias is not None:
+  if config.init_logit_bias is not None:
     names.append(("logit_bias", ()))
   return names
 
 
-def check_state_dict(sd: Mapping[str, Any], cfg: ClipConfig) -> None:
-  """Raises a one-line ValueError naming the first tensor `cfg` needs that `sd` lacks or has in
-  another shape, then the first tensor `sd` has that `cfg` cannot hold."""
+def check_state_dict(sd: Mapping[str, Any], config: ClipConfig) -> None:
+  """Raises a one-line ValueError naming the first tensor `config` needs that `sd` lacks or has in
+  another shape, then the first tensor `sd` has that `config` cannot hold."""
   problem = _unsupported(sd)
   if problem:
     raise ValueError(problem)
-  if cfg.vision.tower != "vit" or cfg.vision.pool != "token":
+  if config.vision.tower != "vit" or config.vision.pool != "token":
     raise ValueError("open_clip weights need vision.tower='vit' and vision.pool='token'")
-  for tower in (cfg.vision, cfg.text):
+  for tower in (config.vision, config.text):
     if tower.width % tower.heads:
       raise ValueError(f"width {tower.width} is not divisible by heads {tower.heads}")
-  expected = _expected(cfg)
+  expected = _expected(config)
   for name, shape in expected:
     if name not in sd:
       raise ValueError(f"state dict has no tensor {name!r} (expected shape {shape}) for this CLIP config")
@@ -253,12 +253,12 @@ def check_state_dict(sd: Mapping[str, Any], cfg: ClipConfig) -> None:
       )
 
 
-def convert_state_dict(sd: Mapping[str, Any], cfg: ClipConfig) -> dict[str, Any]:
-  """open_clip tensors -> the `params` tree of `CLIP(cfg)`: nested dicts of float32 numpy arrays,
+def convert_state_dict(sd: Mapping[str, Any], config: ClipConfig) -> dict[str, Any]:
+  """open_clip tensors -> the `params` tree of `CLIP(config)`: nested dicts of float32 numpy arrays,
   scanned (`transformer/blocks/...` with a leading [layers] axis) or not (`transformer/block_{i}/...`)
-  after `cfg.scan`. `sd` as returned by `load_state_dict`; checked by `check_state_dict` first."""
+  after `config.scan`. `sd` as returned by `load_state_dict`; checked by `check_state_dict` first."""
   sd = {k: _to_numpy(v) for k, v in sd.items()}
-  check_state_dict(sd, cfg)
+  check_state_dict(sd, config)
   f32 = lambda name: np.asarray(sd[name], np.float32)
 
   def block(prefix: str, width: int, heads: int) -> dict[str, Any]:
@@ -282,7 +282,7 @@ def convert_state_dict(sd: Mapping[str, Any], cfg: ClipConfig) -> dict[str, Any]
 
   def transformer(prefix: str, tower: VisionConfig | TextConfig) -> dict[str, Any]:
     layers = [block(f"{prefix}transformer.resblocks.{i}.", tower.width, tower.heads) for i in range(tower.layers)]
-    if not cfg.scan:
+    if not config.scan:
       return {f"block_{i}": b for i, b in enumerate(layers)}
     import jax
 
@@ -295,20 +295,20 @@ def convert_state_dict(sd: Mapping[str, Any], cfg: ClipConfig) -> dict[str, Any]
       "class_embedding": f32("visual.class_embedding"),
       "positional_embedding": f32("visual.positional_embedding"),
       "ln_pre": ln("visual.ln_pre"),
-      "transformer": transformer("visual.", cfg.vision),
+      "transformer": transformer("visual.", config.vision),
       "ln_post": ln("visual.ln_post"),
     },
     "text": {
       "token_embedding": f32("token_embedding.weight"),
       "positional_embedding": f32("positional_embedding"),
-      "transformer": transformer("", cfg.text),
+      "transformer": transformer("", config.text),
       "ln_final": ln("ln_final"),
     },
     "image_projection": {"kernel": f32("visual.proj")},
     "text_projection": {"kernel": f32("text_projection")},
     "logit_scale": f32("logit_scale").reshape(()),
   }
-  if cfg.init_logit_bias is not None:
+  if config.init_logit_bias is not None:
     params["logit_bias"] = f32("logit_bias").reshape(())
   return params
 

@@ -1,7 +1,7 @@
 """open_clip's model configs (read beside imported weights, written beside exported ones) and the
 export of multimodal_jax CLIP params to open_clip: the inverse of `convert.open_clip`'s import.
 
-  save_open_clip("out/model.safetensors", params, cfg)   # + out/model.json, the model config open_clip needs
+  save_open_clip("out/model.safetensors", params, config)   # + out/model.json, the model config open_clip needs
   model = open_clip.model.CLIP(**json.load(open("out/model.json"))["model_cfg"]); model.load_state_dict(...)
 
 Tested as a round trip (export, then `load_open_clip`, gives the same params) and against open_clip's
@@ -20,13 +20,13 @@ import numpy as np
 from multimodal_jax.models.clip import ClipConfig, TextConfig, VisionConfig
 
 
-def export_state_dict(params: Mapping[str, Any], cfg: ClipConfig) -> dict[str, np.ndarray]:
-  """The inverse of `convert_state_dict`: `CLIP(cfg)` params -> open_clip's tensors (names, layouts
+def export_state_dict(params: Mapping[str, Any], config: ClipConfig) -> dict[str, np.ndarray]:
+  """The inverse of `convert_state_dict`: `CLIP(config)` params -> open_clip's tensors (names, layouts
   and shapes of open_clip's `CLIP` with a ViT tower), float32 numpy arrays."""
-  if cfg.vision.tower != "vit" or cfg.vision.pool != "token" or cfg.text_tower != "transformer":
+  if config.vision.tower != "vit" or config.vision.pool != "token" or config.text_tower != "transformer":
     raise ValueError(
       "only a ViT image tower with class-token pooling and a Transformer text tower export to open_clip "
-      f"(this model: image_tower={cfg.vision.tower}, pool={cfg.vision.pool}, text_tower={cfg.text_tower})"
+      f"(this model: image_tower={config.vision.tower}, pool={config.vision.pool}, text_tower={config.text_tower})"
     )
   f32 = lambda x: np.asarray(x, np.float32)
   out: dict[str, np.ndarray] = {}
@@ -57,12 +57,12 @@ def export_state_dict(params: Mapping[str, Any], cfg: ClipConfig) -> dict[str, n
   out["visual.class_embedding"] = f32(visual["class_embedding"])
   out["visual.positional_embedding"] = f32(visual["positional_embedding"])
   norm("visual.ln_pre", visual["ln_pre"])
-  blocks("visual.", visual["transformer"], cfg.vision)
+  blocks("visual.", visual["transformer"], config.vision)
   norm("visual.ln_post", visual["ln_post"])
   out["visual.proj"] = f32(params["image_projection"]["kernel"])
   out["token_embedding.weight"] = f32(text["token_embedding"])
   out["positional_embedding"] = f32(text["positional_embedding"])
-  blocks("", text["transformer"], cfg.text)
+  blocks("", text["transformer"], config.text)
   norm("ln_final", text["ln_final"])
   out["text_projection"] = f32(params["text_projection"]["kernel"])
   out["logit_scale"] = f32(params["logit_scale"]).reshape(())
@@ -71,16 +71,16 @@ def export_state_dict(params: Mapping[str, Any], cfg: ClipConfig) -> dict[str, n
   return {k: np.array(v, order="C") for k, v in out.items()}  # (ascontiguousarray would make 0-d 1-d)
 
 
-def open_clip_model_config(cfg: ClipConfig) -> dict[str, Any]:
-  """The model config open_clip builds `cfg`'s architecture from (`open_clip.create_model(name)`
-  after registering it, or `CLIP(**config)`): what the exported weights need beside them.
+def open_clip_model_config(config: ClipConfig) -> dict[str, Any]:
+  """The model config open_clip builds `config`'s architecture from (`open_clip.create_model(name)`
+  after registering it, or `CLIP(**model_config)`): what the exported weights need beside them.
   Activations other than GELU / QuickGELU have no open_clip equivalent (ValueError)."""
-  activation = cfg.activation or ("gelu" if cfg.exact_gelu else "gelu_tanh")
+  activation = config.activation or ("gelu" if config.exact_gelu else "gelu_tanh")
   if activation not in ("gelu", "quick_gelu"):
     raise ValueError(f"activation {activation!r} has no open_clip equivalent (gelu or quick_gelu)")
-  v, t = cfg.vision, cfg.text
-  config: dict[str, Any] = {
-    "embed_dim": cfg.embed_dim,
+  v, t = config.vision, config.text
+  model_config: dict[str, Any] = {
+    "embed_dim": config.embed_dim,
     "quick_gelu": activation == "quick_gelu",
     "vision_cfg": {
       "image_size": v.image_size,
@@ -99,12 +99,12 @@ def open_clip_model_config(cfg: ClipConfig) -> dict[str, Any]:
       "mlp_ratio": t.mlp_ratio,
     },
   }
-  if cfg.init_logit_bias is not None:
-    config["init_logit_bias"] = cfg.init_logit_bias
-  return config
+  if config.init_logit_bias is not None:
+    model_config["init_logit_bias"] = config.init_logit_bias
+  return model_config
 
 
-def save_open_clip(path: str | os.PathLike, params: Mapping[str, Any], cfg: ClipConfig) -> str:
+def save_open_clip(path: str | os.PathLike, params: Mapping[str, Any], config: ClipConfig) -> str:
   """Writes `params` as open_clip weights to `path` (.safetensors) and the model config open_clip
   needs to `path` with `.json` in place of `.safetensors`; returns the config's path."""
   from safetensors.numpy import save_file
@@ -113,10 +113,10 @@ def save_open_clip(path: str | os.PathLike, params: Mapping[str, Any], cfg: Clip
   if not path.endswith(".safetensors"):
     raise ValueError(f"{path}: export writes .safetensors files")
   config_path = path[: -len(".safetensors")] + ".json"
-  config = open_clip_model_config(cfg)
-  save_file(export_state_dict(params, cfg), path)
+  model_config = open_clip_model_config(config)
+  save_file(export_state_dict(params, config), path)
   with open(config_path, "w") as f:
-    json.dump({"model_cfg": config}, f, indent=2)
+    json.dump({"model_cfg": model_config}, f, indent=2)
   return config_path
 
 
@@ -181,19 +181,19 @@ def options_from_model_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
   }
 
 
-def check_against_model_config(cfg: ClipConfig, model_cfg: Mapping[str, Any]) -> None:
+def check_against_model_config(config: ClipConfig, model_cfg: Mapping[str, Any]) -> None:
   """ValueError naming the first field where the tensors' architecture and the config disagree."""
   vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
   pairs = [
-    ("embed_dim", model_cfg.get("embed_dim"), cfg.embed_dim),
-    ("vision_cfg.image_size", vision.get("image_size"), cfg.vision.image_size),
-    ("vision_cfg.patch_size", vision.get("patch_size"), cfg.vision.patch_size),
-    ("vision_cfg.width", vision.get("width"), cfg.vision.width),
-    ("vision_cfg.layers", vision.get("layers"), cfg.vision.layers),
-    ("text_cfg.context_length", text.get("context_length"), cfg.text.context_length),
-    ("text_cfg.vocab_size", text.get("vocab_size"), cfg.text.vocab_size),
-    ("text_cfg.width", text.get("width"), cfg.text.width),
-    ("text_cfg.layers", text.get("layers"), cfg.text.layers),
+    ("embed_dim", model_cfg.get("embed_dim"), config.embed_dim),
+    ("vision_cfg.image_size", vision.get("image_size"), config.vision.image_size),
+    ("vision_cfg.patch_size", vision.get("patch_size"), config.vision.patch_size),
+    ("vision_cfg.width", vision.get("width"), config.vision.width),
+    ("vision_cfg.layers", vision.get("layers"), config.vision.layers),
+    ("text_cfg.context_length", text.get("context_length"), config.text.context_length),
+    ("text_cfg.vocab_size", text.get("vocab_size"), config.text.vocab_size),
+    ("text_cfg.width", text.get("width"), config.text.width),
+    ("text_cfg.layers", text.get("layers"), config.text.layers),
   ]
   for name, said, found in pairs:
     if isinstance(said, (list, tuple)) and len(set(said)) == 1:  # open_clip allows (height, width)

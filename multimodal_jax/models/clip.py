@@ -79,7 +79,7 @@ PRESETS: dict[str, ClipConfig] = {
 
 def _transformer(tower: nn.Module, causal: bool) -> Transformer:
   """The block stack of a tower (call inside its compact `__call__`), from its config and flags."""
-  cfg = tower.cfg
+  cfg = tower.config
   return Transformer(
     cfg.layers,
     cfg.heads,
@@ -98,7 +98,7 @@ def _transformer(tower: nn.Module, causal: bool) -> Transformer:
 class VisionTransformer(nn.Module):
   """Images `[batch, H, W, C]` (float, normalized) -> features `[batch, width]` (before projection)."""
 
-  cfg: VisionConfig
+  config: VisionConfig
   exact_gelu: bool = True
   scan: bool = True
   remat: bool = False
@@ -108,7 +108,7 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
-    cfg = self.cfg
+    cfg = self.config
     if images.shape[1:3] != (cfg.image_size, cfg.image_size):
       raise ValueError(
         f"images are {images.shape[1]}x{images.shape[2]} but this model takes "
@@ -145,11 +145,11 @@ class VisionTransformer(nn.Module):
 class ResNetTower(nn.Module):
   """A small convolutional image tower (ours, not OpenAI's ModifiedResNet): `[b, H, W, C]` -> `[b, width]`."""
 
-  cfg: VisionConfig
+  config: VisionConfig
 
   @nn.compact
   def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
-    w = self.cfg.width
+    w = self.config.width
     return ConvEncoder(channels=(w // 4, w // 2, w), features=w, name="convnet")(images)
 
 
@@ -162,7 +162,7 @@ class TextTransformer(nn.Module):
   the pooled one, not `tokens != pad_id`: in CLIP's BPE "!" shares id 0 with pad).
   """
 
-  cfg: TextConfig
+  config: TextConfig
   exact_gelu: bool = True
   scan: bool = True
   remat: bool = False
@@ -172,7 +172,7 @@ class TextTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, return_tokens: bool = False):
-    cfg = self.cfg
+    cfg = self.config
     if tokens.shape[-1] != cfg.context_length:
       raise ValueError(f"text has {tokens.shape[-1]} tokens but the model's context is {cfg.context_length}")
     embed = self.param(
@@ -205,10 +205,10 @@ class CLIP(nn.Module):
   `max_logit_scale`; `logit_bias` is None unless `init_logit_bias` is set.
   """
 
-  cfg: ClipConfig
+  config: ClipConfig
 
   def setup(self):
-    cfg = self.cfg
+    cfg = self.config
     if cfg.vision.tower == "vit":
       self.visual = VisionTransformer(
         cfg.vision, cfg.exact_gelu, cfg.scan, cfg.remat, cfg.activation, cfg.scan_unroll, cfg.attention
@@ -240,20 +240,20 @@ class CLIP(nn.Module):
   def encode_text(self, text: jnp.ndarray, normalize: bool = True) -> jnp.ndarray:
     """Token ids `[batch, context]`, or a locked tower's features `[batch, width]` when
     `text_tower="precomputed"` -> `[batch, embed_dim]`."""
-    x = self.text_projection(self.text(text) if self.cfg.text_tower == "transformer" else text)
+    x = self.text_projection(self.text(text) if self.config.text_tower == "transformer" else text)
     return _l2_normalize(x) if normalize else x
 
   def encode_text_tokens(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Token ids `[batch, context]` -> the text tower's sequence after `ln_final` `[batch, context,
     width]` (no projection) and its mask bool `[batch, context]` (positions up to the end-of-text
     token, see `TextTransformer`)."""
-    if self.cfg.text_tower != "transformer":
+    if self.config.text_tower != "transformer":
       raise ValueError("encode_text_tokens needs the transformer text tower (this model's is precomputed)")
     return self.text(tokens, return_tokens=True)
 
   def __call__(self, images: jnp.ndarray, tokens: jnp.ndarray):
-    scale = jnp.minimum(jnp.exp(self.logit_scale), self.cfg.max_logit_scale)
-    bias = self.logit_bias if self.cfg.init_logit_bias is not None else None
+    scale = jnp.minimum(jnp.exp(self.logit_scale), self.config.max_logit_scale)
+    bias = self.logit_bias if self.config.init_logit_bias is not None else None
     return self.encode_image(images), self.encode_text(tokens), scale, bias
 
 
