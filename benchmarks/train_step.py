@@ -29,7 +29,7 @@ import numpy as np
 
 from benchmarks.common import matmul_peak
 from experiments import fusion
-from multimodal_jax import profiling, train
+from multimodal_jax import fusion_data, fusion_run, profiling, train
 from multimodal_jax import sharding as shd
 from multimodal_jax.data import av_digits
 
@@ -46,17 +46,17 @@ def synthetic_batch(batch: int) -> dict:
 def bench_step(config, devices, batch_size: int, steps: int, repeats: int) -> tuple[float, float | None]:
   """Median examples/s over `repeats` timings of `steps` steps, and FLOPs per step."""
   mesh = shd.make_mesh("data:-1", devices)
-  model = fusion.build_model(config)
+  model = fusion_run.build_model(config)
   example = {k: v[:1] for k, v in synthetic_batch(1).items()}
-  modalities = fusion.modalities_of(config)
+  modalities = fusion_data.modalities_of(config)
 
   def init_params(rng):
-    return model.init({"params": rng}, fusion.model_inputs(example, modalities), train=False)["params"]
+    return model.init({"params": rng}, fusion_data.model_inputs(example, modalities), train=False)["params"]
 
   tx, _ = train.make_optimizer(config)
   _, shardings = train.abstract_train_state(init_params, tx, mesh)
   state = train.init_train_state(init_params, tx, shardings, jax.random.key(0))
-  step = train.make_train_step(fusion.make_loss_fn(model, config), tx, mesh, shardings)
+  step = train.make_train_step(fusion_run.make_loss_fn(model, config), tx, mesh, shardings)
   batch = shd.host_to_global_batch(synthetic_batch(batch_size), mesh)
   per_device = profiling.cost_analysis_flops(step.lower(state, batch).compile())  # XLA counts one device's share
   flops = per_device * len(devices) if per_device else None

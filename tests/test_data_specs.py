@@ -13,6 +13,7 @@ from PIL import Image
 from multimodal_jax.data import image_cache, specs
 from multimodal_jax.data.pipeline import GrainBatches
 from multimodal_jax.errors import UserError
+from tests import tfds_fixtures
 
 EMBEDDED = ("captioned_digits", "av_digits")
 
@@ -240,39 +241,27 @@ def test_dataset_normalization_from_the_cache(tmp_path):
 # ------------------------------------------------------------------ TFDS
 
 
-class SpecTestPairs(tfds.core.GeneratorBasedBuilder):
-  """Images of varying sizes with captions and class labels (written without TensorFlow)."""
+PAIRS_FEATURES = {
+  "picture": tfds.features.Image(shape=(None, None, 3)),
+  "caption": tfds.features.Text(),
+  "label": tfds.features.ClassLabel(names=["red fox", "cat"]),
+  "score": tfds.features.Tensor(shape=(), dtype=np.float32),
+}
 
-  VERSION = tfds.core.Version("1.0.0")
-  code_path = None
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-      builder=self,
-      features=tfds.features.FeaturesDict(
-        {
-          "picture": tfds.features.Image(shape=(None, None, 3)),
-          "caption": tfds.features.Text(),
-          "label": tfds.features.ClassLabel(names=["red fox", "cat"]),
-          "score": tfds.features.Tensor(shape=(), dtype=np.float32),
-        }
-      ),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples(6), "test": self._generate_examples(3)}
-
-  def _generate_examples(self, n):
-    for i in range(n):
-      pixels = np.full((10 + i, 14, 3), 30 * i, np.uint8)
-      yield i, {"picture": Image.fromarray(pixels), "caption": f"thing {i}", "label": i % 2, "score": float(i)}
+def _pairs(n):
+  """Images of varying sizes with captions and class labels."""
+  for i in range(n):
+    pixels = np.full((10 + i, 14, 3), 30 * i, np.uint8)
+    yield {"picture": Image.fromarray(pixels), "caption": f"thing {i}", "label": i % 2, "score": float(i)}
 
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("user_tfds")
-  SpecTestPairs(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  tfds_fixtures.prepare(
+    data_dir, "spec_test_pairs", PAIRS_FEATURES, {"train": lambda: _pairs(6), "test": lambda: _pairs(3)}
+  )
   return data_dir
 
 

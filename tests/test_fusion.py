@@ -8,6 +8,7 @@ from flax import linen as nn
 
 from multimodal_jax.fusion import EarlyFusion, JointFusion, LateFusion, fusion_loss
 from multimodal_jax.layers import MLP, ConvEncoder
+from multimodal_jax.models.fusion_encoders import encoder_for_shape
 
 B, C = 4, 5
 
@@ -113,3 +114,25 @@ def test_conv_encoder_accepts_images_and_spectrograms():
   for x in (jnp.ones((2, 28, 28, 1)), jnp.ones((2, 50, 32))):
     params = enc.init(jax.random.key(0), x)
     assert enc.apply(params, x).shape == (2, 16)
+
+
+@pytest.mark.parametrize(
+  "shape, by_rank, kernel",
+  [
+    ((28, 28, 1), False, (3, 3, 1, 16)),  # AV-digits: images ...
+    ((20, 8), False, (3, 3, 1, 16)),  # ... and spectrograms read as images
+    ((8, 8, 3), True, (3, 3, 3, 16)),  # [H, W, C]: 2-D convolutions
+    ((20, 8), True, (3, 8, 32)),  # [T, F]: 1-D convolutions over T
+    ((6,), True, None),  # a vector: an MLP
+    ((), True, None),  # a scalar: an MLP over one input
+  ],
+)
+def test_encoder_for_shape_follows_the_rank(shape, by_rank, kernel):
+  enc = encoder_for_shape(shape, by_rank=by_rank, features=12, hidden=24)
+  x = jnp.ones((2, *shape))
+  params = nn.unbox(jax.eval_shape(lambda: enc.init(jax.random.key(0), x))["params"])
+  assert jax.eval_shape(lambda p: enc.apply({"params": p}, x), params).shape == (2, 12)
+  if kernel is None:
+    assert params["hidden"]["kernel"].shape == (max(1, int(np.prod(shape))), 24)
+  else:
+    assert params["conv_0"]["kernel"].shape == kernel

@@ -1,5 +1,5 @@
-"""Fusion on a user's TFDS dataset: a builder written here (an image, a sequence and a vector per
-example, a ClassLabel), encoders chosen by each feature's rank, training and evaluation through the
+"""Fusion on a user's TFDS dataset: a dataset written here (an image, a sequence and a vector per
+example, a ClassLabel; tests/tfds_fixtures.py builds it), encoders chosen by each feature's rank, training and evaluation through the
 command line, and one-line errors for keys the dataset does not have."""
 
 import json
@@ -12,61 +12,50 @@ from flax import linen as nn
 from PIL import Image
 
 from experiments import fusion
+from multimodal_jax import fusion_data, fusion_run
+from tests import tfds_fixtures
 
 CLASSES = ["circle", "square", "triangle"]
 
 
-class FusionTestSensors(tfds.core.GeneratorBasedBuilder):
+FEATURES = {
+  "photo": tfds.features.Image(shape=(8, 8, 3)),
+  "readings": tfds.features.Tensor(shape=(12, 4), dtype=np.float32),
+  "stats": tfds.features.Tensor(shape=(6,), dtype=np.float32),
+  "note": tfds.features.Text(),
+  "label": tfds.features.ClassLabel(names=CLASSES),
+  "weight": tfds.features.Tensor(shape=(), dtype=np.int64),
+}
+
+
+def _examples(n, seed):
   """Three classes; each example has a small picture, a [T, F] reading and a vector of the class."""
+  rng = np.random.default_rng(seed)
+  for i in range(n):
+    label = i % 3
+    photo = rng.integers(0, 60, (8, 8, 3), dtype=np.uint8)
+    photo[..., label] += 150  # the class's colour channel is bright
+    readings = rng.normal(size=(12, 4)).astype(np.float32) + label
+    stats = rng.normal(size=6).astype(np.float32) + 2 * label
+    yield {
+      "photo": Image.fromarray(photo),
+      "readings": readings,
+      "stats": stats,
+      "note": f"example {i}",
+      "label": label,
+      "weight": 1,
+    }
 
-  VERSION = tfds.core.Version("1.0.0")
-  code_path = None
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-      builder=self,
-      features=tfds.features.FeaturesDict(
-        {
-          "photo": tfds.features.Image(shape=(8, 8, 3)),
-          "readings": tfds.features.Tensor(shape=(12, 4), dtype=np.float32),
-          "stats": tfds.features.Tensor(shape=(6,), dtype=np.float32),
-          "note": tfds.features.Text(),
-          "label": tfds.features.ClassLabel(names=CLASSES),
-          "weight": tfds.features.Tensor(shape=(), dtype=np.int64),
-        }
-      ),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples(64, 0), "test": self._generate_examples(24, 1)}
-
-  def _generate_examples(self, n, seed):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-      label = i % 3
-      photo = rng.integers(0, 60, (8, 8, 3), dtype=np.uint8)
-      photo[..., label] += 150  # the class's colour channel is bright
-      readings = rng.normal(size=(12, 4)).astype(np.float32) + label
-      stats = rng.normal(size=6).astype(np.float32) + 2 * label
-      yield (
-        i,
-        {
-          "photo": Image.fromarray(photo),
-          "readings": readings,
-          "stats": stats,
-          "note": f"example {i}",
-          "label": label,
-          "weight": 1,
-        },
-      )
+def prepare_sensors(data_dir) -> str:
+  """The dataset fusion_test_sensors (64 train, 24 test examples) in `data_dir`."""
+  splits = {"train": lambda: _examples(64, 0), "test": lambda: _examples(24, 1)}
+  return tfds_fixtures.prepare(data_dir, "fusion_test_sensors", FEATURES, splits)
 
 
 @pytest.fixture(scope="module")
 def sensors_dir(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("fusion_tfds")
-  FusionTestSensors(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-  return str(data_dir)
+  return prepare_sensors(tmp_path_factory.mktemp("fusion_tfds"))
 
 
 def _args(workdir, data_dir, *extra):
@@ -89,17 +78,19 @@ def test_encoders_follow_the_features_rank(sensors_dir):
   config = fusion.get_config()
   config.dataset, config.data_dir = "tfds:fusion_test_sensors", sensors_dir
   config.modalities = "picture:photo,series:readings,summary:stats"
-  data = fusion._load_data(config)
+  data = fusion_data.load_data(config)
   assert data.num_classes == 3 and data.by_rank
   assert data.shapes == {"picture": (8, 8, 3), "series": (12, 4), "summary": (6,)}
   record = data.train[0]
   assert set(record) == {"picture", "series", "summary", "label"}
   assert record["picture"].dtype == np.uint8 and record["label"].dtype == np.int64
-  model = fusion.build_model(config, data)
+  model = fusion_run.build_model(config, data)
   example = {k: np.asarray(v)[None] for k, v in record.items()}
   params = nn.unbox(
     jax.eval_shape(
-      lambda: model.init({"params": jax.random.key(0)}, fusion.model_inputs(example, fusion.modalities_of(config)))
+      lambda: model.init(
+        {"params": jax.random.key(0)}, fusion_data.model_inputs(example, fusion_data.modalities_of(config))
+      )
     )["params"]
   )
   assert params["encoders_picture"]["conv_0"]["kernel"].shape == (3, 3, 3, 16)  # 2-D convolutions
