@@ -52,6 +52,7 @@ from multimodal_jax.latent_diffusion_run import train_autoencoder, train_denoise
 
 
 def run_train(config, workdir: str):
+  """Stage 1 then stage 2 (or the one `stage` names), then the evaluation when `final_eval`."""
   if config.stage not in STAGES:
     raise UserError(f"stage={config.stage!r}: choose one of {', '.join(STAGES)}")
   make_prompts(config)  # a bad condition (or a missing extra) fails before anything is written
