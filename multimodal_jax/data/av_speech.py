@@ -22,7 +22,9 @@ type and SNR (TRAIN_SNRS). Test: every test utterance with every test noise at e
 (6 -> 18 noise types, 1 -> 2 mixtures per utterance); the test split is byte-identical to 1.0.0's.
 
 TFDS writes array_record files without TensorFlow; `load()` decodes the stored 16-bit audio to
-float32 and the strings to str on access. Preparation is deterministic.
+float32 and the strings to str on access. Preparation is deterministic: the same examples, byte for
+byte, in the same order (the files' bytes may still differ, as protobuf serializes each example's
+feature map in an order of its own per process).
 """
 
 from __future__ import annotations
