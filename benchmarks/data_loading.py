@@ -1,4 +1,4 @@
-"""Reading the image cache through grain with 0, 1, 2 ... worker processes: batches per second.
+"""Reading the image cache through `GrainBatches` with 0, 1, 2 ... grain worker processes: batches per second.
 
   python -m benchmarks.data_loading --spec csv:PAIRS.tsv --data_dir DIR [--image_size 32] [--workers 0,1,2]
 
@@ -12,10 +12,10 @@ import argparse
 import platform
 import time
 
-import grain
 import numpy as np
 
 from multimodal_jax.data import image_files, specs
+from multimodal_jax.data.pipeline import GrainBatches
 
 
 def cpu_name() -> str:
@@ -31,29 +31,23 @@ def cpu_name() -> str:
   return f"{model}, {info.count('processor')} cores, {isa or 'no AVX'}"
 
 
-class _Normalize(grain.transforms.Map):
-  """uint8 images -> float32 normalized with CLIP's mean/std (the work a training transform does)."""
-
-  def map(self, record: dict) -> dict:
-    mean, std = image_files.PRESETS["openai"]
-    return {"image": image_files.normalize(record["image"], mean, std)}
+def _normalize(record: dict) -> dict:
+  """uint8 image -> float32 normalized with CLIP's mean/std (the work a training transform does)."""
+  mean, std = image_files.PRESETS["openai"]
+  return {"image": image_files.normalize(record["image"], mean, std)}
 
 
 def _rate(source, batch_size: int, workers: int, batches: int) -> float:
-  sampler = grain.samplers.IndexSampler(len(source), shuffle=True, num_epochs=None, seed=0)
-  loader = grain.DataLoader(
-    data_source=source,
-    sampler=sampler,
-    operations=[_Normalize(), grain.transforms.Batch(batch_size, drop_remainder=True)],
-    worker_count=workers,
-  )
-  iterator = iter(loader)
-  for _ in range(5):
-    next(iterator)
-  start = time.perf_counter()
-  for _ in range(batches):
-    batch = next(iterator)
-  elapsed = time.perf_counter() - start
+  stream = GrainBatches(source, batch_size, seed=0, transform=_normalize, workers=workers)
+  try:
+    for _ in range(5):
+      next(stream)
+    start = time.perf_counter()
+    for _ in range(batches):
+      batch = next(stream)
+    elapsed = time.perf_counter() - start
+  finally:
+    stream.close()
   assert batch["image"].shape[0] == batch_size and batch["image"].dtype == np.float32
   return batches / elapsed
 
@@ -67,9 +61,6 @@ def main() -> None:
   parser.add_argument("--batches", type=int, default=100)
   parser.add_argument("--workers", default="0,1,2")
   args = parser.parse_args()
-  from absl import flags
-
-  flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags, which no absl main parsed here
   settings = specs.DataSettings(image_size=args.image_size, channels=3, data_dir=args.data_dir)
   start = time.perf_counter()
   source = specs.open_dataset(args.spec, settings).split("train")

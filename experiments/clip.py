@@ -26,12 +26,12 @@ import ml_collections
 from multimodal_jax import cli, clip_run, clip_weights, loop, losses, train
 from multimodal_jax import clip_data as cdata
 from multimodal_jax import sharding as shd
+from multimodal_jax.attention import ATTENTION_IMPLEMENTATIONS
 from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Rule, one_of
 from multimodal_jax.data import specs
-from multimodal_jax.data.pipeline import GrainBatches
+from multimodal_jax.data.pipeline import GrainBatches, worker_count
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import from_checkpoint
-from multimodal_jax.layers import ATTENTION_IMPLEMENTATIONS
 from multimodal_jax.models import clip as clip_model
 
 EVAL_KEYS = ("mesh", "data_dir", "eval_batch_size", "eval_dataset", "templates", "export_to", "image_key",
@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 200
   c.context_length = 0  # 0: 16 for words, 77 for BPE (or the imported model's)
   c.activation = ""  # "": the preset's (gelu); quick_gelu for OpenAI's own weights
-  c.attention = "auto"  # layers.dot_product_attention: auto (the CPU kernel on CPU, cuDNN for bf16 on GPU) | cpu | einsum | xla | cudnn
+  c.attention = "auto"  # attention.dot_product_attention: auto (the CPU kernel on CPU, cuDNN for bf16 on GPU) | cpu | einsum | xla | cudnn
   c.augment_shift = 3  # random translation of training images by up to this many pixels
   c.remat = False
   c.export_to = ""  # --mode=export: open_clip:FILE.safetensors
@@ -133,7 +133,9 @@ def run_train(config, workdir):
     loss_fn=make_loss_fn(model, config, mesh, normalize),
     init_params=init_params,
     tx=tx,
-    train_data=GrainBatches(source, config.batch_size, config.seed, transform=transform),
+    train_data=GrainBatches(
+      source, config.batch_size, config.seed, transform=transform, workers=worker_count(config.data_workers)
+    ),
     eval_fn=eval_fn,
     learning_rate_fn=schedule,
     converters=clip_run.converters(model, config),

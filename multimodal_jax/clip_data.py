@@ -180,6 +180,21 @@ def normalization(config: Any, train_images: Callable[[], Any] | None = None) ->
   return image_files.normalization(mean, std, ch, lambda: image_files.image_statistics(source, ch))
 
 
+def resolve(config: Any, mean: Sequence[float], std: Sequence[float]) -> None:
+  """Writes the resolved value of every empty (auto) key into `config`, with the normalization
+  `mean`/`std` in use, so that the run's recorded config names what it trained with and its
+  evaluation does not depend on these defaults. The embedded digits' templates stay empty (their
+  own held-out set), and so does `model` for imported weights (their architecture is the file's)."""
+  config.model = model_name(config)
+  config.image_tower = image_tower(config)
+  config.tokenizer = tokenizer_kind(config)
+  config.context_length = context_length(config)
+  config.image_size, config.channels = image_size(config), channels(config)
+  config.image_mean, config.image_std = as_setting(mean), as_setting(std)
+  if not config.templates and not is_embedded(config):
+    config.templates = "openai"
+
+
 def as_setting(values: Sequence[float]) -> str:
   """Numbers as an `image_mean` / `image_std` setting (comma-separated, exact float repr)."""
   return ",".join(repr(float(v)) for v in values)

@@ -355,6 +355,8 @@ def fit(
         rates += f", {cost['tflops_per_sec_per_device']:.4g} TFLOP/s per device"
       print(rates + (f", MFU {cost['mfu']:.1%}" if "mfu" in cost else ""), flush=True)
   finally:
+    if hasattr(train_data, "close"):
+      train_data.close()  # grain's worker processes, when it has them
     window.close()
     checkpointer.close()
     writer.close()

@@ -62,7 +62,7 @@ def test_config_keys_follow_their_rules():
   assert set(keys) == set(rules) and keys["image_size"] == 32
   for key, value in keys.items():
     rules[key].check(key, value)
-  for key, bad in [("channels", 2), ("csv_separator", "ab"), ("image_mean", "purple"), ("data_workers", -1)]:
+  for key, bad in [("channels", 2), ("csv_separator", "ab"), ("image_mean", "purple"), ("data_workers", -2)]:
     with pytest.raises(UserError, match=f"--config.{key}="):
       rules[key].check(key, bad)
   assert specs.separator("tab") == "\t" and specs.separator("\\t") == "\t" and specs.separator(",") == ","

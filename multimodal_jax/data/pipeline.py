@@ -7,6 +7,7 @@ Every process reads its own shard of the records and yields its rows of each glo
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,16 +21,6 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
     jax.process_index() if process_index is None else process_index,
     jax.process_count() if process_count is None else process_count,
   )
-
-
-class _FunctionMap(grain.transforms.Map):
-  """A grain Map of a plain function (record -> record)."""
-
-  def __init__(self, fn: Callable[[dict], dict]):
-    self._fn = fn
-
-  def map(self, element: dict) -> dict:
-    return self._fn(element)
 
 
 class _RowGroups:
@@ -51,12 +42,58 @@ class _RowGroups:
     return f"_RowGroups({self._source!r}, size={self._groups.shape[1]})"
 
 
+def worker_count(setting: int) -> int:
+  """grain worker processes for `--config.data_workers=setting`; -1 (auto) is 0 when JAX computes
+  on the CPU (the train step uses every core, and workers slowed it on 2 cores: docs/data.md),
+  else half the host's cores up to 4, to decode and transform beside the accelerator's step."""
+  if setting >= 0:
+    return setting
+  if jax.default_backend() == "cpu":
+    return 0
+  return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+class _Batches:
+  """Record `i` is this process's rows of batch `start + i` of the stream: the sampler's records at
+  the shard's positions `[b * per_step, (b + 1) * per_step)`, each transformed, then stacked (or, for
+  row groups, the one group). A pure function of the batch index, so grain's worker processes can
+  each build some of the batches and the stream is the same whatever their number."""
+
+  def __init__(self, source, sampler, shard, per_step, transform, stack, start=0):
+    self._source, self._sampler, self._shard = source, sampler, shard
+    self._per_step, self._transform, self._stack, self.start = per_step, transform, stack, start
+
+  def __len__(self) -> int:
+    return _ENDLESS
+
+  def __getitem__(self, i: int) -> dict:
+    index, count = self._shard
+    first = (self.start + i) * self._per_step
+    keys = [self._sampler[index + (first + j) * count].record_key for j in range(self._per_step)]
+    records = [self._source[k] for k in keys]
+    if self._transform is not None:
+      records = [self._transform(r) for r in records]
+    return jax.tree.map(lambda *rows: np.stack(rows), *records) if self._stack else records[0]
+
+  def __repr__(self) -> str:
+    return f"_Batches({self._source!r}, start={self.start})"
+
+
+_ENDLESS = 2**62  # the batch stream's nominal length (it never ends)
+
+
 class GrainBatches:
   """An endless, epoch-reshuffled stream of this process's rows of each global batch.
 
-  `iterator` is grain's checkpointable iterator (saved with the train state); `seek(step)`
-  positions the stream at the batch of `step` without a saved state (used when a checkpoint was
-  written by a different number of processes).
+  The records of each epoch come in the order of a seeded grain `IndexSampler`, sharded over the
+  processes; batch `b` is this shard's next `local_batch` of them, built by `_Batches`. With
+  `workers > 0`, grain worker processes build the batches ahead of the train step (decoding and
+  transforms then run beside it); the stream is the same for every number of workers.
+
+  `iterator` is what the checkpoint saves (`get_state`/`set_state`, in grain's data-loader format
+  for zero workers, whatever `workers` is, so that a run may resume with another count);
+  `seek(step)` positions the stream at the batch of `step` without a saved state (used when a
+  checkpoint was written by a different number of processes).
 
   `fetch_batches=True` is for sources of many small records that can gather rows vectorised,
   `source.batch(rows: int array) -> dict of stacked arrays` (AVDCNN's frames): batches are then
@@ -75,6 +112,7 @@ class GrainBatches:
     process_index: int | None = None,
     process_count: int | None = None,
     fetch_batches: bool = False,
+    workers: int = 0,
   ):
     index, count = _process_layout(process_index, process_count)
     if global_batch % count:
@@ -83,36 +121,83 @@ class GrainBatches:
     if len(source) // count < self.local_batch:
       raise ValueError(f"{len(source)} records split over {count} processes cannot fill a batch of {self.local_batch}")
     self._shard = (index, count)
-    self._records_per_step = 1 if fetch_batches else self.local_batch
+    self._per_step = 1 if fetch_batches else self.local_batch
     if fetch_batches:
       source = _RowGroups(source, self.local_batch, seed)
-    sampler = grain.samplers.IndexSampler(
+    self._sampler = grain.samplers.IndexSampler(
       len(source),
       shard_options=grain.sharding.ShardOptions(index, count, drop_remainder=True),
       shuffle=True,
       num_epochs=None,
       seed=seed,
     )
-    operations = [_FunctionMap(transform)] if transform is not None else []
-    if not fetch_batches:
-      operations.append(grain.transforms.Batch(self.local_batch, drop_remainder=True))
-    self._loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations, worker_count=0)
-    self.iterator = iter(self._loader)
+    self._source_repr = repr(source)
+    self._batches = _Batches(source, self._sampler, self._shard, self._per_step, transform, not fetch_batches)
+    self._workers = workers
+    self._next = 0  # the batch that __next__ returns next
+    self._loader = None  # grain's multi-process iterator, started at batch _next on first use
+    self.iterator = self
 
   def __iter__(self) -> Iterator[dict]:
     return self
 
   def __next__(self) -> dict:
-    return next(self.iterator)
+    if not self._workers:
+      batch = self._batches[self._next]
+    else:
+      if self._loader is None:
+        self._loader = self._start_workers()
+      # Out of grain's shared memory into the process's own: a batch kept past the loader (or to
+      # the interpreter's exit) would otherwise hold a shared-memory block that is never unlinked.
+      batch = jax.tree.map(np.array, next(self._loader))
+    self._next += 1
+    return batch
+
+  def _start_workers(self):
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags, which no absl main parsed here
+    self._batches.start = self._next
+    options = grain.MultiprocessingOptions(num_workers=self._workers)
+    return iter(grain.MapDataset.source(self._batches).to_iter_dataset().mp_prefetch(options))
+
+  def close(self) -> None:
+    """Stops the worker processes (they start again on the next batch)."""
+    if self._loader is not None:
+      self._loader.close()
+      self._loader = None
 
   def seek(self, step: int) -> None:
     """Positions the stream so that the next batch is the one of training step `step`."""
+    self.close()
+    self._next = step
+
+  def get_state(self) -> bytes:
     index, count = self._shard
-    state = json.loads(self.iterator.get_state())
-    next_record = step * self._records_per_step  # records of this shard consumed before `step`
-    state["last_seen_indices"] = {"0": next_record * count + index - count}
-    state["last_worker_index"] = -1
-    self.iterator.set_state(json.dumps(state).encode())
+    next_record = self._next * self._per_step  # records of this shard consumed so far
+    state = {
+      "version": 2,
+      "last_seen_indices": {"0": next_record * count + index - count},
+      "last_worker_index": -1,
+      "worker_count": 0,
+      "sampler": repr(self._sampler),
+      "data_source": self._source_repr,
+    }
+    return json.dumps(state, indent=4).encode()
+
+  def set_state(self, state: bytes) -> None:
+    index, count = self._shard
+    saved = json.loads(state)
+    if saved.get("worker_count", 0) != 0 or set(saved.get("last_seen_indices", {})) != {"0"}:
+      raise ValueError(f"a data-iterator state of another layout: {saved.get('last_seen_indices')}")
+    next_record = (saved["last_seen_indices"]["0"] + count - index) // count
+    if next_record % self._per_step:
+      raise ValueError(f"a data-iterator state between batches (record {next_record}, {self._per_step} per step)")
+    self.seek(next_record // self._per_step)
+
+  def start_prefetch(self) -> None:
+    """Called by grain's checkpoint handler after `set_state`; the workers start on the next batch."""
 
 
 class ArraySource:

@@ -112,7 +112,7 @@ def config_keys(**defaults: Any) -> dict[str, Any]:
     "channels": 3,
     "image_mean": "openai",  # openai, imagenet, dataset or comma-separated numbers
     "image_std": "openai",
-    "data_workers": 0,  # grain worker processes
+    "data_workers": -1,  # grain worker processes; -1: auto (pipeline.worker_count)
   }
   unknown = set(defaults) - set(keys)
   if unknown:
@@ -143,7 +143,9 @@ def config_rules() -> dict[str, Rule]:
     "channels": one_of(1, 3),
     "image_mean": norm,
     "image_std": norm,
-    "data_workers": Rule(lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: read in the main process)"),
+    "data_workers": Rule(
+      lambda v: isinstance(v, int) and v >= -1, "an integer >= 0 (0: read in the main process), or -1 (auto)"
+    ),
   }
 
 
