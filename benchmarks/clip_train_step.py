@@ -44,12 +44,12 @@ LR, BETAS, EPS, WD = 5e-4, (0.9, 0.98), 1e-6, 0.1
 EMBED, WIDTH, LAYERS, HEADS, IMAGE, PATCH, CONTEXT, VOCAB = 128, 128, 4, 4, 32, 4, 16, 1000
 
 
-def config(exact_gelu: bool = True) -> clip.ClipConfig:
+def config(activation: str = "gelu") -> clip.ClipConfig:
   return clip.ClipConfig(
     embed_dim=EMBED,
     vision=clip.VisionConfig(image_size=IMAGE, patch_size=PATCH, width=WIDTH, layers=LAYERS, heads=HEADS),
     text=clip.TextConfig(vocab_size=VOCAB, context_length=CONTEXT, width=WIDTH, layers=LAYERS, heads=HEADS),
-    exact_gelu=exact_gelu,
+    activation=activation,
   )
 
 
@@ -184,7 +184,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   batch = synthetic_batch(args.batch)
   allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
-  ours = Ours(batch, config(exact_gelu=args.gelu == "exact"))
+  ours = Ours(batch, config(activation="gelu" if args.gelu == "exact" else "gelu_tanh"))
   sides = {"ours": ours}
   threads = "-"
   if not args.no_torch:

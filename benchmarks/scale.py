@@ -226,9 +226,9 @@ def loss_plan(batch: int, devices, impl: str, dim: int = 512) -> dict:
 
 def depth_plan(layers: int, scanned: bool) -> dict:
   """Compile time of a ViT-B/16 image tower's forward + backward (batch 8, float32, one device) at a depth."""
-  from multimodal_jax.layers import Transformer
+  from multimodal_jax.layers import Transformer, TransformerOptions
 
-  model = Transformer(layers, 12, scan=True, unroll=1 if scanned else True, attention="xla")
+  model = Transformer(layers, 12, options=TransformerOptions(unroll=1 if scanned else True, attention="xla"))
   x = jax.ShapeDtypeStruct((8, 197, 768), jnp.float32)
   params = jax.eval_shape(model.init, jax.random.key(0), x)
   t0 = time.perf_counter()

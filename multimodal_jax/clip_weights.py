@@ -36,7 +36,7 @@ _FIELDS = (
   ("vision.channels", lambda c: c.vision.channels, "--config.channels"),
   ("text.vocab_size", lambda c: c.text.vocab_size, "--config.tokenizer=clip_bpe"),
   ("text.context_length", lambda c: c.text.context_length, "--config.context_length"),
-  ("activation", lambda c: _activation(c), "--config.activation"),
+  ("activation", lambda c: c.activation, "--config.activation"),
   ("logit_bias", lambda c: c.init_logit_bias is not None, "--config.loss (sigmoid has a logit bias)"),
   ("embed_dim", lambda c: c.embed_dim, None),
   ("vision.patch_size", lambda c: c.vision.patch_size, None),
@@ -49,10 +49,6 @@ _FIELDS = (
   ("text.heads", lambda c: c.text.heads, None),
   ("text.mlp_ratio", lambda c: int(c.text.width * c.text.mlp_ratio), None),
 )
-
-
-def _activation(config: ClipConfig) -> str:
-  return config.activation or ("gelu" if config.exact_gelu else "gelu_tanh")
 
 
 def _path(file: str, what: str) -> str:

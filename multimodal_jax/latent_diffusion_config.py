@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 
 from multimodal_jax import diffusion, loop
+from multimodal_jax.attention import ATTENTION_IMPLEMENTATIONS
 from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Rule, between, one_of
 from multimodal_jax.data import specs
 from multimodal_jax.errors import UserError
 from multimodal_jax.latent_diffusion_data import EMBEDDED
 from multimodal_jax.latent_diffusion_prompts import CONDITIONS
-from multimodal_jax.layers import ATTENTION_IMPLEMENTATIONS
 from multimodal_jax.models.autoencoder_kl import PRESETS as AE_PRESETS
 from multimodal_jax.models.dit import PRESETS as DIT_PRESETS
 

@@ -1,12 +1,14 @@
-"""Attention implementations agree: values and gradients of `layers.dot_product_attention` and of the
-modules built on it, for every implementation the CPU has (cpu, einsum, xla)."""
+"""Attention implementations agree: values and gradients of `attention.dot_product_attention` and of the
+modules built on it, for every implementation the CPU has (cpu, einsum, xla); the Transformer's
+options change how it computes, not what."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from multimodal_jax import layers
+from multimodal_jax import attention, layers
 from multimodal_jax.errors import UserError
 from multimodal_jax.models import clip, dit
 
@@ -40,7 +42,7 @@ def _reference(q, k, v, mask=None, is_causal=False):
 
 def _value_and_grads(impl, q, k, v, **kw):
   def f(q, k, v):
-    out = layers.dot_product_attention(q, k, v, implementation=impl, **kw)
+    out = attention.dot_product_attention(q, k, v, implementation=impl, **kw)
     return jnp.sum(out.astype(jnp.float32) * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
 
   (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -94,38 +96,40 @@ def test_a_query_without_valid_keys_gets_zeros_and_zero_gradients(impl):
 
 def test_self_attention_module_is_the_same_function_under_every_implementation():
   x = jax.random.normal(jax.random.key(1), (2, 10, 32))
-  params = layers.SelfAttention(4, causal=True).init(jax.random.key(2), x)
+  params = attention.SelfAttention(4, causal=True).init(jax.random.key(2), x)
   outs = {
-    impl: layers.SelfAttention(4, causal=True, implementation=impl).apply(params, x) for impl in CPU_IMPLEMENTATIONS
+    impl: attention.SelfAttention(4, causal=True, implementation=impl).apply(params, x) for impl in CPU_IMPLEMENTATIONS
   }
   for impl, out in outs.items():
     np.testing.assert_allclose(out, outs["einsum"], atol=2e-5, err_msg=impl)
   mask = jnp.asarray(np.arange(10)[None] < np.array([[10], [6]]))
-  masked = {impl: layers.SelfAttention(4, implementation=impl).apply(params, x, mask) for impl in CPU_IMPLEMENTATIONS}
+  masked = {
+    impl: attention.SelfAttention(4, implementation=impl).apply(params, x, mask) for impl in CPU_IMPLEMENTATIONS
+  }
   for impl, out in masked.items():
     np.testing.assert_allclose(out, masked["einsum"], atol=2e-5, err_msg=impl)
   # a key mask changes the output of the rows it applies to, not of the others
-  plain = layers.SelfAttention(4, implementation="einsum").apply(params, x)
+  plain = attention.SelfAttention(4, implementation="einsum").apply(params, x)
   np.testing.assert_allclose(masked["einsum"][0], plain[0], atol=2e-5)
   assert np.abs(np.asarray(masked["einsum"][1] - plain[1])).max() > 1e-3
 
 
 def test_auto_keeps_the_cpu_kernel_on_cpu():
-  assert layers.attention_implementation("auto") == "cpu"
-  assert layers.attention_implementation(None, jnp.bfloat16) == "cpu"
-  assert layers.attention_implementation("auto", self_attention=False) == "einsum"
-  assert layers.attention_implementation("xla") == "xla"
+  assert attention.attention_implementation("auto") == "cpu"
+  assert attention.attention_implementation(None, jnp.bfloat16) == "cpu"
+  assert attention.attention_implementation("auto", self_attention=False) == "einsum"
+  assert attention.attention_implementation("xla") == "xla"
 
 
 def test_bad_attention_names_are_user_errors():
   with pytest.raises(UserError, match="choose one of"):
-    layers.attention_implementation("flash")
+    attention.attention_implementation("flash")
   with pytest.raises(UserError, match="needs an NVIDIA GPU"):
-    layers.attention_implementation("cudnn")
+    attention.attention_implementation("cudnn")
 
 
-def _tiny_clip(attention):
-  return clip.CLIP(clip.ClipConfig(attention=attention))
+def _tiny_clip(implementation):
+  return clip.CLIP(clip.ClipConfig(attention=implementation))
 
 
 @pytest.mark.slow
@@ -159,3 +163,42 @@ def test_dit_self_and_cross_attention_agree_across_implementations():
   assert np.abs(np.asarray(outs["einsum"])).max() > 1e-2
   for impl, out in outs.items():
     np.testing.assert_allclose(out, outs["einsum"], atol=2e-5, rtol=1e-4, err_msg=impl)
+
+
+def _restacked(params, layers_):
+  """Scanned Transformer params (`blocks`, leading [layers] axis) as the unscanned `block_{i}` tree."""
+  blocks = params["params"]["blocks"]
+  return {"params": {f"block_{i}": jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(layers_)}}
+
+
+def test_transformer_options_change_the_computation_not_the_function():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 32))
+  options = layers.TransformerOptions(activation="quick_gelu")
+  model = layers.Transformer(3, 4, causal=True, options=options)
+  params = jax.tree.map(lambda a: a + 0.1, nn.meta.unbox(model.init(jax.random.key(1), x)))  # nonzero biases
+  loss = lambda m, p: jnp.mean(m.apply(p, x) ** 2)
+  ref, ref_grad = loss(model, params), jax.grad(lambda p: loss(model, p))(params)
+  remat = layers.Transformer(3, 4, causal=True, options=layers.TransformerOptions("quick_gelu", remat=True, unroll=1))
+  np.testing.assert_allclose(loss(remat, params), ref, rtol=1e-5)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  jax.tree.map(close, jax.grad(lambda p: loss(remat, p))(params), ref_grad)
+  unscanned = layers.Transformer(3, 4, causal=True, options=layers.TransformerOptions("quick_gelu", scan=False))
+  flat = _restacked(params, 3)
+  assert jax.tree.structure(flat) == jax.tree.structure(nn.meta.unbox(unscanned.init(jax.random.key(1), x)))
+  np.testing.assert_allclose(loss(unscanned, flat), ref, rtol=1e-5)
+  # the activation is part of the function: another one gives other values
+  tanh = layers.Transformer(3, 4, causal=True, options=layers.TransformerOptions("gelu_tanh"))
+  assert abs(float(loss(tanh, params) - ref)) > 1e-3 * abs(float(ref))
+
+
+def test_transformer_dtype_option_computes_projections_in_that_dtype():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 32))
+  f32 = layers.Transformer(2, 4)
+  bf16 = layers.Transformer(2, 4, options=layers.TransformerOptions(dtype=jnp.bfloat16))
+  params = nn.meta.unbox(f32.init(jax.random.key(1), x))
+  bf16_params = nn.meta.unbox(bf16.init(jax.random.key(1), x))
+  assert jax.tree.structure(bf16_params) == jax.tree.structure(params)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(bf16_params))
+  a, b = f32.apply(params, x), bf16.apply(params, x)
+  np.testing.assert_allclose(b.astype(jnp.float32), a, atol=0.1)  # the same function, rounded to bfloat16
+  assert not np.allclose(b.astype(jnp.float32), a, atol=1e-4)  # which it was

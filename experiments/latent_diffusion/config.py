@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Denoiser and diffusion.
   c.dit = "tiny"
   c.patch_size = 2
-  c.attention = "auto"  # layers.dot_product_attention: auto | cpu | einsum | xla | cudnn
+  c.attention = "auto"  # attention.dot_product_attention: auto | cpu | einsum | xla | cudnn
   c.scale_factor = 0.0  # 0: measured from the training latents after stage 1
   c.schedule = "scaled_linear"
   c.num_train_timesteps = 1000

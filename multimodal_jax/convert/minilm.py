@@ -66,7 +66,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> BertConfig:
     max_positions=hf.get("max_position_embeddings", d.max_positions),
     type_vocab_size=hf.get("type_vocab_size", d.type_vocab_size),
     layer_norm_eps=hf.get("layer_norm_eps", d.layer_norm_eps),
-    exact_gelu=act == "gelu",
+    activation="gelu" if act == "gelu" else "gelu_tanh",
   )
 
 

@@ -171,7 +171,6 @@ def config_from_state_dict(
       mlp_ratio=_mlp_ratio(t_mlp, t_width),
     ),
     "init_logit_bias": bias,
-    "exact_gelu": True,
     "activation": "quick_gelu" if quick_gelu else "gelu",
   }
   fields.update(overrides)

@@ -75,7 +75,7 @@ def open_clip_model_config(config: ClipConfig) -> dict[str, Any]:
   """The model config open_clip builds `config`'s architecture from (`open_clip.create_model(name)`
   after registering it, or `CLIP(**model_config)`): what the exported weights need beside them.
   Activations other than GELU / QuickGELU have no open_clip equivalent (ValueError)."""
-  activation = config.activation or ("gelu" if config.exact_gelu else "gelu_tanh")
+  activation = config.activation
   if activation not in ("gelu", "quick_gelu"):
     raise ValueError(f"activation {activation!r} has no open_clip equivalent (gelu or quick_gelu)")
   v, t = config.vision, config.text

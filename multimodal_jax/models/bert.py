@@ -47,12 +47,14 @@ class BertConfig:
   max_positions: int = 512
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
-  exact_gelu: bool = True  # BERT's "gelu" is the erf form; False: the tanh approximation
+  activation: str = "gelu"  # BERT's "gelu" is the exact erf form; "gelu_tanh": the tanh approximation
   scan: bool = False  # True: the layers under nn.scan (params with a leading [layers] axis)
 
   def __post_init__(self):
     if self.hidden % self.heads:
       raise ValueError(f"hidden size {self.hidden} is not divisible by {self.heads} heads")
+    if self.activation not in ("gelu", "gelu_tanh"):
+      raise ValueError(f"activation {self.activation!r}: BERT takes gelu or gelu_tanh")
 
 
 def _param_init(stddev: float, axes: tuple[str | None, ...]):
@@ -104,7 +106,9 @@ class BertLayer(nn.Module):
   def __call__(self, x: jnp.ndarray, mask_bias: jnp.ndarray):
     cfg = self.config
     x = layer_norm("attention_ln", cfg.layer_norm_eps)(x + BertSelfAttention(cfg, name="attention")(x, mask_bias))
-    h = nn.gelu(dense(cfg.intermediate, ("embed", "mlp"), name="intermediate")(x), approximate=not cfg.exact_gelu)
+    h = nn.gelu(
+      dense(cfg.intermediate, ("embed", "mlp"), name="intermediate")(x), approximate=cfg.activation == "gelu_tanh"
+    )
     x = layer_norm("output_ln", cfg.layer_norm_eps)(x + dense(cfg.hidden, ("mlp", "embed"), name="output")(h))
     return x, None
 

@@ -13,7 +13,7 @@ import math
 import jax.numpy as jnp
 from flax import linen as nn
 
-from multimodal_jax.layers import ACTIVATION, ConvEncoder, Transformer, dense, layer_norm
+from multimodal_jax.layers import ACTIVATION, ConvEncoder, Transformer, TransformerOptions, dense, layer_norm
 from multimodal_jax.sharding import constrain
 
 
@@ -49,15 +49,22 @@ class ClipConfig:
   init_logit_scale: float = math.log(1 / 0.07)
   max_logit_scale: float = 100.0
   init_logit_bias: float | None = None  # e.g. -10 for the sigmoid loss; None: no bias
-  exact_gelu: bool = True
+  # How both towers' Transformers compute (see layers.TransformerOptions):
+  activation: str = "gelu"  # exact erf GELU; "gelu_tanh"; "quick_gelu" (OpenAI's own weights)
   scan: bool = True
   remat: bool = False
-  activation: str | None = None  # overrides exact_gelu: "gelu", "gelu_tanh", "quick_gelu" (OpenAI's weights)
-  scan_unroll: int | bool | None = None  # layers per scan trip; None: all on CPU, else 1 (layers.Transformer)
-  attention: str = "auto"  # a key of layers.ATTENTION_IMPLEMENTATIONS: auto, cpu, einsum, xla, cudnn
+  scan_unroll: int | bool | None = None  # layers per scan trip; None: all on CPU, else 1
+  attention: str = "auto"  # one of attention.ATTENTION_IMPLEMENTATIONS: auto, cpu, einsum, xla, cudnn
   # "transformer": the text tower above; "precomputed": texts arrive as a frozen (locked, LiT)
   # tower's features `[batch, width]` and only the text projection is trained.
   text_tower: str = "transformer"
+
+  @property
+  def transformer_options(self) -> TransformerOptions:
+    """The options both towers' Transformers get from the fields above."""
+    return TransformerOptions(
+      activation=self.activation, attention=self.attention, scan=self.scan, remat=self.remat, unroll=self.scan_unroll
+    )
 
 
 def _vit(image_size, patch, width, layers, heads):
@@ -78,33 +85,16 @@ PRESETS: dict[str, ClipConfig] = {
 
 
 def _transformer(tower: nn.Module, causal: bool) -> Transformer:
-  """The block stack of a tower (call inside its compact `__call__`), from its config and flags."""
-  cfg = tower.config
-  return Transformer(
-    cfg.layers,
-    cfg.heads,
-    cfg.mlp_ratio,
-    causal,
-    tower.exact_gelu,
-    tower.scan,
-    tower.remat,
-    tower.activation,
-    tower.unroll,
-    attention=tower.attention,
-    name="transformer",
-  )
+  """The block stack of a tower (call inside its compact `__call__`), from its config and options."""
+  config = tower.config
+  return Transformer(config.layers, config.heads, config.mlp_ratio, causal, tower.options, name="transformer")
 
 
 class VisionTransformer(nn.Module):
   """Images `[batch, H, W, C]` (float, normalized) -> features `[batch, width]` (before projection)."""
 
   config: VisionConfig
-  exact_gelu: bool = True
-  scan: bool = True
-  remat: bool = False
-  activation: str | None = None
-  unroll: int | bool | None = None
-  attention: str = "auto"
+  options: TransformerOptions = TransformerOptions()
 
   @nn.compact
   def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
@@ -163,12 +153,7 @@ class TextTransformer(nn.Module):
   """
 
   config: TextConfig
-  exact_gelu: bool = True
-  scan: bool = True
-  remat: bool = False
-  activation: str | None = None
-  unroll: int | bool | None = None
-  attention: str = "auto"
+  options: TransformerOptions = TransformerOptions()
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, return_tokens: bool = False):
@@ -210,17 +195,13 @@ class CLIP(nn.Module):
   def setup(self):
     cfg = self.config
     if cfg.vision.tower == "vit":
-      self.visual = VisionTransformer(
-        cfg.vision, cfg.exact_gelu, cfg.scan, cfg.remat, cfg.activation, cfg.scan_unroll, cfg.attention
-      )
+      self.visual = VisionTransformer(cfg.vision, cfg.transformer_options)
     elif cfg.vision.tower == "resnet":
       self.visual = ResNetTower(cfg.vision)
     else:
       raise ValueError(f"image tower {cfg.vision.tower!r}: choose vit or resnet")
     if cfg.text_tower == "transformer":
-      self.text = TextTransformer(
-        cfg.text, cfg.exact_gelu, cfg.scan, cfg.remat, cfg.activation, cfg.scan_unroll, cfg.attention
-      )
+      self.text = TextTransformer(cfg.text, cfg.transformer_options)
     elif cfg.text_tower != "precomputed":
       raise ValueError(f"text tower {cfg.text_tower!r}: choose transformer or precomputed")
     self.image_projection = dense(cfg.embed_dim, ("embed", "mlp"), use_bias=False)

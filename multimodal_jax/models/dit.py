@@ -21,13 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from multimodal_jax.layers import (
-  ACTIVATION,
-  SelfAttention,
-  activation_fn,
-  dot_product_attention,
-  projection_dot_general,
-)
+from multimodal_jax.attention import CrossAttention, SelfAttention
+from multimodal_jax.layers import ACTIVATION, activation_fn
+from multimodal_jax.projection import projection_dot_general
 from multimodal_jax.sharding import constrain
 
 
@@ -50,7 +46,7 @@ class DiTConfig:
   # Blocks per scan trip (True: all; None: all on CPU, else 1, as layers.Transformer). 1 by default: on CPU the
   # rolled loop trained ~1.4x faster than the unrolled one (benchmarks/diffusion.py; unlike the CLIP towers).
   scan_unroll: int | bool | None = 1
-  attention: str | None = "auto"  # a key of layers.ATTENTION_IMPLEMENTATIONS (None: auto), self and cross
+  attention: str | None = "auto"  # a key of attention.ATTENTION_IMPLEMENTATIONS (None: auto), self and cross
 
   @property
   def out_channels(self) -> int:
@@ -128,47 +124,6 @@ def _norm(x):
 
 def _modulate(x, shift, scale):
   return x * (1 + scale[:, None]) + shift[:, None]
-
-
-class CrossAttention(nn.Module):
-  """Queries `x [B, N, D]` attend to `kv [B, M, D]` where `mask [B, M]` is True. `[B, N, D]` out.
-
-  Params: `q/kernel [embed, heads, head_dim]`, `kv/kernel [embed, 2, heads, head_dim]`,
-  `out/kernel [heads, head_dim, embed]` (with biases). A fully masked row attends to nothing and
-  returns the output bias (DiT's null token keeps that from happening).
-  """
-
-  heads: int
-  dtype: jnp.dtype = jnp.float32
-  implementation: str | None = "auto"  # a key of layers.ATTENTION_IMPLEMENTATIONS
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, kv: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    width = x.shape[-1]
-    head_dim = width // self.heads
-
-    def proj(features, axes, name):
-      return nn.DenseGeneral(
-        features,
-        dtype=self.dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
-        dot_general=projection_dot_general,
-        name=name,
-      )
-
-    q = proj((self.heads, head_dim), ("embed", "heads", "kv"), "q")(x)
-    k, v = jnp.moveaxis(proj((2, self.heads, head_dim), ("embed", None, "heads", "kv"), "kv")(kv), 2, 0)
-    out = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
-    return nn.DenseGeneral(
-      width,
-      axis=(-2, -1),
-      dtype=self.dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("heads", "kv", "embed")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-      dot_general=projection_dot_general,
-      name="out",
-    )(out)
 
 
 class DiTBlock(nn.Module):
