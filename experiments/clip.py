@@ -36,8 +36,6 @@ from multimodal_jax.models import clip as clip_model
 
 EVAL_KEYS = ("mesh", "data_dir", "eval_batch_size", "eval_dataset", "templates", "export_to", "image_key",
              "text_key", "label_key", "csv_image_key", "csv_caption_key", "csv_separator", "data_workers", "attention")  # fmt: skip
-model_config, tokenizer_for = cdata.model_config, cdata.tokenizer_for  # used by latent diffusion's condition=clip
-text_inputs_for, make_init_params = clip_run.text_inputs_for, clip_run.make_init_params
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -16,6 +16,7 @@ import pytest
 
 from experiments import clip as clip_exp
 from experiments import latent_diffusion as ld
+from multimodal_jax import clip_data, clip_run
 from multimodal_jax import latent_diffusion_prompts as ldp
 from multimodal_jax import sharding as shd
 from multimodal_jax.checkpoint import read_config
@@ -97,9 +98,9 @@ def test_clip_features_are_the_runs_own_text_tower(clip_dir):
   # The CLIP run's params restored on their own, through the CLIP experiment's eval path: its text
   # embeddings are these features at the end token, projected.
   config = from_checkpoint.saved_config(str(clip_dir), clip_exp.get_config(), clip_exp.EVAL_KEYS)
-  model = clip_model.CLIP(clip_exp.model_config(config))
-  tokenizer = clip_exp.tokenizer_for(config)
-  init = clip_exp.make_init_params(model, config, tokenizer.encode)
+  model = clip_model.CLIP(clip_data.model_config(config))
+  tokenizer = clip_data.tokenizer_for(config)
+  init = clip_run.make_init_params(model, config, tokenizer.encode)
   _, params = from_checkpoint.restore_params(str(clip_dir), init, mesh, ema=False)
   own = model.apply({"params": params}, jnp.asarray(tokenizer.encode(texts[:2])), False, method=model.encode_text)
   eot = mask.sum(axis=1)[:2] - 1
