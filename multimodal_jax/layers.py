@@ -47,26 +47,31 @@ class MLP(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-  """A small CNN: [conv 3x3 -> GroupNorm -> gelu -> 2x2 max-pool] per stage, then a projection.
+  """A small CNN: [conv (kernel 3) -> GroupNorm -> gelu -> max-pool 2] per stage, then a projection.
 
-  Input `[batch, height, width]` or `[batch, height, width, channels]`, output `[batch, features]`.
+  `dims=2` (images): input `[batch, height, width]` or `[batch, height, width, channels]`, what is
+  left of the image after the stages flattened (`pool="flatten"`). `dims=1` (sequences): input
+  `[batch, time, features]`, convolutions over time; a sequence's length need not be small, so it
+  is averaged over time (`pool="mean"`). Output `[batch, features]`.
   """
 
   channels: Sequence[int] = (16, 32)
   features: int = 64
   dropout: float = 0.0
+  dims: int = 2
+  pool: str = "flatten"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    if x.ndim == 3:
+    if self.dims == 2 and x.ndim == 3:
       x = x[..., None]
+    window = (2,) * self.dims
+    kernel_axes = ("conv_height", "conv_width")[2 - self.dims :] + ("conv_in", "conv_out")
     for i, ch in enumerate(self.channels):
       x = nn.Conv(
         ch,
-        (3, 3),
-        kernel_init=nn.with_logical_partitioning(
-          nn.initializers.lecun_normal(), ("conv_height", "conv_width", "conv_in", "conv_out")
-        ),
+        (3,) * self.dims,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), kernel_axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
         name=f"conv_{i}",
       )(x)
@@ -76,8 +81,13 @@ class ConvEncoder(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
         name=f"norm_{i}",
       )(x)
-      x = nn.max_pool(nn.gelu(x), (2, 2), strides=(2, 2), padding="SAME")
-    x = x.reshape(x.shape[0], -1)
+      x = nn.max_pool(nn.gelu(x), window, strides=window, padding="SAME")
+    if self.pool == "mean":
+      x = x.mean(axis=tuple(range(1, 1 + self.dims)))
+    elif self.pool == "flatten":
+      x = x.reshape(x.shape[0], -1)
+    else:
+      raise ValueError(f"ConvEncoder pool={self.pool!r}: flatten or mean")
     if self.dropout:
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.gelu(dense(self.features, ("embed", "mlp"), name="proj")(x))

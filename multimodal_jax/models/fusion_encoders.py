@@ -1,7 +1,7 @@
 """Per-modality encoders for fusion, chosen by the rank of a modality's examples.
 
 - `[H, W, C]` (or AV-digits' spectrograms read as images): `layers.ConvEncoder`, a small 2-D CNN
-- `[T, F]`: `SequenceEncoder`, 1-D convolutions over T, then the mean over time
+- `[T, F]`: `layers.ConvEncoder(dims=1, pool="mean")`, 1-D convolutions over T, then the mean over time
 - a vector or a scalar: `VectorEncoder`, a two-layer MLP
 
 Each maps `[batch, ...]` to `[batch, features]`; `EncoderHead` adds a linear classifier on top (a
@@ -16,6 +16,7 @@ from flax import linen as nn
 from multimodal_jax.layers import ConvEncoder, dense
 
 IMAGE_CHANNELS = (16, 32)  # ConvEncoder stages for images (and AV-digits' spectrograms)
+SEQUENCE_CHANNELS = (32, 64)  # ConvEncoder stages for [T, F] sequences
 
 
 class EncoderHead(nn.Module):
@@ -27,41 +28,6 @@ class EncoderHead(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     return dense(self.num_classes, ("mlp", "classes"), name="head")(self.encoder(x, train=train))
-
-
-class SequenceEncoder(nn.Module):
-  """`[batch, time, features]` -> `[batch, out]`: per stage a 1-D convolution over time (kernel 3)
-  -> GroupNorm -> gelu -> max-pool 2, then the mean over time and a projection.
-
-  `layers.ConvEncoder` has the same stages in 2-D but flattens what is left of the image instead of
-  averaging over time (a sequence's length need not be small), hence a module of its own.
-  """
-
-  channels: tuple[int, ...] = (32, 64)
-  out: int = 64
-  dropout: float = 0.0
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    for i, ch in enumerate(self.channels):
-      x = nn.Conv(
-        ch,
-        (3,),
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("conv_width", "conv_in", "conv_out")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-        name=f"conv_{i}",
-      )(x)
-      x = nn.GroupNorm(
-        num_groups=min(8, ch),
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-        name=f"norm_{i}",
-      )(x)
-      x = nn.max_pool(nn.gelu(x), (2,), strides=(2,), padding="SAME")
-    x = x.mean(axis=1)
-    if self.dropout:
-      x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.gelu(dense(self.out, ("embed", "mlp"), name="proj")(x))
 
 
 class VectorEncoder(nn.Module):
@@ -88,5 +54,5 @@ def encoder_for_shape(
   if not by_rank or len(shape) == 3:
     return ConvEncoder(channels=IMAGE_CHANNELS, features=features, dropout=dropout)
   if len(shape) == 2:
-    return SequenceEncoder(out=features, dropout=dropout)
+    return ConvEncoder(channels=SEQUENCE_CHANNELS, features=features, dropout=dropout, dims=1, pool="mean")
   return VectorEncoder(hidden=hidden, out=features, dropout=dropout)
