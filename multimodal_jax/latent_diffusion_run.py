@@ -223,4 +223,5 @@ def train_denoiser(config, workdir: str, mesh) -> None:
     tx=tx,
     train_data=GrainBatches(source, config.denoiser.batch_size, config.seed),
     learning_rate_fn=lr,
+    converters={"minilm": lambda path, abstract_params: None},  # read by the prompts' featuriser instead
   )

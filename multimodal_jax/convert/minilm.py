@@ -194,7 +194,6 @@ def load_minilm(
     from safetensors.numpy import load_file
   except ImportError:
     raise UserError("loading MiniLM needs the `safetensors` package: `pip install safetensors`") from None
-  check_pooling(folder)
   hf_config = _read_json(os.path.join(folder, "config.json"))
   cfg = config_from_hf(hf_config or {})
   if scan:
