@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import clip as clip_exp
+from multimodal_jax.checkpoint import read_config
 from multimodal_jax.eval.retrieval import recall_at_k
 from multimodal_jax.eval.zero_shot import zero_shot_accuracy, zero_shot_classifier
 from multimodal_jax.models import clip as clip_model
@@ -158,6 +159,9 @@ def test_locked_minilm_from_a_sentence_transformers_folder(tmp_path, captioned_d
   assert "pools by cls_token" in capsys.readouterr().err
   pooling("mean_tokens")
   assert clip_exp.main(["--workdir", str(run), *common, "--config.steps=2", "--config.batch_size=16"]) == 0
+  saved = read_config(str(run))  # auto ("" / 0) keys recorded as what the run used
+  assert (saved["model"], saved["image_tower"], saved["image_size"], saved["channels"]) == ("tiny", "resnet", 32, 1)
+  assert saved["tokenizer"] == "words" and saved["context_length"] == 16 and saved["image_mean"].startswith("0.1")
   assert clip_exp.main(["--workdir", str(run), "--mode=eval", f"--config.data_dir={captioned_dir}"]) == 0
   assert 0 <= json.loads((run / "eval.json").read_text())["zero_shot_accuracy"] <= 1
   pooling("max_tokens")  # evaluation reads the recorded folder again
