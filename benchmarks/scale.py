@@ -3,6 +3,7 @@ run) for simulated meshes of 8 and 64 CPU devices, and what XLA says each device
 
   python -m benchmarks.scale            # every model and mesh (see docs/scale.md for the time it takes)
   python -m benchmarks.scale --quick    # ViT-L/14 on data:64 and fsdp:64 and the loss plan only
+  python -m benchmarks.scale --rows-only --only DiT --meshes 'fsdp:8'   # some model/mesh rows alone
 
 Models (bfloat16 compute, float32 params and AdamW state, scanned layers with one layer per loop
 trip): CLIP ViT-B/16 at global batch 32,768 with the chunked (ring) contrastive loss, CLIP ViT-L/14
@@ -281,6 +282,9 @@ def main(argv=None) -> None:
     "--only", default="", help="comma list: keep the models whose name contains one (e.g. DiT,AVDCNN)"
   )
   parser.add_argument("--meshes", default="", help="';'-separated mesh specs to keep (e.g. 'data:-1;fsdp:64')")
+  parser.add_argument(
+    "--rows-only", action="store_true", help="the model/mesh rows only: skip the loss and depth tables and the checks"
+  )
   args = parser.parse_args(argv)
   devices = jax.devices()
   if len(devices) < DEVICES:
@@ -315,6 +319,11 @@ def main(argv=None) -> None:
   for work, spec, devs in jobs:
     rows.append(plan(work, spec, devs))
     print_row(rows[-1])
+  if args.rows_only:
+    print(
+      json.dumps({"cpu": cpu_name(), "seconds": round(time.perf_counter() - started, 1), "rows": rows}, default=float)
+    )
+    return
   state = {spec: state_bytes(vit_l, spec, devices) for spec in ("data:-1", "fsdp:64")}  # shapes only, no compile
 
   print("\ncontrastive loss alone (forward + backward, [batch, 512] float32 embeddings, mesh data:-1), per device")
