@@ -81,7 +81,7 @@ class Prompts:
         f"prompt {prompt!r} is {count} tokens but the context holds {self.context_length}: shorten it "
         f"(the context length is fixed {fixed})"
       )
-    if self.tokenizer is not None:  # the word tokenizer maps an unknown word to one <unknown> id
+    if isinstance(self.tokenizer, WordTokenizer):  # it maps an unknown word to one <unknown> id (BPE has none)
       unknown = sorted({w for w in split_words(prompt) if w not in self.tokenizer.vocabulary})
       if unknown:
         encoder = "the CLIP run's text tower" if self.clip is not None else "the text encoder"

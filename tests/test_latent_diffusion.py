@@ -262,3 +262,14 @@ def test_minilm_prompts_from_a_sentence_transformers_folder(tmp_path):
   config.condition = "text"
   with pytest.raises(UserError, match="set --config.condition=minilm"):
     ldc.minilm_relation(config)
+
+
+def test_prompts_of_a_bpe_clip_run_take_any_words():
+  """condition=clip with a CLIP run on CLIP's BPE: every word has tokens, so no prompt is refused for
+  its words (a word tokenizer's unknown words are); only the context length bounds it."""
+  from multimodal_jax.tokenizers.clip_bpe import ClipBPETokenizer
+
+  prompts = ldp.Prompts("clip", 12, 8, lambda p: -1, tokenizer=ClipBPETokenizer(context_length=12))
+  assert prompts.check("this is a sneaker.") == -1
+  with pytest.raises(UserError, match="tokens but the context holds 12"):
+    prompts.check("a close-up catalogue photograph of one extraordinarily weathered ankle boot")
