@@ -43,7 +43,8 @@ def test_missing_package_is_one_line_user_error(monkeypatch):
   assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("n", [0, 1, 479, 16000, 16001])
+# empty, under one hop, not a whole number of hops (each call loads the model: tens of seconds here)
+@pytest.mark.parametrize("n", [0, 1, 16001])
 def test_output_length_and_dtype(enhancer, n):
   x = (0.05 * np.random.default_rng(n).standard_normal(n)).astype(np.float32)
   y = enhancer(x)
