@@ -43,7 +43,8 @@ def test_missing_package_is_one_line_user_error(monkeypatch):
   assert "\n" not in str(info.value)
 
 
-# empty, under one hop, not a whole number of hops (each call loads the model: tens of seconds here)
+@pytest.mark.slow  # a peer model: each model load takes seconds
+# empty, under one hop, not a whole number of hops (each call loads the model again)
 @pytest.mark.parametrize("n", [0, 1, 16001])
 def test_output_length_and_dtype(enhancer, n):
   x = (0.05 * np.random.default_rng(n).standard_normal(n)).astype(np.float32)
@@ -51,11 +52,13 @@ def test_output_length_and_dtype(enhancer, n):
   assert y.shape == (n,) and y.dtype == np.float32
 
 
+@pytest.mark.slow  # a peer model: each model load takes seconds
 def test_rejects_multichannel(enhancer):
   with pytest.raises(UserError, match="1-D"):
     enhancer(np.zeros((2, 1600), np.float32))
 
 
+@pytest.mark.slow  # a peer model: each model load takes seconds
 def test_raw_model_delay_is_the_documented_one(enhancer):
   from scipy import signal as sps
 
@@ -63,6 +66,7 @@ def test_raw_model_delay_is_the_documented_one(enhancer):
   assert dfn.measure_delay(enhancer, x) == dfn.DELAY_48K
 
 
+@pytest.mark.slow  # a peer model: each model load takes seconds
 def test_enhanced_clean_speech_stays_aligned(enhancer):
   x = speech_like(2.0, RATE, seed=1)
   y = enhancer(x)
@@ -72,6 +76,7 @@ def test_enhanced_clean_speech_stays_aligned(enhancer):
   assert np.corrcoef(x, y)[0, 1] > 0.8  # clean input passes mostly unchanged
 
 
+@pytest.mark.slow  # a peer model: each model load takes seconds
 def test_enhanced_pesq_beats_noisy_on_test_utterances(enhancer, av_speech_dir):
   from multimodal_jax.data import av_speech
   from multimodal_jax.eval import speech_quality as sq
