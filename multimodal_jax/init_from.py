@@ -15,7 +15,9 @@ from multimodal_jax import checkpoint as ckpt
 from multimodal_jax.errors import UserError
 
 
-def initial_params(source: str, abstract_params: Any, converters: Mapping[str, Callable[[str, Any], Any]]) -> Any | None:
+def initial_params(
+  source: str, abstract_params: Any, converters: Mapping[str, Callable[[str, Any], Any]]
+) -> Any | None:
   """The params named by `source`, created in `abstract_params`' shardings (FSDP/tensor as the
   rules table says, never replicated first); None when the source holds none of the params.
 
