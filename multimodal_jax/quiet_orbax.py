@@ -4,9 +4,10 @@ When a checkpoint read fails (a truncated file) or a write fails (a full disk), 
 waits for it raises and `checkpoint` reports that in one line. Orbax's and tensorstore's background
 machinery reports the same failure again, as tracebacks: absl ERROR logs from its threads,
 asyncio's "exception was never retrieved", unraisable "Event loop is closed" errors from callbacks
-into loops orbax already closed, and thread exceptions. `install()` filters exactly those (by their
-origin in orbax / tensorstore frames); everything else passes through. Nothing here imports the rest
-of the package.
+into loops orbax already closed, thread exceptions, and "coroutine ... was never awaited" warnings
+for the array-serialization coroutines of a write that failed (collected at exit). `install()`
+filters exactly those (by their origin in orbax / tensorstore frames, or by their names);
+everything else passes through. Nothing here imports the rest of the package.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import sys
 import threading
 import traceback
+import warnings
 
 
 class _DropOrbaxTracebacks(logging.Filter):
@@ -74,6 +76,7 @@ def _quiet_thread_errors(args, previous=threading.excepthook) -> None:
 
 def install() -> None:
   """Installs the filters (once per process)."""
+  warnings.filterwarnings("ignore", message=r"coroutine 'async_serialize\w*\.<locals>\.", category=RuntimeWarning)
   if sys.unraisablehook is not _ignore_closed_loop:
     sys.unraisablehook = _ignore_closed_loop
   if threading.excepthook is not _quiet_thread_errors:
