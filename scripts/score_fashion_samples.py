@@ -41,14 +41,12 @@ def main(argv=None) -> int:
   parser.add_argument("--train_images", type=int, default=20_000, help="real images to train the classifier on")
   parser.add_argument("--source", default=fm.SOURCE)
   args = parser.parse_args(argv)
-  out = os.path.join(args.workdir, "fashion_samples")
   prompts = ";".join(args.template.format(name) for name in fm.CLASSES)
   status = latent_diffusion.main(
     ["--workdir", args.workdir, "--mode=sample", f"--config.prompt={prompts}", f"--config.num_samples={args.per_class}"]
   )
   if status:
     return status
-  os.makedirs(out, exist_ok=True)
   paths = sorted(glob.glob(os.path.join(args.workdir, "samples", "*.png")))
   size = Image.open(paths[0]).size[0]
   samples = np.stack([np.asarray(Image.open(p).convert("L"))[..., None] for p in paths])
