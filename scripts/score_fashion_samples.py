@@ -8,6 +8,7 @@ trains the library's small CNN classifier (`multimodal_jax.eval.generative`) on 
 training images preprocessed as the run's data were (grey, shorter side resized bicubic to the run's
 `image_size`), checks it on the real test images, and prints one JSON line: the classifier's test
 accuracy and the fraction of samples it assigns to their prompt's class (chance: 0.1), per class too.
+The samples stay where `--mode=sample` writes them (W/samples.png, W/samples/NNNN.png).
 """
 
 from __future__ import annotations
