@@ -30,7 +30,7 @@ EXPERIMENTS = ("fusion", "clip", "avdcnn", "latent_diffusion")
 def overrides(name: str, steps: int) -> list[str]:
   """The command-line overrides that shorten experiment `name` to `steps` steps in bfloat16."""
   if name == "latent_diffusion":
-    from experiments.latent_diffusion.config import get_config
+    from multimodal_jax.latent_diffusion.config import get_config
 
     config = get_config()
     args = ["--config.dtype=bfloat16"]

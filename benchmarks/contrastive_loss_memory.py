@@ -22,8 +22,8 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from multimodal_jax import losses
 from multimodal_jax import sharding as shd
+from multimodal_jax.clip import losses
 
 
 def compiled_memory(loss_fn, mesh, batch: int, dim: int) -> tuple[int, int]:

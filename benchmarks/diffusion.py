@@ -39,10 +39,10 @@ import numpy as np
 import optax
 
 from benchmarks.common import busy_cpu_seconds, matmul_peak, own_cpu_seconds, warn_if_shared
-from multimodal_jax import diffusion as df
 from multimodal_jax import profiling, train
 from multimodal_jax import sharding as shd
-from multimodal_jax.models import dit
+from multimodal_jax.latent_diffusion import diffusion as df
+from multimodal_jax.latent_diffusion import dit
 
 SIZE, CHANNELS, CONTEXT, CONTEXT_DIM = 8, 4, 8, 128
 TRAIN_BATCH, SAMPLE_BATCH, SAMPLE_STEPS = 64, 16, 50

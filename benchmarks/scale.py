@@ -58,9 +58,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from multimodal_jax import losses, profiling, train
+from multimodal_jax import profiling, train
 from multimodal_jax import sharding as shd
-from multimodal_jax.models import avdcnn, clip, dit
+from multimodal_jax.avdcnn import model as avdcnn
+from multimodal_jax.clip import losses
+from multimodal_jax.clip import model as clip
+from multimodal_jax.latent_diffusion import dit
 
 GiB = 2**30
 MESHES_64 = ("data:-1", "data:8,fsdp:8", "fsdp:64", "data:16,tensor:4")
@@ -139,14 +142,14 @@ def dit_workload(batch: int = 256) -> Workload:
 
 
 def avdcnn_workload(batch: int = 4096) -> Workload:
-  from experiments import avdcnn as exp
+  from multimodal_jax.avdcnn import losses as exp_losses
 
   model = avdcnn.AVDCNN(avdcnn.PRESETS["wide"])
   init_params = avdcnn.make_init_params(model)
 
   def loss_fn_for(mesh):
     del mesh
-    return exp.make_loss_fn(model, mu=1.0, loss="compressed")
+    return exp_losses.make_loss_fn(model, mu=1.0, loss="compressed")
 
   bins, frames = avdcnn.BINS, avdcnn.CONTEXT
   shapes = {

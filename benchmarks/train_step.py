@@ -28,10 +28,13 @@ import jax
 import numpy as np
 
 from benchmarks.common import matmul_peak
-from experiments import fusion
-from multimodal_jax import fusion_data, fusion_run, profiling, train
+from multimodal_jax import profiling, train
 from multimodal_jax import sharding as shd
-from multimodal_jax.data import av_digits
+from multimodal_jax.datasets import av_digits
+from multimodal_jax.fusion import config as fusion_config
+from multimodal_jax.fusion import data as fusion_data
+from multimodal_jax.fusion import losses as fusion_losses
+from multimodal_jax.fusion import model as fusion_model
 
 
 def synthetic_batch(batch: int) -> dict:
@@ -46,7 +49,7 @@ def synthetic_batch(batch: int) -> dict:
 def bench_step(config, devices, batch_size: int, steps: int, repeats: int) -> tuple[float, float | None]:
   """Median examples/s over `repeats` timings of `steps` steps, and FLOPs per step."""
   mesh = shd.make_mesh("data:-1", devices)
-  model = fusion_run.build_model(config)
+  model = fusion_model.build_model(config)
   example = {k: v[:1] for k, v in synthetic_batch(1).items()}
   modalities = fusion_data.modalities_of(config)
 
@@ -56,7 +59,7 @@ def bench_step(config, devices, batch_size: int, steps: int, repeats: int) -> tu
   tx, _ = train.make_optimizer(config)
   _, shardings = train.abstract_train_state(init_params, tx, mesh)
   state = train.init_train_state(init_params, tx, shardings, jax.random.key(0))
-  step = train.make_train_step(fusion_run.make_loss_fn(model, config), tx, mesh, shardings)
+  step = train.make_train_step(fusion_losses.make_loss_fn(model, config), tx, mesh, shardings)
   batch = shd.host_to_global_batch(synthetic_batch(batch_size), mesh)
   per_device = profiling.cost_analysis_flops(step.lower(state, batch).compile())  # XLA counts one device's share
   flops = per_device * len(devices) if per_device else None
@@ -79,7 +82,7 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--fusion", default="joint")
   args = parser.parse_args(argv)
-  config = fusion.get_config()
+  config = fusion_config.get_config()
   config.fusion = args.fusion
   allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
   peak = matmul_peak(2048)

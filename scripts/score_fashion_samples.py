@@ -4,7 +4,7 @@
 
 Samples `--per_class` images for each class's prompt (`--template` with the class name; by default a
 template the captions never used) through `python -m experiments.latent_diffusion --mode=sample`,
-trains the library's small CNN classifier (`multimodal_jax.eval.generative`) on real Fashion-MNIST
+trains the library's small CNN classifier (`multimodal_jax.latent_diffusion.evaluate`) on real Fashion-MNIST
 training images preprocessed as the run's data were (grey, shorter side resized bicubic to the run's
 `image_size`), checks it on the real test images, and prints one JSON line: the classifier's test
 accuracy and the fraction of samples it assigns to their prompt's class (chance: 0.1), per class too.
@@ -22,9 +22,9 @@ import sys
 import numpy as np
 from PIL import Image
 
-from experiments import latent_diffusion
 from multimodal_jax.data import image_files
-from multimodal_jax.eval import generative
+from multimodal_jax.latent_diffusion import evaluate as generative
+from multimodal_jax.latent_diffusion import run as latent_diffusion
 from scripts import prepare_fashion_mnist as fm
 
 

@@ -23,7 +23,7 @@ settings.load_profile("fast")
 @pytest.fixture(scope="session")
 def av_digits_dir(tmp_path_factory):
   """A TFDS data dir holding AV-digits (built once per session, ~20 s; MMJ_TEST_DATA_DIR reuses one)."""
-  from multimodal_jax.data import av_digits
+  from multimodal_jax.datasets import av_digits
   from multimodal_jax.errors import MissingDataPackageError
 
   data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
@@ -37,7 +37,7 @@ def av_digits_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def av_speech_dir(tmp_path_factory):
   """A TFDS data dir holding AV-speech's tiny config (built once per session, a few seconds)."""
-  from multimodal_jax.data import av_speech
+  from multimodal_jax.datasets import av_speech
   from multimodal_jax.errors import MissingDataPackageError
 
   data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))

@@ -8,7 +8,7 @@ import pytest
 
 from multimodal_jax.arrays import batched_apply, l2_normalize, pad_rows, random_shift
 from multimodal_jax.data.pipeline import ArraySource, TextDecoded
-from multimodal_jax.featurisers import CachedTextFeatures
+from multimodal_jax.text.featurisers import CachedTextFeatures
 
 
 def test_pad_rows_repeats_the_last_row():

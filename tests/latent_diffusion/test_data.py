@@ -1,0 +1,190 @@
+"""Latent diffusion on a user's images and on a pretrained autoencoder: a class-folder dataset of PNGs
+made in the test (captions from class names, held-out images, sizes and channels), the CLI through
+train / sample / eval on it, `autoencoder_from=diffusers_vae:DIR` and `--mode=export` as a round trip,
+and the one-line errors of bad VAE sources."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+from PIL import Image
+
+from multimodal_jax import sharding as shd
+from multimodal_jax.errors import UserError
+from multimodal_jax.eval.images import decode_png
+from multimodal_jax.latent_diffusion import autoencoder_kl as akl
+from multimodal_jax.latent_diffusion import config as ld_config
+from multimodal_jax.latent_diffusion import data as ldd
+from multimodal_jax.latent_diffusion import run as ld_run
+from multimodal_jax.latent_diffusion import stages as ldr
+from multimodal_jax.latent_diffusion.diffusers_vae import load_diffusers_vae, save_diffusers_vae
+from multimodal_jax.latent_diffusion.generate import Generator
+
+TINY = [
+    "--config.autoencoder.steps=2", "--config.autoencoder.batch_size=16", "--config.autoencoder.checkpoint_every=2",
+    "--config.denoiser.steps=2", "--config.denoiser.batch_size=16", "--config.denoiser.checkpoint_every=2",
+    "--config.text_layers=1", "--config.final_eval=false",
+]  # fmt: skip
+FAST = ["--config.sample_steps=2", "--config.eval_batch_size=16", "--config.classifier_steps=3"]
+CLASSES = ("bright square", "dark ring")
+
+
+def _shape_image(kind: int, size: int, rng) -> np.ndarray:
+  yy, xx = np.mgrid[:size, :size] / size - 0.5
+  if kind == 0:
+    mask = (np.abs(yy) < 0.3) & (np.abs(xx) < 0.3)
+  else:
+    mask = np.abs(np.hypot(yy, xx) - 0.3) < 0.08
+  colour = rng.integers(100, 256, 3)
+  return (mask[..., None] * colour + rng.integers(0, 30, (size, size, 3))).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  """Class folders of 20 RGB PNGs each (sizes 40 and 48 px, so resizing is exercised)."""
+  root = tmp_path_factory.mktemp("shapes")
+  rng = np.random.default_rng(0)
+  for label, name in enumerate(CLASSES):
+    os.makedirs(root / name)
+    for i in range(20):
+      Image.fromarray(_shape_image(label, 40 + 8 * (i % 2), rng)).save(root / name / f"{i:03d}.png")
+  return root
+
+
+def _main(capsys, workdir, data_dir, *args):
+  status = ld_run.main(["--workdir", str(workdir), f"--config.data_dir={data_dir}", *args])
+  out = capsys.readouterr()
+  return status, out.out, out.err.strip().splitlines()
+
+
+def _config(**overrides):
+  config = ld_config.get_config()
+  config.update(overrides)
+  return config
+
+
+def test_folder_images_get_class_prompts_and_a_held_out_split(folder, tmp_path):
+  data = ldd.load_image_set(_config(dataset=f"folder:{folder}", image_size=32, channels=3, data_dir=str(tmp_path)))
+  assert data.class_names == CLASSES and data.images.shape == (36, 32, 32, 3) and data.images.dtype == np.uint8
+  assert data.test_images.shape == (4, 32, 32, 3)  # every tenth record is held out
+  assert np.array_equal(np.bincount(data.labels), [18, 18]) and np.array_equal(data.test_labels, [0, 0, 1, 1])
+  assert data.captions[0] == "a photo of a bright square" and len(data.captions) == len(data.index) == 36
+  assert [data.labels[i] for i in data.index] == [CLASSES.index(c[len("a photo of a ") :]) for c in data.captions]
+  assert data.label_of("A Dark  Ring, please") == 1 and data.label_of("a cat") == -1
+  texts, labels = data.eval_prompts(2)
+  assert texts == ["a photo of a bright square"] * 2 + ["a photo of a dark ring"] * 2 and list(labels) == [0, 0, 1, 1]
+  templates = tmp_path / "templates.txt"
+  templates.write_text("a drawing of a {}\n# skipped\nthe {}, seen closely\n")
+  two = ldd.load_image_set(_config(dataset=f"folder:{folder}", templates=str(templates), data_dir=str(tmp_path)))
+  assert len(two.captions) == 72 and two.captions[:2] == [
+    "a drawing of a bright square",
+    "the bright square, seen closely",
+  ]
+  assert two.images.shape == (36, 32, 32, 1)  # channels=1 by default
+  limited = two.limited(5)
+  assert len(limited.images) == 5 and len(limited.captions) == 10 and limited.index.max() == 4
+
+
+def test_autoencoder_preset_follows_the_image_size():
+  for size, side in ((32, 8), (64, 8)):
+    config = _config(image_size=size, channels=3)
+    model = ldr.autoencoder_model(config)
+    assert model.config.in_channels == model.config.out_channels == 3
+    assert ldr.latent_side(config, model) == side
+  assert ldr.autoencoder_model(_config()).config == akl.PRESETS["digits"]  # the default run's model
+  with pytest.raises(UserError, match="choose an image_size divisible by 16"):
+    ldr.latent_side(_config(image_size=40), ldr.autoencoder_model(_config(image_size=40)))
+  with pytest.raises(UserError, match="captioned_digits images are 32x32 grey"):
+    ldd.load_image_set(_config(image_size=64))
+
+
+@pytest.mark.slow
+def test_cli_trains_samples_and_evaluates_on_a_folder(folder, tmp_path, capsys):
+  data = ["--config.dataset=folder:" + str(folder), "--config.channels=3", "--config.image_size=32"]
+  workdir = tmp_path / "run"
+  status, _, err = _main(capsys, workdir, tmp_path, *TINY, *data)
+  assert status == 0, err
+  status, _, err = _main(
+    capsys, workdir, tmp_path, "--mode=sample", "--config.prompt=a dark ring; a bright square", "--config.num_samples=2",
+    *FAST,
+  )  # fmt: skip
+  assert status == 0, err
+  assert decode_png((workdir / "samples.png").read_bytes()).shape == (2 * 34 + 2, 2 * 34 + 2, 3)
+  assert sorted(os.listdir(workdir / "samples")) == ["0000.png", "0001.png", "0002.png", "0003.png"]
+  assert decode_png((workdir / "samples" / "0003.png").read_bytes()).shape == (32, 32, 3)
+  status, out, err = _main(capsys, workdir, tmp_path, "--mode=eval", "--config.eval_samples_per_digit=2",
+                           "--config.eval_test_images=4", *FAST)  # fmt: skip
+  assert status == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["num_generated"] == 4 and len(result["accuracy_per_class"]) == 2
+  assert 0.0 <= result["conditional_accuracy"] <= 1.0 and result["fid"] >= 0.0
+  assert f"labels of folder:{folder}" in result["fid_features"]
+
+
+def _tree_equal(a, b) -> bool:
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)))
+
+
+@pytest.mark.slow
+def test_pretrained_vae_replaces_stage_one_and_export_round_trips(tmp_path, capsys):
+  data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path / "tfds")
+  digits = ["--config.train_images=64", *TINY]
+  # Stage 1 of our own, exported as a diffusers folder with its measured scale.
+  own = tmp_path / "own"
+  status, _, err = _main(capsys, own, data_dir, *digits, "--config.stage=autoencoder")
+  assert status == 0, err
+  vae = tmp_path / "vae"
+  status, _, err = _main(capsys, own, data_dir, "--mode=export", f"--config.export_to=diffusers_vae:{vae}")
+  assert status == 0, err
+  measured = json.loads((own / "autoencoder" / "latent_scale.json").read_text())["scale_factor"]
+  vae_config, vae_params = load_diffusers_vae(vae)
+  assert vae_config.scaling_factor == pytest.approx(measured) and vae_config.shift_factor is None
+  mesh = shd.make_mesh("data:-1")
+  _, own_params, _ = ldr.restore_autoencoder(str(own), mesh)
+  assert _tree_equal(vae_params, jax.device_get(own_params))
+  # With a shift factor, as newer VAEs have: the denoiser trains on it, stage 1 never runs.
+  save_diffusers_vae(vae, vae_params, akl.AutoencoderKLConfig(**{**vae_config.__dict__, "shift_factor": 0.25}))
+  run = tmp_path / "run"
+  status, _, err = _main(capsys, run, data_dir, *digits, f"--config.autoencoder_from=diffusers_vae:{vae}")
+  assert status == 0, err
+  assert not os.path.exists(run / "autoencoder" / "metrics.jsonl")
+  generator = Generator(_config(data_dir=data_dir), str(run))
+  assert generator.config.scale_factor == pytest.approx(measured) and generator.config.shift_factor == 0.25
+  assert generator.sampler.shift_factor == 0.25 and _tree_equal(jax.device_get(generator.ae_params), vae_params)
+  status, _, err = _main(capsys, run, data_dir, "--mode=sample", "--config.num_samples=2", *FAST)
+  assert status == 0, err
+  again = tmp_path / "again"
+  status, _, err = _main(capsys, run, data_dir, "--mode=export", f"--config.export_to=diffusers_vae:{again}")
+  assert status == 0, err
+  again_config, again_params = load_diffusers_vae(again)
+  assert again_config.shift_factor == 0.25 and _tree_equal(again_params, vae_params)
+
+
+def test_bad_vae_sources_are_one_line(tmp_path, capsys, av_digits_dir):
+  from multimodal_jax.datasets import captioned_digits
+
+  data_dir = av_digits_dir
+  captioned_digits.load(data_dir)  # prepared first: its progress output is not part of the errors checked below
+  capsys.readouterr()
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  wrong = tmp_path / "wrong"  # weights of a 3-channel VAE under a config.json that says 1 channel
+  model = akl.AutoencoderKL(akl.PRESETS["small_f8"])
+  params = nn.meta.unbox(jax.jit(ldr.autoencoder_init(model))(jax.random.key(0)))
+  save_diffusers_vae(wrong, jax.device_get(params), model.config)
+  config = json.loads((wrong / "config.json").read_text())
+  (wrong / "config.json").write_text(json.dumps({**config, "block_out_channels": [16, 32, 64, 128]}))
+  rgb = tmp_path / "rgb"
+  save_diffusers_vae(rgb, jax.device_get(params), model.config)
+  for source, message in (
+    (tmp_path / "missing", "no diffusers model folder"),
+    (empty, "has no config.json"),
+    (wrong, "does not fit the parameter"),
+    (rgb, "set --config.channels=3"),
+  ):
+    status, _, err = _main(capsys, tmp_path / "w", data_dir, *TINY, f"--config.autoencoder_from=diffusers_vae:{source}")
+    assert status == 2 and len(err) == 1 and message in err[0], err
+    assert not os.path.exists(tmp_path / "w" / "denoiser")
