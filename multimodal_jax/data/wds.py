@@ -1,0 +1,348 @@
+"""webdataset tar shards read in place as a random-access grain source: CLIP training and eval data, no copy.
+
+Layout (open_clip, img2dataset, DataComp): consecutive members `KEY.jpg|jpeg|png|webp`, `KEY.txt` or `KEY.json`
+(caption: first of `json_caption_field`), optionally `KEY.cls` (class index; clip_benchmark's eval shards). A key
+is the member path up to the first dot of its base name; consecutive members of one key are one sample (webdataset's).
+
+Each shard is indexed once from its tar headers alone (local: seeks past member data; remote: one stream) and the
+index (keys, member offsets and sizes) is cached as an `.npz` in `cache_dir`, valid for the shard's path, size
+and mtime. A sample is then one or two reads at known offsets (`os.pread` locally, `etils.epath` for `gs://`) and
+the Pillow decode of `image_files`, the pixels of the `csv:`/`folder:` image cache. Shards must be plain tars.
+
+Processes split records, not shards (`GrainBatches` gives each every `process_count`-th record of one global
+shuffle): random access reads only a process's own records and keeps the shuffle global and exact; open files
+are cached as each process reads from most shards (`max_open`, least recently used closed first).
+
+A sample that cannot be used (undecodable image, JSON without a caption field, bad `.cls`) never raises. With
+`resample=True` (training) record `i` is the first usable of `(i + k * stride) % n`, k = 0, 1, ... (a prime
+`stride` not dividing n): a pure function of `i` and the data, so batch b stays a pure function of b, resume
+stays exact and the loss needs no mask. With `resample=False` (eval: a duplicate would skew a metric) or after
+`max_tries` failures it is a zero image with `valid=False`, for the caller to mask. `skipped_samples` counts the
+failed reads of this process; grain workers read in their own processes, so each record also carries `skipped`
+(failures before it) for the loop to sum. Samples lacking a member in `need` ("caption", "label") are left out
+at open (`incomplete_samples`). The sample table takes ~72 bytes per sample in every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+from etils import epath
+
+from multimodal_jax import files
+from multimodal_jax.data import image_files
+from multimodal_jax.errors import UserError
+
+INDEX_VERSION = 1  # bump when the index layout changes: old cached indexes are then rebuilt
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key, then every extension
+_META = re.compile(r"__[^/]*__($|/)")  # members webdataset skips (`__index__` and the like)
+_STRIDES = (1_000_003, 999_983, 7_919)  # primes: one does not divide n, so k * stride visits every index
+_COALESCE = 1 << 16  # members of one sample at most this far apart are fetched in one read
+_DEPTH = {"{": 1, "}": -1}
+
+
+def expand_braces(pattern: str) -> list[str]:
+  """Shard paths of a pattern: `{000..099}` zero-padded numeric ranges, `{a,b}` alternatives (nested,
+  several per pattern) and `::`-separated lists of patterns, in order."""
+  return [path for part in pattern.split("::") if part.strip() for path in _expand(part.strip())]
+
+
+def _expand(text: str) -> list[str]:
+  start, depth = text.find("{"), 0
+  if start < 0:
+    return [text]
+  for end in range(start, len(text)):
+    depth += _DEPTH.get(text[end], 0)
+    if depth == 0:
+      break
+  else:
+    raise UserError(f"wds:{text} has an unclosed '{{': write ranges as {{000000..000099}} and lists as {{a,b}}")
+  tails = _expand(text[end + 1 :])
+  return [text[:start] + choice + tail for choice in _choices(text[start + 1 : end]) for tail in tails]
+
+
+def _choices(inner: str) -> list[str]:
+  numbers = re.fullmatch(r"(\d+)\.\.(\d+)", inner)
+  if numbers:
+    a, b = numbers.groups()
+    width = max(len(a), len(b)) if a[0] == "0" or b[0] == "0" else 0
+    step = 1 if int(b) >= int(a) else -1
+    return [str(v).zfill(width) for v in range(int(a), int(b) + step, step)]
+  parts, depth, last = [], 0, 0
+  for i, c in enumerate(inner + ","):
+    depth += _DEPTH.get(c, 0)
+    if c == "," and depth == 0:
+      parts.append(inner[last:i])
+      last = i + 1
+  return [choice for part in parts for choice in _expand(part)]
+
+
+def _open(path: str):
+  return open(path, "rb") if "://" not in path else epath.Path(path).open("rb")
+
+
+def list_shards(pattern: str | Sequence[str]) -> list[str]:
+  """The shard paths of `pattern` (braces expanded, then `*?[` globbed), or of a list; a UserError when none."""
+  paths = []
+  for path in expand_braces(os.path.expanduser(pattern)) if isinstance(pattern, str) else pattern:
+    if any(c in path for c in "*?["):
+      paths += sorted(os.fspath(p) for p in epath.Path(os.path.dirname(path) or ".").glob(os.path.basename(path)))
+    else:
+      paths.append(path)
+  if not paths:
+    raise UserError(f"wds:{pattern} matches no shards: name .tar files, e.g. DIR/{{000000..000099}}.tar or DIR/*.tar")
+  return paths
+
+
+def _stat(path: str) -> tuple[int, int]:
+  """(size, mtime) of a shard; a one-line UserError when it cannot be reached."""
+  try:
+    st = os.stat(path) if "://" not in path else epath.Path(path).stat()
+    return (st.st_size, st.st_mtime_ns) if "://" not in path else (int(st.length), int(st.mtime))
+  except Exception as e:  # noqa: BLE001 - a local OSError, or whatever a remote file system raises
+    reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    raise UserError(f"wds shard {path} cannot be opened ({reason}): check the shard pattern and the path") from None
+
+
+def _scan(path: str, size: int) -> tuple[list[str], list[dict[str, tuple[int, int]]]]:
+  """Keys and `{extension: (data offset, size)}` of the shard's samples, from its tar headers only."""
+  keys, members = [], []
+  try:
+    with _open(path) as f:
+      if f.read(2) == b"\x1f\x8b":
+        raise UserError(f"wds shard {path} is gzip-compressed: random access needs plain .tar shards; gunzip them")
+      f.seek(0)
+      with tarfile.open(fileobj=f, mode="r:" if "://" not in path else "r|") as tar:
+        for info in tar:
+          found = _KEY.match(info.name)
+          if not info.isreg() or _META.match(info.name) or not found:
+            continue
+          if info.offset_data + info.size > size:
+            break  # a truncated last member
+          if not keys or keys[-1] != found.group(1):
+            keys.append(found.group(1))
+            members.append({})
+          members[-1].setdefault(found.group(2).lower(), (info.offset_data, info.size))
+  except tarfile.TarError as e:
+    if not keys:  # damage after some members (a truncated shard) keeps those members
+      raise UserError(f"wds shard {path} is not a tar file ({e}): write shards with tar or webdataset") from None
+  except OSError as e:
+    raise UserError(f"wds shard {path} cannot be read ({e.strerror or e}): check its permissions") from None
+  return keys, members
+
+
+def index_shard(path: str, cache_dir: str | None) -> dict[str, np.ndarray]:
+  """The shard's index: `keys` [n], `exts` [m], `offsets` and `sizes` int64 [n, m] (-1: no such member).
+  Read from `cache_dir` when cached for this path, size and mtime; else scanned, then cached."""
+  size, mtime = _stat(path)
+  meta = json.dumps({"version": INDEX_VERSION, "path": path, "size": size, "mtime": mtime})
+  stem = os.path.basename(path).partition(".")[0] or "shard"
+  cached = cache_dir and os.path.join(cache_dir, f"{hashlib.sha256(path.encode()).hexdigest()[:16]}-{stem}.npz")
+  if cached:
+    try:
+      with _open(cached) as f:
+        index = dict(np.load(io.BytesIO(f.read()), allow_pickle=False))
+      if str(index.pop("meta")) == meta:
+        return index
+    except Exception:  # noqa: BLE001, S110 - missing, partial or foreign: the shard is indexed again
+      pass
+  keys, members = _scan(path, size)
+  exts = sorted({e for m in members for e in m})
+  table = np.asarray([[m.get(e, (-1, -1)) for e in exts] for m in members], np.int64).reshape(len(keys), len(exts), 2)
+  index = {"keys": np.asarray(keys, str), "exts": np.asarray(exts, str), "offsets": table[..., 0]}
+  index["sizes"] = table[..., 1]
+  if cached:
+    try:
+      epath.Path(cache_dir).mkdir(parents=True, exist_ok=True)
+      files.atomic_write(cached, lambda f: np.savez(f, meta=np.asarray(meta), **index), binary=True)
+    except OSError as e:  # a read-only cache dir still works: shards are scanned on every open
+      print(f"note: could not cache the index of {path} in {cache_dir}: {e.strerror}", flush=True)
+  return index
+
+
+def _column(index: dict[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
+  """[n, 3]: (offset, size, position in `names`) of each sample's first member among `names`; -1 where none."""
+  exts = list(index["exts"])
+  out = np.full((len(index["keys"]), 3), -1, np.int64)
+  for which in reversed(range(len(names))):  # the first name wins: it is written last
+    if names[which] in exts:
+      col = exts.index(names[which])
+      have = index["offsets"][:, col] >= 0
+      out[have] = np.stack([index["offsets"][have, col], index["sizes"][have, col], np.full(have.sum(), which)], 1)
+  return out
+
+
+class _Handles:
+  """This process's open shard files, at most `limit` (the least recently used idle one closed first; one in
+  use by another thread is never closed). Reopened after a fork, whose descriptors share the parent's offsets."""
+
+  def __init__(self, limit: int):
+    self._limit, self._pid, self._lock, self._open = limit, os.getpid(), threading.Lock(), OrderedDict()
+
+  def read(self, path: str, spans: list[tuple[int, int]]) -> list[bytes]:
+    """The bytes at each (offset, size) of `path`: one read when the spans lie close together."""
+    start, end = min(o for o, _ in spans), max(o + s for o, s in spans)
+    whole = [(start, end - start)] if end - start <= sum(s for _, s in spans) + _COALESCE else spans
+    entry = self._acquire(path)
+    try:
+      if "://" not in path:
+        chunks = [os.pread(entry[0], size, offset) for offset, size in whole]
+      else:
+        with entry[2]:
+          chunks = [(entry[0].seek(offset), entry[0].read(size))[1] for offset, size in whole]
+    finally:
+      with self._lock:
+        entry[1] -= 1
+    return chunks if whole is spans else [chunks[0][o - start : o - start + s] for o, s in spans]
+
+  def _acquire(self, path: str) -> list:
+    with self._lock:
+      if self._pid != os.getpid():
+        self._pid, self._open = os.getpid(), OrderedDict()
+      if path not in self._open:
+        handle = os.open(path, os.O_RDONLY) if "://" not in path else epath.Path(path).open("rb")
+        self._open[path] = [handle, 0, threading.Lock()]  # handle, users, lock (seek + read of remote files)
+        idle = [p for p, e in self._open.items() if e[1] == 0 and p != path]
+        for stale in idle[: max(0, len(self._open) - self._limit)]:
+          handle = self._open.pop(stale)[0]
+          os.close(handle) if isinstance(handle, int) else handle.close()
+      self._open.move_to_end(path)
+      self._open[path][1] += 1
+      return self._open[path]
+
+
+class WdsSource:
+  """Shards (a pattern or a list of paths) as a random-access source for `GrainBatches` and `eval_batches`:
+  record i is `{"image": uint8 [image_size, image_size, channels], caption_field: str, "label": int (-1: none),
+  "valid": bool, "key": str (the sample's key in its shard), "skipped": int}`. `class_names` are those of a
+  `classnames.txt` beside the shards or one folder up, else None; `has_captions`/`has_labels` whether any has one.
+  """
+
+  def __init__(
+    self,
+    shards: str | Sequence[str],
+    cache_dir: str | None,
+    image_size: int,
+    channels: int,
+    caption_keys: Sequence[str] = ("txt", "json"),
+    json_caption_field: Sequence[str] = ("caption", "text", "title"),
+    label_key: str = "cls",
+    *,
+    need: Sequence[str] = ("caption",),
+    caption_field: str = "caption",
+    resample: bool = True,
+    max_tries: int = 16,
+    max_open: int = 64,
+  ):
+    self.shards = list_shards(shards)
+    self.image_size, self.channels, self.caption_field = image_size, channels, caption_field
+    self._caption_keys, self._json_fields = tuple(caption_keys), tuple(json_caption_field)
+    self._resample, self._max_tries, self._max_open = resample, max_tries, max_open
+    self.incomplete_samples, self._keys, columns = 0, [], []
+    for number, path in enumerate(self.shards):
+      index = index_shard(path, cache_dir)
+      image, caption, label = (_column(index, names) for names in (IMAGE_EXTS, self._caption_keys, (label_key,)))
+      keep = image[:, 0] >= 0
+      for field, column in (("caption", caption), ("label", label)):
+        keep &= (column[:, 0] >= 0) | (field not in need)
+      self.incomplete_samples += int((image[:, 0] >= 0).sum() - keep.sum())
+      self._keys.append(index["keys"])
+      rows = np.flatnonzero(keep)[:, None]
+      columns.append(np.hstack([np.full_like(rows, number), rows, image[keep, :2], caption[keep], label[keep, :2]]))
+    # Per sample: shard, row, image (offset, size), caption (offset, size, which key), label (offset, size).
+    self._table = np.concatenate(columns)
+    if not len(self._table):
+      raise UserError(f"wds shards {self.shards[0]}... hold no samples with an image and {list(need)}: check names")
+    self._stride = next(p for p in _STRIDES if len(self._table) % p)
+    self.has_captions, self.has_labels = bool((self._table[:, 4] >= 0).any()), bool((self._table[:, 7] >= 0).any())
+    self.class_names = _class_names(self.shards[0])
+    self.__setstate__({})  # this process's open files and counts
+
+  @property
+  def skipped_samples(self) -> int:
+    """Failed sample reads in this process so far (each replaced, or returned with valid=False)."""
+    return sum(self.skip_reasons.values())
+
+  def __len__(self) -> int:
+    return len(self._table)
+
+  def __getitem__(self, i: int) -> dict:
+    tries = self._max_tries + 1 if self._resample else 1
+    for k in range(tries):
+      record = self._read((int(i) + k * self._stride) % len(self._table))
+      if isinstance(record, dict):
+        return {**record, "skipped": k}
+      with self._lock:
+        self.skip_reasons[record] += 1
+    image = np.zeros((self.image_size, self.image_size, self.channels), np.uint8)
+    return {"image": image, self.caption_field: "", "label": -1, "valid": False, "key": "", "skipped": tries}
+
+  def _read(self, j: int) -> dict | str:
+    """Sample j's record, or the reason it cannot be used."""
+    shard, row, image_at, image_size, cap_at, cap_size, cap_which, label_at, label_size = map(int, self._table[j])
+    spans = [(image_at, image_size)] + [(o, s) for o, s in ((cap_at, cap_size), (label_at, label_size)) if o >= 0]
+    try:
+      data = self._handles.read(self.shards[shard], spans)
+    except OSError:
+      return "unreadable shard"
+    if any(len(d) != s for d, (_, s) in zip(data, spans, strict=True)):
+      return "truncated member"
+    try:
+      pixels = image_files.load_image(data[0], self.image_size, self.channels)
+    except image_files.UnreadableImage:
+      return "undecodable image"
+    caption, label = "", -1
+    try:
+      if cap_at >= 0:
+        caption = data[1].decode("utf-8")
+        if self._caption_keys[cap_which] == "json":
+          value = json.loads(caption)
+          found = [value[f] for f in self._json_fields if isinstance(value, dict) and isinstance(value.get(f), str)]
+          if not found:
+            return "no caption field in json"
+          caption = found[0]
+      if label_at >= 0:
+        label = int(data[-1].decode("utf-8").strip())
+    except ValueError:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+      return "bad caption or label"
+    key = str(self._keys[shard][row])
+    return {"image": pixels, self.caption_field: caption.strip(), "label": label, "valid": True, "key": key}
+
+  def __getstate__(self) -> dict:
+    return {k: v for k, v in self.__dict__.items() if k not in ("_handles", "_lock", "skip_reasons")}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._handles, self._lock, self.skip_reasons = _Handles(self._max_open), threading.Lock(), Counter()
+
+  def __repr__(self) -> str:
+    shards = self.shards[0] if len(self.shards) == 1 else f"{self.shards[0]}..{self.shards[-1]}"
+    return f"WdsSource({len(self.shards)} shards {shards}, {len(self)} samples, {self.image_size}px {self.channels}ch)"
+
+
+def _class_names(shard: str) -> tuple[str, ...] | None:
+  """clip_benchmark's `classnames.txt` (one name a line) beside the shards or one folder up, if any."""
+  folder = os.path.dirname(os.path.abspath(shard) if "://" not in shard else shard)
+  for candidate in (os.path.join(folder, "classnames.txt"), os.path.join(os.path.dirname(folder), "classnames.txt")):
+    try:
+      with _open(candidate) as f:
+        return tuple(n.strip() for n in f.read().decode("utf-8").splitlines() if n.strip())
+    except Exception:  # noqa: BLE001, S112 - absent or unreadable: a source without class names
+      continue
+  return None
+
+
+def open_wds(pattern: str, cache_dir: str | None, image_size: int = 224, channels: int = 3, **options) -> WdsSource:
+  """The `WdsSource` of a shard pattern (`wds:PATTERN`'s PATTERN), its indexes cached in `cache_dir`.
+  `options` are `WdsSource`'s: e.g. `need=("label",), resample=False` for clip_benchmark eval shards."""
+  return WdsSource(pattern, cache_dir, image_size, channels, **options)
