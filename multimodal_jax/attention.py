@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from multimodal_jax.errors import UserError
 from multimodal_jax.projection import projection_dot_general
-from multimodal_jax.sharding import constrain
+from multimodal_jax.sharding import constrain, current_platform
 
 
 def _bdot(a: jnp.ndarray, b: jnp.ndarray, a_axis: int, b_axis: int) -> jnp.ndarray:
@@ -90,7 +90,8 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "cpu", "einsum", "xla", "cudnn")
 def attention_implementation(
   name: str | None, dtype: Any = jnp.float32, head_dim: int = 64, self_attention: bool = True
 ) -> str:
-  """The concrete implementation ("cpu", "einsum", "xla" or "cudnn") that `name` means here.
+  """The concrete implementation ("cpu", "einsum", "xla" or "cudnn") that `name` means for the platform
+  being traced for (`sharding.current_platform`: the step's mesh, else the default backend).
 
   "auto" keeps the CPU's fastest path (`attend_qkv` for unmasked self-attention, einsums for the
   rest), picks cuDNN on a GPU when the dtype and head size suit its fused kernel, else "xla".
@@ -99,7 +100,7 @@ def attention_implementation(
   name = "auto" if name is None else name
   if name not in ATTENTION_IMPLEMENTATIONS:
     raise UserError(f"attention={name!r}: choose one of {'|'.join(ATTENTION_IMPLEMENTATIONS)}")
-  backend = jax.default_backend()
+  backend = current_platform()
   if name == "cudnn" and backend != "gpu":
     raise UserError(f"attention='cudnn' needs an NVIDIA GPU (this backend is {backend}): use auto or xla")
   if name != "auto":

@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from multimodal_jax.attention import SelfAttention
 from multimodal_jax.projection import projection_dot_general
-from multimodal_jax.sharding import constrain
+from multimodal_jax.sharding import constrain, current_platform
 
 
 def dense(features: int, axes: tuple[str, str] = ("embed", "mlp"), name: str | None = None, **kw) -> nn.Dense:
@@ -228,7 +228,7 @@ class Transformer(nn.Module):
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         length=self.layers,
-        unroll=(jax.default_backend() == "cpu") if opts.unroll is None else opts.unroll,
+        unroll=(current_platform() == "cpu") if opts.unroll is None else opts.unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
       x, _ = stack(**kw, name="blocks")(x, None)

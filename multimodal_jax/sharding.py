@@ -49,6 +49,18 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def current_platform() -> str:
+  """"cpu", "gpu" or "tpu": the platform of the mesh being traced for (the abstract mesh that
+  `jax.sharding.use_abstract_mesh` set: the train step sets it from its mesh), else JAX's default
+  backend. Backend choices in model code (attention kernels, CPU-only layouts) ask this, not
+  `jax.default_backend()`, so that a step compiled for compile-only TPU or GPU devices on a CPU host
+  is the step those devices would run."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+  platform = device.platform if device is not None else jax.default_backend()
+  return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
 class MeshSpecError(ValueError):
   """A mesh spec that is malformed or does not fit the available devices."""
 

@@ -24,7 +24,7 @@ from flax import linen as nn
 from multimodal_jax.attention import CrossAttention, SelfAttention
 from multimodal_jax.layers import ACTIVATION, activation_fn
 from multimodal_jax.projection import projection_dot_general
-from multimodal_jax.sharding import constrain
+from multimodal_jax.sharding import constrain, current_platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +210,7 @@ class DiT(nn.Module):
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.depth,
-        unroll=(jax.default_backend() == "cpu") if cfg.scan_unroll is None else cfg.scan_unroll,
+        unroll=(current_platform() == "cpu") if cfg.scan_unroll is None else cfg.scan_unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
       x, _ = stack(cfg, name="blocks")(x, c, ctx, mask)
