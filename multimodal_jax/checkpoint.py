@@ -3,7 +3,8 @@
 Layout: WORKDIR/checkpoints/<step>/{state,data,config}. Saves are asynchronous and atomic (orbax
 writes to a temporary directory and renames it when complete), so an interrupted save never
 replaces the last good checkpoint. A checkpoint that cannot be read is reported and the
-previous one is used. Nothing here imports the rest of the package but the leaf `quiet_orbax`.
+previous one is used. Nothing here imports the rest of the package, and an import changes no
+process-wide hook: the command line installs `quiet_orbax`'s filters (`cli.run`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
-
-from multimodal_jax import quiet_orbax
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,6 @@ def restore_params(
       raise NoCheckpointError(f"no checkpoint of step {step} in {checkpoint_dir(workdir)} (it has steps {steps})")
     steps = [step]
   del step
-  quiet_orbax.install()
   manager = ocp.CheckpointManager(
     checkpoint_dir(workdir),
     options=ocp.CheckpointManagerOptions(
@@ -201,7 +199,6 @@ class Checkpointer:
     )
     self._in_flight: int | None = None  # the step of the newest save started
     self._failed = False
-    quiet_orbax.install()
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())

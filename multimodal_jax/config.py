@@ -1,8 +1,9 @@
-"""Command-line overrides for `ml_collections.ConfigDict`s (`--config.key=value`) and the declared
-rules their values must follow.
+"""Config keys declared once, the rules their values follow, and the command line's ways to change
+them: `--config.KEY=VALUE` overrides and `--config=FILE.py[:ARG]` config files.
 
-Every config key is declared once with a `Rule` (its range or choices) next to its default: the
-loop's keys in `loop.base_config()` / `loop.BASE_RULES`, each experiment's own in the experiment.
+Every key is one `Key`: its default, its `Rule` (range or choices), a one-line help and the group
+`--help` lists it under. The loop's keys come from `loop.base_keys()`, each method's own from its
+`config.KEYS`; `make_config` builds the `ConfigDict`, `rules_of` the rules, `help_text` the listing.
 `validate` checks a whole config against its rules before JAX starts, so a bad value ends the run
 in one line before anything is created or touched.
 """
@@ -11,8 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import inspect
 import math
 import os
+import shlex
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,12 +34,15 @@ class Rule:
   test: Callable[[Any], bool]
   expect: str
 
-  def check(self, key: str, value: Any) -> None:
+  def accepts(self, value: Any) -> bool:
+    """Whether `value` follows the rule (a test that raises TypeError or ValueError refuses it)."""
     try:
-      ok = bool(self.test(value))
+      return bool(self.test(value))
     except (TypeError, ValueError):
-      ok = False
-    if not ok:
+      return False
+
+  def check(self, key: str, value: Any) -> None:
+    if not self.accepts(value):
       raise UserError(f"--config.{key}={_show(value)}: expected {self.expect}")
 
 
@@ -94,6 +102,102 @@ DTYPE = one_of("float32", "bfloat16", "float16")
 Rules = Mapping[str, Rule]
 
 
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One config key, declared once: its `default` (whose type the command line keeps), the `rule` its
+  values follow, a one-line `help` and the `group` that `--help` lists it under."""
+
+  default: Any
+  rule: Rule
+  help: str
+  group: str
+
+
+Keys = Mapping[str, Key]
+
+# What each group holds, for `--help`; a method adds its own (latent diffusion's stage sections).
+GROUPS = {
+  "loop": "the training loop and optimizer (shared by every experiment)",
+  "data": "the data: which dataset, where it lives, how it is read",
+  "model": "the model and its inputs",
+  "loss": "the training objective",
+  "eval": "evaluation of a trained run",
+  "sample": "sampling from a trained run",
+  "export": "writing a trained run's weights for other libraries",
+}
+
+
+def make_config(keys: Keys) -> ml_collections.ConfigDict:
+  """The `ConfigDict` of `keys`' defaults; a dotted name (`autoencoder.steps`) is a key of a nested
+  section (`config.autoencoder.steps`)."""
+  config = ml_collections.ConfigDict()
+  for name, key in keys.items():
+    *parents, leaf = name.split(".")
+    node = config
+    for part in parents:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    node[leaf] = key.default
+  return config
+
+
+def rules_of(keys: Keys) -> dict[str, Rule]:
+  """The rule of each key, by its dotted name (what `validate` takes)."""
+  return {name: key.rule for name, key in keys.items()}
+
+
+def keys_from(defaults: Mapping[str, Any], rules: Mapping[str, Rule], help: Mapping[str, str], group: str) -> dict:
+  """Keys of a module that keeps defaults, rules and help lines in separate mappings (as
+  `data.specs` does), one for each name of `defaults` (a name without a help line gets none)."""
+  return {name: Key(default, rules[name], help.get(name, ""), group) for name, default in defaults.items()}
+
+
+def in_section(section: str, keys: Keys) -> dict[str, Key]:
+  """`keys` as the keys of a sub-config `section` (`steps` -> `section.steps`), listed in its own group."""
+  return {f"{section}.{name}": dataclasses.replace(key, group=section) for name, key in keys.items()}
+
+
+def show_value(value: Any) -> str:
+  """A default as it would be typed after `--config.KEY=` in a shell."""
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, str):
+    return shlex.quote(value)
+  return repr(value)
+
+
+def help_text(keys: Keys, groups: Mapping[str, str] = GROUPS, width: int = 100) -> str:
+  """Every key with its default, help line and rule, by group (in the order the keys are declared;
+  `groups` says what each holds), wrapped at `width` columns."""
+  by_group: dict[str, list[str]] = {}
+  for name, key in keys.items():
+    by_group.setdefault(key.group, []).append(name)
+  lines = []
+  for group, names in by_group.items():
+    about = groups.get(group, "")
+    lines.append(textwrap.fill(f"{group}:" + (f" {about}" if about else ""), width, subsequent_indent="  "))
+    for name in names:
+      key = keys[name]
+      lines.append(f"  --config.{name}={show_value(key.default)}")
+      about = (key.help + ("" if key.help.endswith(".") else ". ") if key.help else "") + f"Expected {key.rule.expect}."
+      lines.append(textwrap.fill(about, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    lines.append("")
+  return "\n".join(lines).rstrip() + "\n"
+
+
+def declares(keys: Keys, groups: Mapping[str, str] | None = None) -> Callable:
+  """Marks a `get_config` as building `keys` (with `groups`' descriptions), so that the command line
+  can list them under `--help` without being told twice."""
+
+  def mark(get_config: Callable) -> Callable:
+    get_config.keys = keys
+    get_config.groups = {**GROUPS, **(groups or {})}
+    return get_config
+
+  return mark
+
+
 def validate(config: ml_collections.ConfigDict, rules: Rules, relations: Sequence[Callable] = ()) -> None:
   """Checks every key of `config` (dotted names for nested dicts) against its rule, then the
   cross-key `relations` (functions of the config that raise UserError).
@@ -122,6 +226,11 @@ def source_needs(source_key: str, kind: str, key: str, value: Any, what: str) ->
       raise UserError(f"{source_key}={source} is {what} of {key}={value}: set --config.{key}={value}")
 
   return relation
+
+
+def flat_keys(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Every value of a (nested) config by its dotted name (`autoencoder.steps`)."""
+  return dict(_flat(config.to_dict()))
 
 
 def _flat(tree: dict, prefix: str = ""):
@@ -173,6 +282,92 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
       raise UserError(f"unknown config key {key!r}; {hint}known keys: {', '.join(known)}")  # repr: one line
     node[leaf] = _parse_value(key, text, node[leaf])
   return config
+
+
+def load_config_file(spec: str) -> dict:
+  """The values of `--config=FILE.py[:ARG]`: what FILE's `get_config(ARG)`, or `get_config()` without
+  `:ARG`, returns (a ConfigDict or dict), as big_vision's and flax's config files define it.
+
+  A missing file, a syntax error, no `get_config` or an argument it does not take is a UserError.
+  """
+  path, arg = spec, None
+  if not os.path.isfile(spec) and ".py:" in spec:
+    stem, _, arg = spec.partition(".py:")
+    path = stem + ".py"
+  if not os.path.isfile(path):
+    raise UserError(f"--config={spec}: no such file {path}; expected --config=FILE.py[:ARG]")
+  module_spec = importlib.util.spec_from_file_location("_user_config_file", path)
+  if module_spec is None or module_spec.loader is None:
+    raise UserError(f"--config={spec}: {path} is not a Python file; expected --config=FILE.py[:ARG]")
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"--config={spec}: {path} line {e.lineno}: {e.msg}") from None
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise UserError(f"--config={spec}: {path} defines no get_config(); a config file returns its config from it")
+  args = () if arg is None else (arg,)
+  try:
+    inspect.signature(get_config).bind(*args)
+  except TypeError:
+    fix = "add :ARG after the file name" if arg is None else "drop the :ARG after the file name"
+    raise UserError(
+      f"--config={spec}: {path}'s get_config{inspect.signature(get_config)} does not take it so: {fix}"
+    ) from None
+  values = get_config(*args)
+  if isinstance(values, ml_collections.ConfigDict):
+    values = values.to_dict()
+  if not isinstance(values, Mapping):
+    raise UserError(f"--config={spec}: get_config() returned a {type(values).__name__}, not a ConfigDict or dict")
+  return dict(values)
+
+
+def apply_config_file(
+  config: ml_collections.ConfigDict, values: Mapping, source: str, rules: Rules
+) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """`(config with the values of a config file, the dotted keys it set)`. The file may set some keys
+  or all of them; one it does not know, a value of another type or one its rule refuses is a one-line
+  UserError naming `source` (`--config=FILE`)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  known = dict(_flat(config.to_dict()))
+  given = []
+  for key, value in _flat(dict(values)):
+    if key not in known:
+      close = difflib.get_close_matches(key, sorted(known), n=3)
+      hint = f"did you mean {', '.join(close)}? " if close else ""
+      raise UserError(f"{source}: unknown config key {key!r}; {hint}known keys: {', '.join(sorted(known))}")
+    value = _file_value(source, key, value, known[key])
+    if key in rules and not rules[key].accepts(value):
+      raise UserError(f"{source}: {key}={_show(value)}: expected {rules[key].expect}")
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+    given.append(key)
+  return config, given
+
+
+def _file_value(source: str, key: str, value: Any, current: Any) -> Any:
+  """A config file's `value` of `key` in the type of the default `current` (an integral float for an
+  int, e.g. `steps = 1e4`; an int for a float)."""
+  if isinstance(current, bool):
+    ok, what = isinstance(value, bool), "true or false"
+  elif isinstance(current, int):
+    if isinstance(value, float) and value.is_integer():
+      value = int(value)
+    ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+  elif isinstance(current, float):
+    ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    value = float(value) if ok else value
+  elif isinstance(current, str):
+    ok, what = isinstance(value, str), "text"
+  else:
+    ok, what = True, ""
+  if not ok:
+    raise UserError(f"{source}: {key}={_show(value)}: expected {what}")
+  return value
 
 
 def overridden_keys(overrides: Sequence[str]) -> list[str]:

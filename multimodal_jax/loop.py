@@ -23,7 +23,18 @@ from multimodal_jax import checkpoint as ckpt
 from multimodal_jax import init_from, profiling, train
 from multimodal_jax import metrics as mt
 from multimodal_jax import sharding as shd
-from multimodal_jax.config import DTYPE, MESH, NON_NEGATIVE, POSITIVE, Rule, get_dotted, one_of
+from multimodal_jax.config import (
+  DTYPE,
+  MESH,
+  NON_NEGATIVE,
+  POSITIVE,
+  Key,
+  Rule,
+  get_dotted,
+  make_config,
+  one_of,
+  rules_of,
+)
 from multimodal_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -44,9 +55,9 @@ class TrainData(Protocol):
   def seek(self, step: int) -> None: ...  # position at the batch of a given step
 
 
-# The loop's and the optimizer's keys, shared by every experiment: `base_config()` holds their
-# defaults, `base_rules()` what each must be. `SECTION_KEYS` may also live in a sub-config of their
-# own (one per training stage, e.g. `autoencoder.steps`); seed, mesh and dtype stay at the top.
+# The loop's and the optimizer's keys, shared by every experiment, declared in `base_keys()`.
+# `SECTION_KEYS` may also live in a sub-config of their own (one per training stage, e.g.
+# `autoencoder.steps`); seed, mesh and dtype stay at the top.
 TOP_KEYS = ("seed", "mesh", "dtype", "profile_steps", "compile_cache")
 SECTION_KEYS = (
   "steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "grad_accum_steps",
@@ -55,65 +66,79 @@ SECTION_KEYS = (
 )  # fmt: skip
 
 
-def base_config(section: bool = False, **defaults: Any) -> ml_collections.ConfigDict:
-  """The shared keys with their defaults (`defaults` overrides them): the whole set, or with
-  `section=True` only SECTION_KEYS (a stage's sub-config)."""
-  c = ml_collections.ConfigDict()
-  if not section:
-    c.seed = 0
-    c.mesh = "data:-1"  # device mesh, e.g. data:4,fsdp:2 (multimodal_jax.sharding)
-    c.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
-    c.profile_steps = ""  # START:END: a jax.profiler trace of those steps in WORKDIR/profile
-    c.compile_cache = ""  # persistent compilation cache: DIR, "" (~/.cache/multimodal_jax/jax_cache) or off
-  c.steps = 1000  # total: a resumed run trains up to this step
-  c.batch_size = 64  # global, over all processes and devices
-  c.learning_rate = 1e-3  # peak of linear warmup + cosine decay (train.make_optimizer)
-  c.warmup_steps = 100
-  c.weight_decay = 0.0
-  c.grad_clip = 1.0  # global-norm clipping; 0 disables
-  c.grad_accum_steps = 1
-  c.ema_decay = 0.0  # 0 disables the EMA of the params
-  c.log_every = 50
-  c.eval_every = 0  # 0: evaluate only at the end
-  c.checkpoint_every = 250
-  c.keep_checkpoints = 3
-  c.weight_decay_mask = "default"  # default: kernels and token tables only; all: every parameter
-  c.freeze = ""  # REGEX over '/'-joined param paths (or an experiment's alias, e.g. image): no updates, no moments
-  c.init_from = (
-    ""  # SOURCE of the initial params of a fresh run: workdir:DIR[@STEP] or a converter's, e.g. open_clip:FILE
-  )
-  unknown = set(defaults) - set(c.keys())
+def base_keys(section: bool = False, **defaults: Any) -> dict[str, Key]:
+  """The shared keys (group "loop") with their defaults (`defaults` overrides them): the whole set,
+  or with `section=True` only SECTION_KEYS (a stage's sub-config)."""
+  keys = {
+    "seed": Key(
+      0, Rule(lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"), "seed of init, data order, dropout", "loop"
+    ),
+    "mesh": Key("data:-1", MESH, "device mesh, e.g. data:4,fsdp:2 (multimodal_jax.sharding)", "loop"),
+    "dtype": Key("float32", DTYPE, "compute dtype; bfloat16 on accelerators (params stay float32)", "loop"),
+    "profile_steps": Key(
+      "",
+      Rule(_profile_steps_ok, "START:END with 0 <= START < END (e.g. 5:8), or empty"),
+      "START:END: a jax.profiler trace of those steps in WORKDIR/profile",
+      "loop",
+    ),
+    "compile_cache": Key(
+      "",
+      Rule(lambda v: isinstance(v, str), "a directory, off, or empty for the user cache dir"),
+      'persistent compilation cache: DIR, "" (~/.cache/multimodal_jax/jax_cache) or off',
+      "loop",
+    ),
+    "steps": Key(1000, POSITIVE, "total training steps: a resumed run trains up to this step", "loop"),
+    "batch_size": Key(64, POSITIVE, "global batch size, over all processes and devices", "loop"),
+    "learning_rate": Key(1e-3, NON_NEGATIVE, "peak of linear warmup + cosine decay (train.make_optimizer)", "loop"),
+    "warmup_steps": Key(100, NON_NEGATIVE, "steps of linear learning-rate warmup", "loop"),
+    "weight_decay": Key(0.0, NON_NEGATIVE, "AdamW weight decay", "loop"),
+    "grad_clip": Key(1.0, NON_NEGATIVE, "global-norm gradient clipping; 0 disables", "loop"),
+    "grad_accum_steps": Key(1, POSITIVE, "microbatches per step (batch_size is split into them)", "loop"),
+    "ema_decay": Key(
+      0.0, Rule(lambda v: 0 <= v < 1, "a number in [0, 1) (0 disables the EMA)"), "decay of the params' EMA", "loop"
+    ),
+    "log_every": Key(50, POSITIVE, "steps between logged metrics", "loop"),
+    "eval_every": Key(0, NON_NEGATIVE, "steps between evaluations; 0: only at the end", "loop"),
+    "checkpoint_every": Key(250, POSITIVE, "steps between checkpoints", "loop"),
+    "keep_checkpoints": Key(
+      3, Rule(lambda v: isinstance(v, int) and v >= 1, "at least 1 (checkpoints to keep)"), "checkpoints kept", "loop"
+    ),
+    "weight_decay_mask": Key(
+      "default", one_of("default", "all"), "default: decay kernels and token tables only; all: every parameter", "loop"
+    ),
+    "freeze": Key(
+      "",
+      Rule(_regex_ok, "a regular expression over parameter paths (or an alias such as image, text)"),
+      "REGEX over '/'-joined param paths (or the method's alias, e.g. image): no updates, no optimizer moments",
+      "loop",
+    ),
+    "init_from": Key(
+      "",
+      Rule(_source_ok, "workdir:DIR[@STEP] or a converter's SOURCE such as open_clip:FILE"),
+      "initial params of a fresh run (a resumed run ignores it): workdir:DIR[@STEP] or a converter's SOURCE",
+      "loop",
+    ),
+  }
+  if section:
+    keys = {name: key for name, key in keys.items() if name in SECTION_KEYS}
+  unknown = set(defaults) - set(keys)
   if unknown:
-    raise ValueError(f"base_config has no keys {sorted(unknown)}")
-  c.update(defaults)
-  return c
+    raise ValueError(f"base_keys has no keys {sorted(unknown)}")
+  for name, value in defaults.items():
+    if isinstance(keys[name].default, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)  # a float key stays a float (as a ConfigDict would keep it)
+    keys[name] = dataclasses.replace(keys[name], default=value)
+  return keys
+
+
+def base_config(section: bool = False, **defaults: Any) -> ml_collections.ConfigDict:
+  """The shared keys' `ConfigDict` (see `base_keys`)."""
+  return make_config(base_keys(section, **defaults))
 
 
 def base_rules(prefix: str = "", section: bool = False) -> dict[str, Rule]:
   """The rule of each shared key, named `prefix + key`."""
-  rules = {
-    "steps": POSITIVE,
-    "batch_size": POSITIVE,
-    "learning_rate": NON_NEGATIVE,
-    "warmup_steps": NON_NEGATIVE,
-    "weight_decay": NON_NEGATIVE,
-    "grad_clip": NON_NEGATIVE,
-    "grad_accum_steps": POSITIVE,
-    "ema_decay": Rule(lambda v: 0 <= v < 1, "a number in [0, 1) (0 disables the EMA)"),
-    "log_every": POSITIVE,
-    "eval_every": NON_NEGATIVE,
-    "checkpoint_every": POSITIVE,
-    "keep_checkpoints": Rule(lambda v: isinstance(v, int) and v >= 1, "at least 1 (checkpoints to keep)"),
-    "weight_decay_mask": one_of("default", "all"),
-    "freeze": Rule(_regex_ok, "a regular expression over parameter paths (or an alias such as image, text)"),
-    "init_from": Rule(_source_ok, "workdir:DIR[@STEP] or a converter's SOURCE such as open_clip:FILE"),
-  }
-  if not section:
-    rules.update({"seed": Rule(lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"), "mesh": MESH})
-    rules["dtype"] = DTYPE
-    rules["profile_steps"] = Rule(_profile_steps_ok, "START:END with 0 <= START < END (e.g. 5:8), or empty")
-    rules["compile_cache"] = Rule(lambda v: isinstance(v, str), "a directory, off, or empty for the user cache dir")
-  return {prefix + k: v for k, v in rules.items()}
+  return {prefix + name: rule for name, rule in rules_of(base_keys(section)).items()}
 
 
 def _profile_steps_ok(text: str) -> bool:

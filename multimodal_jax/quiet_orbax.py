@@ -7,7 +7,8 @@ asyncio's "exception was never retrieved", unraisable "Event loop is closed" err
 into loops orbax already closed, thread exceptions, and "coroutine ... was never awaited" warnings
 for the array-serialization coroutines of a write that failed (collected at exit). `install()`
 filters exactly those (by their origin in orbax / tensorstore frames, or by their names);
-everything else passes through. Nothing here imports the rest of the package.
+everything else passes through. The command line's entry point (`cli.run`) installs them; importing
+the library changes no process-wide hook. Nothing here imports the rest of the package.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """The train step: sharded init, equality across meshes, accumulation, dtype, EMA, NaN guard."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -74,12 +76,32 @@ def test_gradient_accumulation_matches_the_full_batch():
   np.testing.assert_allclose(results[0][1:], results[1][1:], rtol=1e-5)
 
 
+_DOT_OPERANDS = re.compile(r"stablehlo\.dot_general .*: \(tensor<[\dx]*x(\w+)>, tensor<[\dx]*x(\w+)>\)")
+
+
+def _dot_operand_dtypes(step, state, mesh):
+  """The operand dtypes of every dot_general in the lowered step (StableHLO text)."""
+  text = step.lower(state, shd.host_to_global_batch(_batch(), mesh)).as_text()
+  return [m.groups() for m in _DOT_OPERANDS.finditer(text)]
+
+
 @pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
-  _, losses32, _, _ = _run("data:8", steps=2)
-  state16, losses16, _, _ = _run("data:8", steps=2, compute_dtype=jnp.bfloat16)
+  state32, losses32, step32, _ = _run("data:8", steps=2)
+  state16, losses16, step16, _ = _run("data:8", steps=2, compute_dtype=jnp.bfloat16)
+  # catches params stored (and updated) in bfloat16 instead of kept float32
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state16.params))
   np.testing.assert_allclose(losses16, losses32, rtol=3e-2)
+  mesh = shd.make_mesh("data:8")
+  dots16, dots32 = _dot_operand_dtypes(step16, state16, mesh), _dot_operand_dtypes(step32, state32, mesh)
+  # catches a compute_dtype that is ignored (matmuls left float32): every matmul is bf16, the 2 forward and the
+  # 3 backward ones (no gradient for the input x)
+  assert len(dots16) == 5 and all(d == ("bf16", "bf16") for d in dots16), dots16
+  # control for the pattern above: the float32 step's matmuls are float32, so the check can tell them apart
+  assert len(dots32) == len(dots16) and all(d == ("f32", "f32") for d in dots32), dots32
+  # catches a bfloat16 run that computes in float32 anyway: rounding inputs and weights to 8 mantissa bits
+  # moves the loss by ~1e-4 here (measured 3e-4 and 1e-4), far above float32 reassociation noise (~1e-7)
+  assert np.abs(np.subtract(losses16, losses32)).max() > 1e-5, (losses16, losses32)
 
 
 @pytest.mark.slow
@@ -96,6 +118,31 @@ def test_ema_is_sharded_like_params_and_averages():
     )
   ]
   assert any(moved)
+
+
+def test_ema_follows_decay_times_ema_plus_one_minus_decay_times_the_updated_params():
+  decay = 0.9  # not 0.5, where e*d + (1-d)*p and the swapped e*(1-d) + d*p coincide
+  mesh = shd.make_mesh("data:4,fsdp:2")
+  tx, _ = toy.optimizer()
+  _, shardings = train.abstract_train_state(toy.init_params, tx, mesh, ema=True)
+  state = train.init_train_state(toy.init_params, tx, shardings, jax.random.key(0), ema=True)
+  step = train.make_train_step(toy.loss_fn, tx, mesh, shardings, ema_decay=decay)
+  # catches an EMA that starts anywhere but the initial params (zeros, say)
+  chex.assert_trees_all_equal(jax.device_get(state.ema_params), toy.params_of(state))
+  expected = toy.params_of(state)
+  for i in range(5):
+    before = toy.params_of(state)  # the step donates its state: read it on the host first
+    state, _ = step(state, shd.host_to_global_batch(_batch(offset=32 * i), mesh))
+    params = toy.params_of(state)
+    # catches an EMA of the params before the update, which this check would confuse with the new ones
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)))
+    expected = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, expected, params)
+    # catches the swapped weights (e*(1-d) + d*p), an EMA that copies the params, one of the old params, or
+    # one that never moves: each is off by ~(1-d) x the update or more, far outside float32 rounding
+    chex.assert_trees_all_close(jax.device_get(state.ema_params), expected, rtol=1e-6, atol=1e-7)
+  # the check above is sharp: after 5 steps the EMA is measurably away from both the params and the init
+  ema = jax.device_get(state.ema_params)
+  assert max(np.abs(e - p).max() for e, p in zip(jax.tree.leaves(ema), jax.tree.leaves(params))) > 1e-4
 
 
 def test_non_finite_loss_skips_the_update_and_reports_it():

@@ -1,5 +1,5 @@
-"""AVDCNN's config: every key with its default and rule, the keys an evaluation may change, and the
-model a config asks for."""
+"""AVDCNN's config: every key declared once in `KEYS` (default, rule, help, group), from which
+`get_config()` and `RULES` derive; the keys an evaluation may change; the model a config asks for."""
 
 from __future__ import annotations
 
@@ -9,59 +9,90 @@ import ml_collections
 
 from multimodal_jax import loop
 from multimodal_jax.avdcnn import model as avdcnn
-from multimodal_jax.config import BOOL, FINITE, NON_NEGATIVE, POSITIVE, TEXT, existing_path, one_of
+from multimodal_jax.config import (
+  BOOL,
+  FINITE,
+  NON_NEGATIVE,
+  POSITIVE,
+  TEXT,
+  Key,
+  declares,
+  existing_path,
+  make_config,
+  one_of,
+  rules_of,
+)
 
 EVAL_KEYS = ("mesh", "data_dir", "eval_utterances", "eval_processes", "input", "lips", "output", "resample", "utterance")  # fmt: skip
 
 
-def get_config() -> ml_collections.ConfigDict:
-  c = loop.base_config(steps=4000, batch_size=256, log_every=100, checkpoint_every=500, keep_checkpoints=2)
-  c.modalities = "audio,visual"
-  c.fusion = "joint"
-  c.model = "paper"  # preset of models/avdcnn.py: paper | wide | tiny
-  c.mu = 1.0
-  c.loss = "compressed"  # compressed (|S|^0.3 magnitudes, default) | log_power (the paper's)
-  c.under_weight = 1.0  # weight of squared audio errors below the target (over-suppression); 1: the paper's loss
-  c.head = "gain"  # audio head: gain (noisy centre frame - softplus, default) | residual | plain (the paper's)
-  c.target_floor = -4.0  # floor of the normalized clean target (digital silence would be ~ -10)
-  c.bn_batches = 16  # training batches for the population batch-norm statistics
-  c.data_config = "default"  # av_speech config: default | tiny
-  c.data_dir = ""
-  c.grid_dir = ""  # a GRID corpus root (multimodal_jax.datasets.grid): train and test on GRID instead
-  c.noise_dir = ""  # audio files to mix the training data with (instead of the Debian packages' noises)
-  c.eval_utterances = 0  # 0: every test utterance
-  c.eval_processes = 2
-  c.input = ""  # enhance mode: a file or a directory of audio files
-  c.lips = ""  # its .npy mouth frames, or a directory of STEM.npy
-  c.output = ""  # a file, or a directory for a directory of inputs
-  c.resample = True
-  c.utterance = 0  # spectrogram mode: which test utterance
-  return c
-
-
-RULES = {
-  **loop.base_rules(),
-  "modalities": one_of("audio,visual", "visual,audio", "audio"),
-  "fusion": one_of(*avdcnn.FUSIONS),
-  "model": one_of(*avdcnn.PRESETS),
-  "mu": NON_NEGATIVE,
-  "loss": one_of("compressed", "log_power"),
-  "under_weight": NON_NEGATIVE,
-  "head": one_of(*avdcnn.HEADS),
-  "target_floor": FINITE,
-  "bn_batches": POSITIVE,
-  "data_config": one_of("default", "tiny"),
-  "data_dir": TEXT,
-  "grid_dir": existing_path("dir"),
-  "noise_dir": existing_path("dir"),
-  "eval_utterances": NON_NEGATIVE,
-  "eval_processes": POSITIVE,
-  "input": TEXT,  # checked by enhance.plan (a file or a directory)
-  "lips": TEXT,
-  "output": TEXT,
-  "resample": BOOL,
-  "utterance": NON_NEGATIVE,
+KEYS = {
+  **loop.base_keys(steps=4000, batch_size=256, log_every=100, checkpoint_every=500, keep_checkpoints=2),
+  "data_config": Key("default", one_of("default", "tiny"), "av_speech config: default or tiny", "data"),
+  "data_dir": Key("", TEXT, "TFDS data dir where AV-speech (or GRID) is prepared; empty: the TFDS default", "data"),
+  "grid_dir": Key(
+    "",
+    existing_path("dir"),
+    "a GRID corpus root (multimodal_jax.datasets.grid): train and test on GRID instead",
+    "data",
+  ),
+  "noise_dir": Key(
+    "",
+    existing_path("dir"),
+    "audio files to mix the training data with (instead of the Debian packages' noises)",
+    "data",
+  ),
+  "modalities": Key(
+    "audio,visual",
+    one_of("audio,visual", "visual,audio", "audio"),
+    "audio,visual, or audio alone (the audio-only baseline)",
+    "model",
+  ),
+  "fusion": Key("joint", one_of(*avdcnn.FUSIONS), "how the audio and visual streams meet", "model"),
+  "model": Key("paper", one_of(*avdcnn.PRESETS), "preset of multimodal_jax.avdcnn.model", "model"),
+  "head": Key(
+    "gain",
+    one_of(*avdcnn.HEADS),
+    "audio head: gain (noisy centre frame - softplus), residual, or plain (the paper's)",
+    "model",
+  ),
+  "bn_batches": Key(16, POSITIVE, "training batches for the population batch-norm statistics", "model"),
+  "loss": Key(
+    "compressed",
+    one_of("compressed", "log_power"),
+    "compressed (|S|^0.3 magnitudes) or log_power (the paper's)",
+    "loss",
+  ),
+  "mu": Key(1.0, NON_NEGATIVE, "weight of the visual reconstruction loss", "loss"),
+  "under_weight": Key(
+    1.0, NON_NEGATIVE, "weight of squared audio errors below the target (over-suppression); 1: the paper's loss", "loss"
+  ),
+  "target_floor": Key(-4.0, FINITE, "floor of the normalized clean target (digital silence would be ~ -10)", "loss"),
+  "eval_utterances": Key(0, NON_NEGATIVE, "test utterances evaluated; 0: every one", "eval"),
+  "eval_processes": Key(2, POSITIVE, "processes computing PESQ / STOI", "eval"),
+  "input": Key(
+    "", TEXT, "--mode=enhance: a noisy audio file, or a directory of them", "enhance"
+  ),  # checked by enhance.plan
+  "lips": Key("", TEXT, "--mode=enhance: its .npy mouth frames, or a directory of STEM.npy", "enhance"),
+  "output": Key(
+    "",
+    TEXT,
+    "--mode=enhance: a file, or a directory for a directory of inputs; --mode=spectrogram: the image",
+    "enhance",
+  ),
+  "resample": Key(True, BOOL, "--mode=enhance: resample inputs at another rate (false: refuse them)", "enhance"),
+  "utterance": Key(0, NON_NEGATIVE, "--mode=spectrogram: which test utterance", "enhance"),
 }
+
+GROUPS = {"enhance": "enhancing your own recordings (--mode=enhance) and drawing spectrograms (--mode=spectrogram)"}
+
+RULES = rules_of(KEYS)
+
+
+@declares(KEYS, GROUPS)
+def get_config() -> ml_collections.ConfigDict:
+  """AVDCNN audio-visual speech enhancement on the embedded AV-speech data, or on GRID."""
+  return make_config(KEYS)
 
 
 def model_config(config) -> avdcnn.AVDCNNConfig:

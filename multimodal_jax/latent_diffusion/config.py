@@ -1,5 +1,6 @@
-"""The rules of latent diffusion's config keys (`experiments/latent_diffusion/config.py` sets their
-defaults), the keys an evaluation may change on a trained run, and the run's directories.
+"""Latent diffusion's config: every key declared once in `KEYS` (default, rule, help, group), from which
+`get_config()` and `RULES` derive; the keys an evaluation may change on a trained run; the run's
+directories.
 
 A workdir holds stage 1 in `WORKDIR/autoencoder` and stage 2 in `WORKDIR/denoiser`; the denoiser's
 saved config fixes the keys of every later mode (sample, eval, export).
@@ -13,7 +14,22 @@ import ml_collections
 
 from multimodal_jax import loop
 from multimodal_jax.attention import ATTENTION_IMPLEMENTATIONS
-from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Rule, between, one_of, source_needs
+from multimodal_jax.config import (
+  BOOL,
+  NON_NEGATIVE,
+  POSITIVE,
+  TEXT,
+  Key,
+  Rule,
+  between,
+  declares,
+  in_section,
+  keys_from,
+  make_config,
+  one_of,
+  rules_of,
+  source_needs,
+)
 from multimodal_jax.data import specs
 from multimodal_jax.errors import UserError
 from multimodal_jax.latent_diffusion import diffusion
@@ -53,46 +69,154 @@ def _positive_int(v) -> bool:
   return isinstance(v, int) and v > 0
 
 
-RULES = {
-  **loop.base_rules(),
-  **loop.base_rules("autoencoder.", section=True),
-  **loop.base_rules("denoiser.", section=True),
-  "condition": one_of(*CONDITIONS),
-  "stage": one_of(*STAGES),
-  "final_eval": BOOL,
-  **{k: v for k, v in specs.config_rules().items() if k in DATA_KEYS},
-  "dataset": specs.spec_rule((EMBEDDED,)),
-  "templates": TEXT,
-  "autoencoder_from": Rule(_vae_source_ok, "empty or diffusers_vae:DIR (a diffusers AutoencoderKL folder)"),
-  "export_to": Rule(_vae_source_ok, "empty or diffusers_vae:DIR (the folder to write)"),
-  "shift_factor": Rule(lambda v: isinstance(v, (int, float)), "a number"),
-  "train_images": NON_NEGATIVE,
-  "context_length": Rule(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
-  "clip_workdir": TEXT,  # checked where the CLIP run is restored, with the command that makes one
-  "text_width": POSITIVE,
-  "text_layers": POSITIVE,
-  "text_heads": POSITIVE,
-  "dit": one_of(*DIT_PRESETS),
-  "patch_size": one_of(1, 2, 4, 8),
-  "attention": one_of(*ATTENTION_IMPLEMENTATIONS),
-  "scale_factor": NON_NEGATIVE,
-  "schedule": one_of(*diffusion.SCHEDULES),
-  "num_train_timesteps": Rule(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
-  "prediction": one_of(*diffusion.PREDICTIONS),
-  "cond_drop_prob": between(0, 1),
-  "autoencoder.preset": one_of("auto", *AE_PRESETS),
-  "autoencoder.kl_weight": NON_NEGATIVE,
-  "prompt": Rule(lambda v: isinstance(v, str) and bool(v.strip()), "a prompt (several separated by ';')"),
-  "guidance_scale": NON_NEGATIVE,
-  "sampler": one_of(*diffusion.SAMPLERS),
-  "sample_steps": POSITIVE,
-  "eta": NON_NEGATIVE,
-  "num_samples": Rule(_positive_int, "an integer > 0"),
-  "eval_samples_per_digit": Rule(_positive_int, "an integer > 0"),
-  "eval_batch_size": Rule(_positive_int, "an integer > 0"),
-  "classifier_steps": Rule(_positive_int, "an integer > 0"),
-  "eval_test_images": between(1, 1000),
+# The data settings' help lines (their defaults and rules: multimodal_jax.data.specs).
+DATA_HELP = {
+  "data_dir": "TFDS data dir and the image cache's home; empty: $TFDS_DATA_DIR or ~/tensorflow_datasets",
+  "image_key": "a TFDS dataset's image feature",
+  "text_key": "a TFDS dataset's caption feature (else captions from templates and the class names)",
+  "label_key": "a TFDS dataset's ClassLabel feature",
+  "csv_image_key": "csv: the image path column (open_clip's --csv-img-key)",
+  "csv_caption_key": "csv: the caption column (open_clip's --csv-caption-key)",
+  "csv_separator": "csv: the column separator (open_clip's --csv-separator)",
+  "image_size": "image side in pixels",
+  "channels": "image channels: 1 or 3",
 }
+
+# The two stages' sub-configs, as `--help` explains them.
+GROUPS = {
+  "plan": "which stages a training run trains, and what follows",
+  "autoencoder": "stage 1, the KL autoencoder (WORKDIR/autoencoder): its own loop and optimizer keys, "
+  "--config.autoencoder.KEY (e.g. --config.autoencoder.steps=20000)",
+  "denoiser": "stage 2, the DiT denoiser on the autoencoder's latents (WORKDIR/denoiser, EMA weights for sampling "
+  "and evaluation): its own loop and optimizer keys, --config.denoiser.KEY",
+}
+
+
+def _top_loop_keys() -> dict[str, Key]:
+  """The loop's keys that stay at the top (seed, mesh, dtype, ...); the rest live in each stage's section."""
+  return {name: key for name, key in loop.base_keys().items() if name in loop.TOP_KEYS}
+
+
+KEYS = {
+  **_top_loop_keys(),
+  "condition": Key(
+    "text",
+    one_of(*CONDITIONS),
+    "the denoiser's condition: text (a small Transformer trained with it), minilm, clip (clip_workdir) or class",
+    "plan",
+  ),
+  "stage": Key(
+    "all", one_of(*STAGES), "all: both stages (each resumes on its own); autoencoder or denoiser: that one", "plan"
+  ),
+  "final_eval": Key(True, BOOL, "evaluate after training the denoiser", "plan"),
+  "dataset": Key(
+    EMBEDDED,
+    specs.spec_rule((EMBEDDED,)),
+    f"{EMBEDDED}, or csv:PATH, folder:DIR or tfds:NAME at image_size x image_size x channels",
+    "data",
+  ),
+  **keys_from(
+    {k: v for k, v in specs.config_keys(**DATA_DEFAULTS).items() if k in DATA_KEYS},
+    specs.config_rules(),
+    DATA_HELP,
+    "data",
+  ),
+  "templates": Key(
+    "",
+    TEXT,
+    'captions of class-only data: empty ("a photo of a {}"), openai, or a FILE of one template per line',
+    "data",
+  ),
+  "train_images": Key(
+    0, NON_NEGATIVE, "0: all 4,000 distinct training images; N: the first N (quick runs, tests)", "data"
+  ),
+  "context_length": Key(
+    16,
+    Rule(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+    "prompt tokens (text and minilm; clip uses the CLIP run's)",
+    "model",
+  ),
+  "clip_workdir": Key(
+    "", TEXT, "condition=clip: the workdir of a finished `python -m experiments.clip` run", "model"
+  ),  # checked where the CLIP run is restored
+  "text_width": Key(128, POSITIVE, "condition=text: the prompt encoder's width", "model"),
+  "text_layers": Key(2, POSITIVE, "condition=text: its layers", "model"),
+  "text_heads": Key(4, POSITIVE, "condition=text: its attention heads", "model"),
+  "dit": Key("tiny", one_of(*DIT_PRESETS), "DiT preset of multimodal_jax.latent_diffusion.dit", "model"),
+  "patch_size": Key(2, one_of(1, 2, 4, 8), "the DiT's patch side, in latent pixels", "model"),
+  "attention": Key(
+    "auto",
+    one_of(*ATTENTION_IMPLEMENTATIONS),
+    "attention.dot_product_attention: auto, cpu, einsum, xla or cudnn",
+    "model",
+  ),
+  "scale_factor": Key(0.0, NON_NEGATIVE, "latent scale; 0: measured from the training latents after stage 1", "model"),
+  "schedule": Key("scaled_linear", one_of(*diffusion.SCHEDULES), "noise schedule", "model"),
+  "num_train_timesteps": Key(
+    1000, Rule(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"), "diffusion steps of training", "model"
+  ),
+  "prediction": Key(
+    "epsilon", one_of(*diffusion.PREDICTIONS), "what the denoiser predicts: the noise, v or the sample", "model"
+  ),
+  "cond_drop_prob": Key(
+    0.1, between(0, 1), "probability of dropping the condition in training (classifier-free guidance)", "model"
+  ),
+  **in_section(
+    "autoencoder", loop.base_keys(section=True, steps=600, warmup_steps=100, checkpoint_every=500, keep_checkpoints=2)
+  ),
+  "autoencoder.preset": Key(
+    "auto",
+    one_of("auto", *AE_PRESETS),
+    "auto: digits (latents image_size/4) up to 32 px, small_f8 (/8) above",
+    "autoencoder",
+  ),
+  "autoencoder.kl_weight": Key(1e-6, NON_NEGATIVE, "weight of the KL term of the autoencoder's loss", "autoencoder"),
+  "autoencoder_from": Key(
+    "",
+    Rule(_vae_source_ok, "empty or diffusers_vae:DIR (a diffusers AutoencoderKL folder)"),
+    "diffusers_vae:DIR: a pretrained VAE instead of stage 1",
+    "autoencoder",
+  ),
+  "shift_factor": Key(
+    0.0,
+    Rule(lambda v: isinstance(v, (int, float)), "a number"),
+    "latent shift; set from a pretrained VAE's config",
+    "autoencoder",
+  ),
+  **in_section(
+    "denoiser",
+    loop.base_keys(section=True, steps=1500, batch_size=128, ema_decay=0.995, checkpoint_every=500, keep_checkpoints=2),
+  ),
+  "prompt": Key(
+    "a handwritten digit seven",
+    Rule(lambda v: isinstance(v, str) and bool(v.strip()), "a prompt (several separated by ';')"),
+    "--mode=sample: the prompt; several separated by ';', one grid row each",
+    "sample",
+  ),
+  "guidance_scale": Key(3.0, NON_NEGATIVE, "classifier-free guidance scale", "sample"),
+  "sampler": Key("ddim", one_of(*diffusion.SAMPLERS), "ddpm or ddim", "sample"),
+  "sample_steps": Key(50, POSITIVE, "sampling steps (at most num_train_timesteps)", "sample"),
+  "eta": Key(0.0, NON_NEGATIVE, "DDIM's eta (0: deterministic)", "sample"),
+  "num_samples": Key(8, Rule(_positive_int, "an integer > 0"), "grid columns; column j uses seed + j", "sample"),
+  "eval_samples_per_digit": Key(
+    50, Rule(_positive_int, "an integer > 0"), "generated images per digit for conditional_accuracy and fid", "eval"
+  ),
+  "eval_batch_size": Key(250, Rule(_positive_int, "an integer > 0"), "batch size of evaluation's sampling", "eval"),
+  "classifier_steps": Key(
+    300, Rule(_positive_int, "an integer > 0"), "training steps of the small CNN that judges the samples", "eval"
+  ),
+  "eval_test_images": Key(
+    1000, between(1, 1000), "held-out images for reconstruction MSE and the FID reference (at most 1,000)", "eval"
+  ),
+  "export_to": Key(
+    "",
+    Rule(_vae_source_ok, "empty or diffusers_vae:DIR (the folder to write)"),
+    "--mode=export: diffusers_vae:DIR, the run's autoencoder as a diffusers folder",
+    "export",
+  ),
+}
+
+RULES = rules_of(KEYS)
 
 
 def sample_steps_relation(config) -> None:
@@ -121,57 +245,7 @@ def stage_dir(workdir: str) -> str:
   return stage_dirs(workdir)[1]
 
 
+@declares(KEYS, GROUPS)
 def get_config() -> ml_collections.ConfigDict:
-  """Latent diffusion on captioned digits (keys: the docstring of experiments/latent_diffusion/__init__.py)."""
-  c = ml_collections.ConfigDict()
-  c.condition = "text"
-  c.stage = "all"
-  c.final_eval = True  # evaluate after training the denoiser
-  c.seed = 0
-  c.mesh = "data:-1"
-  c.dtype = "float32"
-  c.profile_steps = ""
-  c.compile_cache = ""
-  # Data: the embedded digits, or csv:PATH / folder:DIR / tfds:NAME (multimodal_jax.data.specs) at
-  # image_size x image_size x channels; class-only data is captioned with `templates`.
-  c.dataset = EMBEDDED
-  c.update({k: v for k, v in specs.config_keys(**DATA_DEFAULTS).items() if k in DATA_KEYS})
-  c.templates = ""  # "": "a photo of a {}"; openai; or a FILE of one template per line
-  c.train_images = 0  # 0: all 4,000 distinct training images; N: the first N (quick runs, tests)
-  # Prompt encoder.
-  c.context_length = 16  # text and minilm; clip uses the CLIP run's
-  c.clip_workdir = ""  # condition=clip: the workdir of a finished `python -m experiments.clip` run
-  c.text_width = 128
-  c.text_layers = 2
-  c.text_heads = 4
-  # Denoiser and diffusion.
-  c.dit = "tiny"
-  c.patch_size = 2
-  c.attention = "auto"  # attention.dot_product_attention: auto | cpu | einsum | xla | cudnn
-  c.scale_factor = 0.0  # 0: measured from the training latents after stage 1
-  c.schedule = "scaled_linear"
-  c.num_train_timesteps = 1000
-  c.prediction = "epsilon"
-  c.cond_drop_prob = 0.1
-  # The two stages' loop and optimizer keys (loop.base_config), each with its own.
-  c.autoencoder = loop.base_config(section=True, steps=600, warmup_steps=100, checkpoint_every=500, keep_checkpoints=2)
-  c.autoencoder.preset = "auto"  # auto: digits (latents image_size/4) up to 32 px, small_f8 (/8) above
-  c.autoencoder_from = ""  # diffusers_vae:DIR: a pretrained VAE instead of stage 1
-  c.export_to = ""  # --mode=export: diffusers_vae:DIR
-  c.shift_factor = 0.0  # set from a pretrained VAE's config
-  c.autoencoder.kl_weight = 1e-6
-  c.denoiser = loop.base_config(
-    section=True, steps=1500, batch_size=128, ema_decay=0.995, checkpoint_every=500, keep_checkpoints=2
-  )
-  # Sampling and evaluation.
-  c.prompt = "a handwritten digit seven"
-  c.guidance_scale = 3.0
-  c.sampler = "ddim"
-  c.sample_steps = 50
-  c.eta = 0.0
-  c.num_samples = 8
-  c.eval_samples_per_digit = 50
-  c.eval_batch_size = 250
-  c.classifier_steps = 300
-  c.eval_test_images = 1000  # held-out images for reconstruction MSE and the FID reference (at most 1,000)
-  return c
+  """Latent diffusion on captioned digits, or on your images: a KL autoencoder, then a DiT on its latents."""
+  return make_config(KEYS)

@@ -407,7 +407,9 @@ def test_batch_stats_shapes_are_those_of_the_population_statistics():
   stats = avdcnn.population_batch_stats(model, params, [_batch(8)])
   shapes = avdcnn.batch_stats_shapes(model)
   assert jax.tree.structure(shapes) == jax.tree.structure(stats)
-  assert jax.tree.leaves(jax.tree.map(lambda s, x: s.shape == x.shape and s.dtype == x.dtype, shapes, stats))
+  same = jax.tree.leaves(jax.tree.map(lambda s, x: s.shape == x.shape and s.dtype == x.dtype, shapes, stats))
+  # catches a stats leaf of the wrong shape or dtype (a bare list of Falses is truthy) and an empty tree
+  assert same and all(same), same
 
 
 # --- model state in the train state (loop.fit's model_state_fn) ------------------------------------------------------
