@@ -1,21 +1,34 @@
-"""PNG writing: our encoder's files decode (with PIL where installed, else our decoder) to the same pixels."""
+"""PNG writing with Pillow: the files decode (with Pillow) to exactly the pixels written; image grids."""
 
 import io
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from multimodal_jax.eval import images
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 1), (4, 6, 3)])
-def test_png_round_trip(shape):
+@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 1), (4, 6, 3), (1, 1), (33, 17, 3)])
+def test_png_round_trip(shape, tmp_path):
   pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-  data = images.encode_png(pixels)
   expected = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels
-  np.testing.assert_array_equal(images.decode_png(data), expected)
-  pil = pytest.importorskip("PIL.Image")
-  np.testing.assert_array_equal(np.asarray(pil.open(io.BytesIO(data))), expected)
+  with Image.open(io.BytesIO(images.encode_png(pixels))) as image:
+    assert image.mode == ("RGB" if expected.ndim == 3 else "L")
+    np.testing.assert_array_equal(np.asarray(image), expected)
+  images.save_png(str(tmp_path / "a.png"), pixels)
+  with Image.open(tmp_path / "a.png") as image:
+    np.testing.assert_array_equal(np.asarray(image), expected)
+  np.testing.assert_array_equal(images.decode_png((tmp_path / "a.png").read_bytes()), expected)
+
+
+def test_float_grid_written_as_png_keeps_its_pixels(tmp_path):
+  """What the samplers write: float pictures in [-1, 1] -> uint8 -> grid -> PNG, strided views included."""
+  pictures = np.random.default_rng(1).uniform(-1.2, 1.2, (5, 8, 8, 3)).astype(np.float32)
+  pixels = images.grid(images.to_uint8(pictures, -1.0, 1.0), columns=3)
+  images.save_png(str(tmp_path / "grid.png"), pixels[::2, ::-1])  # a non-contiguous view
+  with Image.open(tmp_path / "grid.png") as image:
+    np.testing.assert_array_equal(np.asarray(image), pixels[::2, ::-1])
 
 
 def test_grid_places_images_in_rows():

@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from multimodal_jax import errors
 from multimodal_jax.audio import SAMPLE_RATE
@@ -136,17 +137,9 @@ def _decode_video(path: str) -> np.ndarray:
 
 
 def _read_png(path: str) -> np.ndarray:
-  try:
-    from PIL import Image
-  except ImportError:
-    from multimodal_jax.eval import images
-
-    with open(path, "rb") as f:
-      image = images.decode_png(f.read())
-  else:
-    with Image.open(path) as im:
-      image = np.asarray(im.convert("RGB"))
-  return image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)
+  """A PNG frame of any mode as uint8 RGB `[H, W, 3]` (Pillow repeats gray over the channels)."""
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
 
 
 def read_frames(path: str) -> np.ndarray:
