@@ -18,12 +18,13 @@ and peak-normalized.
 import dataclasses
 import gzip
 import importlib.util
+import io
 import os
 import shutil
 import subprocess
-import wave
 
 import numpy as np
+import soundfile
 from scipy import signal
 
 from multimodal_jax import audio as audio_lib
@@ -153,24 +154,9 @@ def resample(audio: np.ndarray, rate: int) -> np.ndarray:
   return audio_lib.resample(audio, rate, SAMPLE_RATE)
 
 
-def pcm16_to_float(data: bytes, channels: int = 1) -> np.ndarray:
-  """Little-endian 16-bit PCM bytes to float32 `[n]` in [-1, 1] (channel mean)."""
-  data = data[: len(data) // (2 * channels) * 2 * channels]
-  x = np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
-  return x.reshape(-1, channels).mean(axis=1)
-
-
-def read_wav_native(path: str) -> tuple[np.ndarray, int]:
-  """A 16-bit PCM WAV file as float32 `[n]` mono (channel mean) and its sample rate."""
-  with wave.open(path, "rb") as w:
-    if w.getsampwidth() != 2:
-      raise ValueError(f"{path}: expected 16-bit PCM")
-    return pcm16_to_float(w.readframes(w.getnframes()), w.getnchannels()), w.getframerate()
-
-
 def read_wav(path: str) -> np.ndarray:
-  """Reads a 16-bit PCM WAV file as float32 `[n]` at 8 kHz mono."""
-  return resample(*read_wav_native(path))
+  """Reads a WAV file (the Asterisk prompts are 16-bit PCM) as float32 `[n]` at 8 kHz mono."""
+  return resample(*audio_lib.read_audio(path))
 
 
 def trim_and_normalize(audio: np.ndarray, threshold_db: float = -30.0) -> np.ndarray:
@@ -220,16 +206,14 @@ def load_asterisk_clips(speakers: tuple[str, ...] | None = None) -> list[Clip]:
 
 
 def parse_wav_bytes(data: bytes) -> tuple[np.ndarray, int]:
-  """Parses espeak's streamed 16-bit mono WAV (sizes in the header are bogus).
+  """Parses espeak's streamed 16-bit mono WAV (libsndfile reads it although the sizes in its header
+  are bogus).
 
   Returns:
-    float32 `[n]` samples and the sample rate.
+    float32 `[n]` samples (channel mean) and the sample rate.
   """
-  if data[:4] != b"RIFF" or data[12:16] != b"fmt ":
-    raise ValueError("not a WAV stream")
-  rate = int.from_bytes(data[24:28], "little")
-  start = data.find(b"data", 36) + 8
-  return pcm16_to_float(data[start:]), rate
+  audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+  return audio.mean(axis=1), int(rate)
 
 
 def espeak_digit(voice: str, digit: int, speed: int, pitch: int) -> np.ndarray:
