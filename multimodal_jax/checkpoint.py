@@ -3,8 +3,8 @@
 Layout: WORKDIR/checkpoints/<step>/{state,data,config}. Saves are asynchronous and atomic (orbax
 writes to a temporary directory and renames it when complete), so an interrupted save never
 replaces the last good checkpoint. A checkpoint that cannot be read is reported and the
-previous one is used. Nothing here imports the rest of the package, and an import changes no
-process-wide hook: the command line installs `quiet_orbax`'s filters (`cli.run`).
+previous one is used. Nothing here imports the rest of the package but the leaf `trees`, and an import
+changes no process-wide hook: the command line installs `quiet_orbax`'s filters (`cli.run`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from multimodal_jax import trees
 
 log = logging.getLogger(__name__)
 
@@ -363,11 +365,5 @@ def _first_line(error: Exception) -> str:
 
 
 def dotted(path) -> str:
-  """A jax key path as orbax names the array: "opt_state.0.mu.dense.kernel"."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-  return ".".join(parts)
+  """A jax key path as orbax names the array: "opt_state.0.mu.dense.kernel" (`trees.path_name`)."""
+  return trees.path_name(path, ".")

@@ -2,7 +2,7 @@
 version whole: write a temporary file beside the target, flush it to disk, rename it over the target.
 
 Used for every file the library rewrites (metrics.jsonl on resume, eval.json, caches of arrays).
-Nothing here imports the rest of the package.
+Nothing here imports the rest of the package but the leaf `trees`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import tempfile
 from collections.abc import Callable
 from typing import IO, Any
 
+import jax
 import numpy as np
 from etils import epath
+
+from multimodal_jax import trees
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
@@ -52,8 +55,8 @@ def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> N
 
 def save_tree(path: str, tree: dict, meta: dict | None = None) -> None:
   """A nested dict of arrays (and `meta`: small JSON-able values) as one .npz, atomically.
-  Keys are '/'-joined paths, so a key must not contain '/'."""
-  flat = {"/".join(k): np.asarray(v) for k, v in _flatten(tree)}
+  Keys are '/'-joined paths (`trees.path_name`), so a key must not contain '/'."""
+  flat = {trees.path_name(k, "/"): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
   flat["__meta__"] = np.asarray(json.dumps(meta or {}))
   atomic_write(path, lambda f: np.savez(f, **flat), binary=True)
 
@@ -72,11 +75,3 @@ def load_tree(path: str) -> tuple[dict, dict]:
         node = node.setdefault(part, {})
       node[leaf] = data[key]
   return tree, meta
-
-
-def _flatten(tree: Any, prefix: tuple = ()):
-  if isinstance(tree, dict) or hasattr(tree, "items") and not hasattr(tree, "shape"):
-    for key, value in tree.items():
-      yield from _flatten(value, (*prefix, str(key)))
-  else:
-    yield prefix, tree

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from multimodal_jax import sharding as shd
+from multimodal_jax import trees
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
 
@@ -258,11 +259,7 @@ def param_paths(params: Any) -> list[str]:
 
 
 def _map_paths(fn: Callable[[str], Any], params: Any) -> Any:
-  """`fn(path)` at every parameter of `params` (a tree that may hold nn.Partitioned boxes)."""
-
-  def name(path) -> str:
-    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
-    return "/".join(str(k) for k in keys if k != "value")
-
+  """`fn(path)` at every parameter of `params` (a tree that may hold nn.Partitioned boxes: a box is
+  one parameter), the path '/'-joined by `trees.path_name`."""
   is_box = lambda x: isinstance(x, nn.Partitioned)
-  return jax.tree_util.tree_map_with_path(lambda path, _: fn(name(path)), params, is_leaf=is_box)
+  return jax.tree_util.tree_map_with_path(lambda path, _: fn(trees.path_name(path, "/")), params, is_leaf=is_box)
