@@ -98,6 +98,19 @@ def test_data_stream_seek_matches_a_consumed_stream():
   np.testing.assert_array_equal(next(a)["x"], next(b)["x"])
 
 
+def test_data_state_keeps_the_format_checkpoints_hold():
+  """The saved stream position is grain's zero-worker DataLoader JSON (checkpoints of earlier releases
+  hold it): a literal state restores at its batch, and the stream writes the same fields back."""
+  saved = {"version": 2, "last_seen_indices": {"0": 18 * 16 * 2 + 1 - 2}, "last_worker_index": -1, "worker_count": 0}
+  consumed = GrainBatches(toy.ToySource(), 32, seed=1, process_index=1, process_count=2)
+  for _ in range(18):
+    next(consumed)
+  assert {k: v for k, v in json.loads(consumed.get_state()).items() if k in saved} == saved
+  resumed = GrainBatches(toy.ToySource(), 32, seed=1, process_index=1, process_count=2)
+  resumed.set_state(json.dumps({**saved, "sampler": "IndexSampler(...)", "data_source": "..."}).encode())
+  np.testing.assert_array_equal(next(resumed)["x"], next(consumed)["x"])
+
+
 def _double(record):
   return {"x": record["x"] * 2, "label": record["label"]}
 

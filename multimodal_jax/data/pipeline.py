@@ -91,7 +91,8 @@ class GrainBatches:
   transforms then run beside it); the stream is the same for every number of workers.
 
   `iterator` is what the checkpoint saves (`get_state`/`set_state`, in grain's data-loader format
-  for zero workers, whatever `workers` is, so that a run may resume with another count);
+  for zero workers, whatever `workers` is, so that a run may resume with another count; `get_state`
+  says why grain's own iterator states do not serve);
   `seek(step)` positions the stream at the batch of `step` without a saved state (used when a
   checkpoint was written by a different number of processes).
 
@@ -174,6 +175,26 @@ class GrainBatches:
     self._next = step
 
   def get_state(self) -> bytes:
+    """The position of the stream as grain's `DataLoader` saves a zero-worker loader's (JSON bytes):
+    `last_seen_indices["0"]` is the global sampler index of the last record this shard consumed.
+
+    Written here, for every worker count, because no state that grain (0.2.18) offers meets all three
+    needs, resume at the exact batch, one state for any number of workers, and restoring the states that
+    existing checkpoints hold (this format, which must therefore stay):
+
+    - `grain.DataLoader`'s state has one `last_seen_indices` entry per worker and `worker_count`, and its
+      `set_state` raises ValueError for a state of another worker count: not valid for any worker count.
+    - The iterator of `to_iter_dataset().mp_prefetch(...)` (what runs our workers) saves `{"next_index"}`
+      with no workers but, with k workers, the interleave's state: k per-worker `{"next_index"}` in
+      `iterators_in_use_states` and the cycle position; a state of one count raises on another (KeyError
+      'exhausted' for a 0-worker state in a 1-worker iterator): not valid for any worker count.
+    - `grain.experimental.ElasticIterator` saves a worker-independent `{"global_next_index"}`, but (an
+      experimental API) in another format: the states existing checkpoints hold would still need this
+      translation, checkpoints it writes could not be read by earlier releases of this library, and it
+      batches the records itself, so `fetch_batches` row groups (already batches) would be stacked again.
+
+    Our batches are a pure function of the batch index (`_Batches`), so the zero-worker state is exact
+    whatever the worker count, and `set_state` below is the inverse grain applies to it."""
     index, count = self._shard
     next_record = self._next * self._per_step  # records of this shard consumed so far
     state = {
@@ -187,6 +208,10 @@ class GrainBatches:
     return json.dumps(state, indent=4).encode()
 
   def set_state(self, state: bytes) -> None:
+    """Positions the stream at the batch after the one `state` (from `get_state`, or a checkpoint of any
+    earlier release) was saved after, as grain turns a zero-worker DataLoader state into
+    `{"next_index": (last_seen + count - index) // count}`; ValueError for a state of grain's per-worker
+    layout or one saved between batches."""
     index, count = self._shard
     saved = json.loads(state)
     if saved.get("worker_count", 0) != 0 or set(saved.get("last_seen_indices", {})) != {"0"}:
