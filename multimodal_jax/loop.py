@@ -44,6 +44,12 @@ class NonFiniteLossError(RuntimeError):
   """The loss or gradient became NaN/Inf; the run stopped with the last good checkpoint kept."""
 
 
+# A batch column the loop takes out of each batch before the step: per-record counts of unusable samples the
+# data replaced (`data.wds`), logged as `skipped_samples`, their sum over all processes and over the steps since
+# the previous logged step (so a checkpoint at a logged step resumes to the same lines).
+SKIPPED_KEY = "skipped_samples"
+
+
 class TrainData(Protocol):
   """Per-process batches: `next()` gives this process's rows of the next global batch."""
 
@@ -318,6 +324,7 @@ def fit(
   eval_metrics: dict = {}
   last_saved = start_step if start_step else None
   pending: tuple[int, dict] | None = None  # metrics of the newest step, checked one step late
+  skips = {"taken": None, "logged": 0}  # SKIPPED_KEY summed over the batches taken (None: no such column), logged
 
   def check(step: int, metrics: dict) -> dict:
     metrics = jax.device_get(metrics)
@@ -339,7 +346,7 @@ def fit(
 
   try:
     for step in range(start_step, cfg.steps):
-      batch = shd.host_to_global_batch(next(train_data), mesh)
+      batch = shd.host_to_global_batch(_take_skipped(next(train_data), skips), mesh)
       if compiled is None:
         lowered = step_fn.lower(state, batch)
         compiled, cost["flops"] = lowered.compile(), profiling.step_flops(lowered)
@@ -350,8 +357,8 @@ def fit(
       if pending is not None:
         prev_step, prev = pending
         prev = check(prev_step, prev)
-        _maybe_log(writer, progress, throughput, prev_step, prev, cfg, device_metrics)
-      pending = (done, metrics)
+        _maybe_log(writer, progress, throughput, prev_step, prev, cfg, device_metrics, skips)
+      pending = (done, metrics if skips["taken"] is None else {**metrics, SKIPPED_KEY: skips["taken"]})
       throughput.add(cfg.batch_size)
       if done == start_step + 1:
         jax.block_until_ready(metrics)
@@ -360,7 +367,7 @@ def fit(
       evaluate = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
       if save or evaluate:
         prev = check(*pending)
-        _maybe_log(writer, progress, throughput, done, prev, cfg, device_metrics)
+        _maybe_log(writer, progress, throughput, done, prev, cfg, device_metrics, skips)
         pending = None
         if evaluate:
           run_eval(done)
@@ -390,7 +397,15 @@ def fit(
   return FitResult(state=state, start_step=start_step, eval_metrics=eval_metrics)
 
 
-def _maybe_log(writer, progress, throughput, step, metrics, cfg, device_metrics=None):
+def _take_skipped(batch, skips: dict):
+  """The batch without its `SKIPPED_KEY` column, whose sum is added to `skips["taken"]`."""
+  if isinstance(batch, dict) and SKIPPED_KEY in batch:
+    batch = dict(batch)
+    skips["taken"] = (skips["taken"] or 0) + int(batch.pop(SKIPPED_KEY).sum())
+  return batch
+
+
+def _maybe_log(writer, progress, throughput, step, metrics, cfg, device_metrics=None, skips=None):
   progress.update(step, float(metrics["loss"]))
   if step % cfg.log_every and step not in (1, cfg.steps):
     return
@@ -399,4 +414,12 @@ def _maybe_log(writer, progress, throughput, step, metrics, cfg, device_metrics=
   values["examples_per_sec"] = rate if math.isfinite(rate) else 0.0
   if device_metrics is not None:
     values.update(device_metrics(values["examples_per_sec"]))
+  if skips is not None and SKIPPED_KEY in values:  # the total through `step`: logged as the count since the last line
+    total = int(values[SKIPPED_KEY])
+    values[SKIPPED_KEY] = total - skips["logged"]
+    if jax.process_count() > 1:  # every process logs at the same steps
+      from jax.experimental import multihost_utils
+
+      values[SKIPPED_KEY] = int(multihost_utils.process_allgather(jnp.asarray(values[SKIPPED_KEY])).sum())
+    skips["logged"] = total
   writer.write(step, values)

@@ -3,8 +3,10 @@ the image size, channels and normalization, and the model config they imply.
 
 The embedded captioned digits (`dataset=captioned_digits`, the default) keep their own word
 tokenizer, MNIST statistics and 32 px single-channel images; any other SPEC (`csv:`, `tfds:`,
-`folder:`; `multimodal_jax.data.specs`) is read through `specs.open_dataset`. Empty (auto) keys
-resolve here, in one place:
+`folder:`, `wds:`; `multimodal_jax.data.specs`) is read through `specs.open_dataset`. From `wds:`
+shards, training replaces an unusable sample by a usable one and counts it in the batch column
+`loop.SKIPPED_KEY` (logged as `skipped_samples`); evaluation leaves unusable samples out. Empty (auto)
+keys resolve here, in one place:
 
   model         tiny; `init_from` (the architecture of the `init_from=open_clip:FILE` weights) when
                 the run starts from open_clip weights
@@ -35,6 +37,7 @@ from multimodal_jax.config import source_needs, source_path
 from multimodal_jax.data import image_files, specs
 from multimodal_jax.datasets import captioned_digits as cd
 from multimodal_jax.errors import UserError
+from multimodal_jax.loop import SKIPPED_KEY
 
 EMBEDDED = ("captioned_digits",)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # MNIST pixel statistics (0-1 scale)
@@ -238,17 +241,22 @@ def train_source(config: Any) -> tuple[Any, str, specs.Dataset | None]:
 
   if is_embedded(config):
     return load_on_every_process(lambda: cd.load(config.data_dir or None))["train"], "caption", None
-  data = load_on_every_process(lambda: specs.open_dataset(config.dataset, settings(config), need=("image", "text")))
+  data = load_on_every_process(
+    lambda: specs.open_dataset(config.dataset, settings(config), need=("image", "text"), resample=True)
+  )
   return data.split("train"), "text", data
 
 
 def make_transform(text_inputs: Callable, size: int, chans: int, caption_key: str = "caption", label: bool = True):
-  """record -> `{"image": uint8 [size, size, chans], "text": model text input, ("label")}`."""
+  """record -> `{"image": uint8 [size, size, chans], "text": model text input, ("label")}`, and the count of
+  unusable samples the record replaced (`SKIPPED_KEY`, from wds shards), which the loop takes out and logs."""
 
   def transform(record):
     out = {"image": fit_image(record["image"], size, chans), "text": text_inputs([record[caption_key]])[0]}
     if label:
       out["label"] = record["label"]
+    if "skipped" in record:
+      out[SKIPPED_KEY] = record["skipped"]
     return out
 
   return transform
@@ -256,12 +264,14 @@ def make_transform(text_inputs: Callable, size: int, chans: int, caption_key: st
 
 def eval_source(config: Any) -> tuple[Any, tuple[str, ...] | None, list[str] | None, tuple[str, ...]]:
   """(records, class names or None, image paths or None, fields) of `--config.eval_dataset`: a
-  TFDS dataset's test split (else validation), or every image of a folder / CSV."""
+  TFDS dataset's test split (else validation), or every image of a folder / CSV, or every usable sample
+  of wds shards (clip_benchmark's layout: KEY.cls class indexes, classnames.txt beside the shards or one
+  folder up; the paths are SHARD#KEY)."""
   from multimodal_jax.data.pipeline import load_on_every_process
 
   spec = specs.parse_spec(config.eval_dataset, EMBEDDED, key="eval_dataset")
   data = load_on_every_process(
-    lambda: specs.open_dataset(spec, settings(config), need=("image",), want=("label", "text"))
+    lambda: specs.open_dataset(spec, settings(config), need=("image",), want=("label", "text"), resample=False)
   )
   split = "all"
   if spec.kind == "tfds":
@@ -275,7 +285,26 @@ def eval_source(config: Any) -> tuple[Any, tuple[str, ...] | None, list[str] | N
       f"--config.eval_dataset={spec} has neither class labels nor captions: use a folder: of class sub-folders, or a "
       "tfds: dataset with --config.label_key / --config.text_key"
     )
+  if spec.kind == "wds":
+    return _usable_wds(spec, data)
   return data.split(split), data.class_names, data.paths(split), data.fields
+
+
+def _usable_wds(spec: specs.Spec, data: specs.Dataset):
+  """`eval_source` of wds shards: their usable samples (a placeholder would count as a miss; process 0 finds
+  them first, the others read its cache), class names from classnames.txt (zero-shot needs them)."""
+  from multimodal_jax.data.pipeline import load_on_every_process
+
+  if data.fields == ("image", "label") and not data.class_names:
+    raise UserError(
+      f"--config.eval_dataset={spec} has class indexes (.cls) but no classnames.txt beside its shards or one folder "
+      "up: add one (one class name a line, in index order)"
+    )
+  source = load_on_every_process(lambda: data.split("all").usable())
+  if source.unusable_samples and jax.process_index() == 0:
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(source.unusable_reasons.items()))
+    print(f"note: {source.unusable_samples} samples of {spec} cannot be used ({reasons}); evaluated without them")
+  return source, data.class_names, source.paths, data.fields
 
 
 def templates_for(config: Any) -> tuple[str, ...]:

@@ -4,12 +4,14 @@ SPEC is one of
   tfds:NAME[:CONFIG][@VERSION]  a TFDS dataset prepared as array_record in `--config.data_dir`
   csv:PATH                      image-caption pairs, open_clip's CSV convention (`file_lists`)
   folder:DIR                    class sub-folders, torchvision's ImageFolder convention (`file_lists`)
+  wds:PATTERN                   webdataset tar shards read in place (`wds`): DIR/{000..099}.tar, gs://...
   NAME                          one of the embedded datasets the experiment names (handled by it)
 
 `parse_spec` checks the grammar; `open_dataset` opens a non-embedded spec as a `Dataset`: random-
 access splits of records `{"image": uint8 [size, size, channels], "text": str, "label": int64}` (the
 fields the dataset has and the caller asks for). CSV and folder images are decoded once into the
-image cache in the data dir (`image_cache`); TFDS images are resized as they are read.
+image cache in the data dir (`image_cache`); TFDS images and webdataset shards' images are decoded and
+resized as they are read (the shards' indexes are cached in DATA_DIR/wds_index, the images not copied).
 
 `config_keys()` / `config_rules()` are the config keys these settings read, with defaults and rules,
 for an experiment to merge into its own config.
@@ -24,10 +26,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from multimodal_jax.config import TEXT, Rule, one_of
-from multimodal_jax.data import file_lists, image_cache, image_files, tfds_source
+from multimodal_jax.data import file_lists, image_cache, image_files, tfds_source, wds
 from multimodal_jax.errors import UserError
 
-KINDS = ("tfds", "csv", "folder")
+KINDS = ("tfds", "csv", "folder", "wds")
 _TFDS = re.compile(r"^(?P<name>[a-z][a-z0-9_]*)(?::(?P<config>[A-Za-z0-9_.\-]+))?(?:@(?P<version>\d+\.\d+\.\d+))?$")
 _SEPARATORS = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}
 FIELDS = ("image", "text", "label")
@@ -35,8 +37,8 @@ FIELDS = ("image", "text", "label")
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-  """A parsed SPEC: `kind` is tfds, csv, folder or embedded; `name` the TFDS or embedded name, or
-  the path of a CSV file or folder."""
+  """A parsed SPEC: `kind` is tfds, csv, folder, wds or embedded; `name` the TFDS or embedded name,
+  the path of a CSV file or folder, or the shard pattern (which may hold ':', as gs://, and braces)."""
 
   kind: str
   name: str
@@ -56,9 +58,7 @@ class Spec:
 def parse_spec(text: str, embedded: Sequence[str] = (), key: str = "dataset") -> Spec:
   """`text` as a Spec; a one-line UserError (naming `--config.KEY`) when it follows no form."""
   text = text.strip()
-  forms = "tfds:NAME[:CONFIG][@VERSION], csv:PATH, folder:DIR" + (
-    f" or one of {', '.join(embedded)}" if embedded else ""
-  )
+  forms = _forms(embedded, "one of ")
   if text in embedded:
     return Spec("embedded", text)
   kind, sep, rest = text.partition(":")
@@ -86,8 +86,14 @@ def spec_rule(embedded: Sequence[str] = (), optional: bool = False) -> Rule:
     parse_spec(value, embedded)  # raises its own one-line message
     return True
 
-  forms = "tfds:NAME[:CONFIG][@VERSION], csv:PATH, folder:DIR" + (f" or {', '.join(embedded)}" if embedded else "")
-  return Rule(test, forms)
+  return Rule(test, _forms(embedded))
+
+
+def _forms(embedded: Sequence[str], lead: str = "") -> str:
+  """The SPEC forms, for messages."""
+  forms = "tfds:NAME[:CONFIG][@VERSION], csv:PATH, folder:DIR"
+  wds_form = "wds:PATTERN (webdataset tar shards)"
+  return f"{forms} or {lead}{', '.join(embedded)}; or {wds_form}" if embedded else f"{forms} or {wds_form}"
 
 
 def separator(text: str) -> str:
@@ -177,7 +183,7 @@ class DataSettings:
 class Dataset:
   """An opened SPEC: random-access `splits`, `class_names` (or None) and the `fields` of its records.
 
-  CSV and folder sources have one set of records, returned for any split name.
+  CSV, folder and wds sources have one set of records, returned for any split name.
   """
 
   spec: Spec
@@ -211,10 +217,21 @@ class Dataset:
 
 
 def open_dataset(
-  spec: Spec | str, settings: DataSettings, need: Sequence[str] = ("image",), want: Sequence[str] = ()
+  spec: Spec | str,
+  settings: DataSettings,
+  need: Sequence[str] = ("image",),
+  want: Sequence[str] = (),
+  *,
+  resample: bool = True,
 ) -> Dataset:
-  """Opens a tfds, csv or folder SPEC whose records carry the fields `need` and, where the dataset has
-  them, `want` (fields: image, text, label).
+  """Opens a tfds, csv, folder or wds SPEC whose records carry the fields `need` and, where the dataset
+  has them, `want` (fields: image, text, label).
+
+  A wds sample that cannot be used (an undecodable image, a caption or label that does not parse) is
+  replaced by a usable one with `resample` (training: batches stay full and deterministic); without it,
+  it is returned with `valid=False` and a zero image for the caller to drop (`WdsSource.usable` leaves
+  them out before an evaluation). A wds sample lacking a member of a field in the Dataset's `fields` is
+  left out at open.
 
   Raises:
     UserError: anything about the data the user can fix (one line naming it and the fix).
@@ -227,6 +244,8 @@ def open_dataset(
     raise ValueError(f"{spec} is an embedded dataset: its experiment loads it")
   if spec.kind == "tfds":
     return _open_tfds(spec, settings, need, want)
+  if spec.kind == "wds":
+    return _open_wds(spec, settings, need, want, resample)
   has = ("image", "text") if spec.kind == "csv" else ("image", "label")
   missing = [f for f in need if f not in has]
   if missing:
@@ -275,3 +294,30 @@ def _open_tfds(spec: Spec, settings: DataSettings, need: Sequence[str], want: Se
   class_names = data.class_names(settings.label_key) if "label" in fields else None
   splits = {name: tfds_source.FeatureSource(source, fields) for name, source in data.splits.items()}
   return Dataset(spec=spec, splits=splits, fields=tuple(fields), class_names=class_names)
+
+
+_WDS_MEMBERS = {"text": "caption", "label": "label"}  # the WdsSource `need` of a field
+
+
+def _open_wds(spec: Spec, settings: DataSettings, need: Sequence[str], want: Sequence[str], resample: bool) -> Dataset:
+  """webdataset shards, their indexes cached in DATA_DIR/wds_index; captions are the records' `text`."""
+  source = wds.open_wds(
+    spec.name,
+    os.path.join(settings.root, "wds_index"),
+    settings.image_size,
+    settings.channels,
+    need=(),
+    caption_field="text",
+    resample=resample,
+  )
+  has = {"image": True, "text": source.has_captions, "label": source.has_labels}
+  missing = [f for f in need if not has[f]]
+  if missing:
+    what = {"text": "captions (KEY.txt or KEY.json members)", "label": "class labels (KEY.cls members)"}
+    raise UserError(f"{spec} has no {' or '.join(what[f] for f in missing)}, which this use needs: check the shards")
+  fields = tuple(f for f in FIELDS if f in need or (f in want and has[f]))
+  source = source.requiring([_WDS_MEMBERS[f] for f in fields if f in _WDS_MEMBERS])
+  if source.incomplete_samples:
+    wanted = " or ".join(_WDS_MEMBERS[f] for f in fields if f in _WDS_MEMBERS)
+    print(f"note: {source.incomplete_samples} samples of {spec} have no {wanted} member and are left out", flush=True)
+  return Dataset(spec=spec, splits={"all": source}, fields=fields, class_names=source.class_names)

@@ -19,8 +19,11 @@ A sample that cannot be used (undecodable image, JSON without a caption field, b
 stays exact and the loss needs no mask. With `resample=False` (eval: a duplicate would skew a metric) or after
 `max_tries` failures it is a zero image with `valid=False`, for the caller to mask. `skipped_samples` counts the
 failed reads of this process; grain workers read in their own processes, so each record also carries `skipped`
-(failures before it) for the loop to sum. Samples lacking a member in `need` ("caption", "label") are left out
-at open (`incomplete_samples`). The sample table takes ~72 bytes per sample in every process.
+(failures before it), which a training transform passes on as the batch column `loop.SKIPPED_KEY` for the loop
+to sum and log (`skipped_samples` in metrics.jsonl). Evaluation reads `usable()`: the source without its
+unusable samples, found by one read of every sample (cached beside the indexes). Samples lacking a member in
+`need` ("caption", "label") are left out at open (`incomplete_samples`; `requiring` narrows an open source).
+The sample table takes ~72 bytes per sample in every process.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import tarfile
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from etils import epath
@@ -143,7 +147,8 @@ def _scan(path: str, size: int) -> tuple[list[str], list[dict[str, tuple[int, in
 
 def index_shard(path: str, cache_dir: str | None) -> dict[str, np.ndarray]:
   """The shard's index: `keys` [n], `exts` [m], `offsets` and `sizes` int64 [n, m] (-1: no such member).
-  Read from `cache_dir` when cached for this path, size and mtime; else scanned, then cached."""
+  Read from `cache_dir` when cached for this path, size and mtime; else scanned, then cached. `meta` (a JSON
+  string of the path, size and mtime) identifies the shard's content."""
   size, mtime = _stat(path)
   meta = json.dumps({"version": INDEX_VERSION, "path": path, "size": size, "mtime": mtime})
   stem = os.path.basename(path).partition(".")[0] or "shard"
@@ -152,7 +157,7 @@ def index_shard(path: str, cache_dir: str | None) -> dict[str, np.ndarray]:
     try:
       with _open(cached) as f:
         index = dict(np.load(io.BytesIO(f.read()), allow_pickle=False))
-      if str(index.pop("meta")) == meta:
+      if str(index["meta"]) == meta:
         return index
     except Exception:  # noqa: BLE001, S110 - missing, partial or foreign: the shard is indexed again
       pass
@@ -167,7 +172,7 @@ def index_shard(path: str, cache_dir: str | None) -> dict[str, np.ndarray]:
       files.atomic_write(cached, lambda f: np.savez(f, meta=np.asarray(meta), **index), binary=True)
     except OSError as e:  # a read-only cache dir still works: shards are scanned on every open
       print(f"note: could not cache the index of {path} in {cache_dir}: {e.strerror}", flush=True)
-  return index
+  return {**index, "meta": np.asarray(meta)}
 
 
 def _column(index: dict[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
@@ -248,25 +253,96 @@ class WdsSource:
     self.image_size, self.channels, self.caption_field = image_size, channels, caption_field
     self._caption_keys, self._json_fields = tuple(caption_keys), tuple(json_caption_field)
     self._resample, self._max_tries, self._max_open = resample, max_tries, max_open
-    self.incomplete_samples, self._keys, columns = 0, [], []
+    self._cache_dir, self._keys, columns, metas = cache_dir, [], [], []
     for number, path in enumerate(self.shards):
       index = index_shard(path, cache_dir)
+      metas.append(str(index["meta"]))
       image, caption, label = (_column(index, names) for names in (IMAGE_EXTS, self._caption_keys, (label_key,)))
-      keep = image[:, 0] >= 0
-      for field, column in (("caption", caption), ("label", label)):
-        keep &= (column[:, 0] >= 0) | (field not in need)
-      self.incomplete_samples += int((image[:, 0] >= 0).sum() - keep.sum())
       self._keys.append(index["keys"])
-      rows = np.flatnonzero(keep)[:, None]
-      columns.append(np.hstack([np.full_like(rows, number), rows, image[keep, :2], caption[keep], label[keep, :2]]))
+      rows = np.flatnonzero(image[:, 0] >= 0)
+      number_column = np.full((len(rows), 1), number, np.int64)
+      columns.append(np.hstack([number_column, rows[:, None], image[rows, :2], caption[rows], label[rows, :2]]))
     # Per sample: shard, row, image (offset, size), caption (offset, size, which key), label (offset, size).
-    self._table = np.concatenate(columns)
-    if not len(self._table):
-      raise UserError(f"wds shards {self.shards[0]}... hold no samples with an image and {list(need)}: check names")
-    self._stride = next(p for p in _STRIDES if len(self._table) % p)
-    self.has_captions, self.has_labels = bool((self._table[:, 4] >= 0).any()), bool((self._table[:, 7] >= 0).any())
+    table = np.concatenate(columns)
+    if not len(table):
+      raise UserError(f"wds shards {self.shards[0]}... hold no images ({', '.join(IMAGE_EXTS)} members): check names")
+    # What the samples' bytes depend on: the shards' contents and how captions are found (`usable`'s cache key).
+    self._fingerprint = json.dumps([metas, self._caption_keys, self._json_fields, label_key])
     self.class_names = _class_names(self.shards[0])
+    self.incomplete_samples, self._table = 0, table
+    self.unusable_samples, self.unusable_reasons = 0, Counter()  # set by `usable`
     self.__setstate__({})  # this process's open files and counts
+    self._restrict(need)
+
+  def _restrict(self, need: Sequence[str]) -> None:
+    """Leaves out the samples lacking a member of `need` (counted in `incomplete_samples`)."""
+    keep = np.ones(len(self._table), bool)
+    for field, column in (("caption", 4), ("label", 7)):
+      if field in need:
+        keep &= self._table[:, column] >= 0
+    if not keep.any():
+      raise UserError(f"wds shards {self.shards[0]}... hold no samples with an image and {list(need)}: check names")
+    self.incomplete_samples += int((~keep).sum())
+    self._set_table(self._table[keep])
+
+  def _set_table(self, table: np.ndarray) -> None:
+    self._table = table
+    self._stride = next(p for p in _STRIDES if len(table) % p)
+    self.has_captions, self.has_labels = bool((table[:, 4] >= 0).any()), bool((table[:, 7] >= 0).any())
+
+  def _copy(self) -> WdsSource:
+    """A copy sharing the sample table, with its own open files and counts."""
+    out = object.__new__(WdsSource)
+    out.__setstate__(self.__getstate__())
+    return out
+
+  def requiring(self, need: Sequence[str]) -> WdsSource:
+    """This source without the samples lacking a member of `need` ("caption", "label"); a UserError when none
+    is left. Cheaper than opening the shards again (the indexes are not read twice)."""
+    out = self._copy()
+    out._restrict(need)
+    return out
+
+  def usable(self, threads: int = 8) -> WdsSource:
+    """This source without the samples that cannot be used (evaluation: a replacement would count a sample
+    twice, a placeholder would count as a miss). Every sample is read once, in `threads` threads (Pillow
+    decodes outside the GIL); which were usable is cached in `cache_dir`, keyed by the shards' contents, so a
+    later evaluation of the same shards reads each sample once. `unusable_samples` is their number and
+    `unusable_reasons` a Counter of why; a UserError when no sample is usable."""
+    digest = hashlib.sha256(self._fingerprint.encode() + self._table.tobytes()).hexdigest()[:16]
+    cached = self._cache_dir and os.path.join(self._cache_dir, f"usable-{digest}.npz")
+    ok, reasons = None, Counter()
+    if cached:
+      try:
+        with _open(cached) as f:
+          saved = np.load(io.BytesIO(f.read()), allow_pickle=False)
+          ok, reasons = saved["ok"], Counter(json.loads(str(saved["reasons"])))
+        if ok.shape != (len(self),):
+          ok = None
+      except Exception:  # noqa: BLE001 - missing or foreign: the samples are read again
+        ok = None
+    if ok is None:
+      with ThreadPoolExecutor(max(1, threads)) as pool:  # "" for a usable sample, else why not (no pixels kept)
+        verdicts = list(pool.map(lambda j: "" if isinstance(r := self._read(j), dict) else r, range(len(self))))
+      ok, reasons = np.asarray([not v for v in verdicts], bool), Counter(v for v in verdicts if v)
+      if cached:
+        try:
+          epath.Path(self._cache_dir).mkdir(parents=True, exist_ok=True)
+          payload = {"ok": ok, "reasons": np.asarray(json.dumps(reasons))}
+          files.atomic_write(cached, lambda f: np.savez(f, **payload), binary=True)
+        except OSError as e:  # read-only: the next evaluation reads every sample again
+          print(f"note: could not cache the usable samples in {self._cache_dir}: {e.strerror}", flush=True)
+    if not ok.any():
+      raise UserError(f"no sample of the wds shards {self.shards[0]}... can be used ({dict(reasons)}): check them")
+    out = self._copy()
+    out._set_table(self._table[ok])
+    out.unusable_samples, out.unusable_reasons = int((~ok).sum()), reasons
+    return out
+
+  @property
+  def paths(self) -> list[str]:
+    """`SHARD#KEY` of each record: where a prediction's sample is."""
+    return [f"{self.shards[shard]}#{self._keys[shard][row]}" for shard, row in self._table[:, :2].tolist()]
 
   @property
   def skipped_samples(self) -> int:

@@ -9,8 +9,10 @@ only (class folders, a TFDS `ClassLabel`), from prompt templates with the class 
 `{}` (`--config.templates`: default `a photo of a {}`, `openai` or a FILE of one template per line):
 one caption record per image and template.
 
-Held-out images: the digits' and a TFDS dataset's `test` split; for a CSV, a class folder or a TFDS
-dataset without a `test` split, every tenth record (index 9, 19, ...), kept out of training.
+Held-out images: the digits' and a TFDS dataset's `test` split; for a CSV, a class folder, webdataset
+shards or a TFDS dataset without a `test` split, every tenth record (index 9, 19, ...), kept out of
+training. Webdataset shards (`wds:PATTERN`) are read once into memory, as the other sources are; a
+sample that cannot be used (an undecodable image) is left out, and their count printed.
 """
 
 from __future__ import annotations
@@ -118,16 +120,19 @@ def load_image_set(config) -> ImageSet:
     return load_on_every_process(lambda: _digits(config.data_dir or None))
   templates = _templates(config.templates)
   settings = specs.DataSettings.from_config(config)
-  dataset = load_on_every_process(lambda: specs.open_dataset(spec, settings, want=("text", "label")))
+  dataset = load_on_every_process(lambda: specs.open_dataset(spec, settings, want=("text", "label"), resample=False))
   if "text" not in dataset.fields and "label" not in dataset.fields:
     raise UserError(
       f"{spec} has neither captions nor class labels to prompt with: set --config.text_key or --config.label_key "
       "to one of its features"
     )
+  if "text" not in dataset.fields and not dataset.class_names:
+    fix = "add a classnames.txt (one name a line) beside its shards" if spec.kind == "wds" else "set --config.text_key"
+    raise UserError(f"{spec} has class labels but no class names to prompt with: {fix}")
   if spec.kind == "tfds" and "test" in dataset.splits:
-    train, test = _records(dataset.split("train")), _records(dataset.split("test"))
+    train, test = _records(dataset.split("train"), dataset.fields), _records(dataset.split("test"), dataset.fields)
   else:
-    records = _records(dataset.split("train"))
+    records = _records(dataset.split("train"), dataset.fields, str(spec))
     held = np.arange(len(records["image"])) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
     train = {k: [v for v, h in zip(vs, held) if not h] for k, vs in records.items()}
     test = {k: [v for v, h in zip(vs, held) if h] for k, vs in records.items()}
@@ -165,9 +170,13 @@ def _words(text: str) -> str:
   return " ".join(re.findall(r"\w+", text.lower()))
 
 
-def _records(source) -> dict[str, list]:
+def _records(source, fields, name: str = "") -> dict[str, list]:
+  """Every usable record of `source` as `{field: [values]}` (a wds placeholder, `valid=False`, left out)."""
   records = [source[i] for i in range(len(source))]
-  return {key: [r[key] for r in records] for key in (records[0] if records else {"image": None})}
+  usable = [r for r in records if r.get("valid", True)]
+  if len(usable) < len(records):
+    print(f"note: {len(records) - len(usable)} samples of {name} cannot be used and are left out", flush=True)
+  return {key: [r[key] for r in usable] for key in fields}
 
 
 def _templates(spec: str) -> tuple[str, ...]:

@@ -250,3 +250,46 @@ def test_grouping_matches_webdataset(shards, tmp_path):
     ]
     assert ours == theirs
   assert os.path.exists(path)
+
+
+# Bug: `wds:` is not a SPEC, or a pattern holding ':' (gs://) or braces is cut at the colon or rejected.
+def test_wds_specs_parse_with_colons_and_braces():
+  from multimodal_jax.data import specs
+
+  for text in ("wds:gs://bucket/shards/{000..009}.tar", "wds:/data/a-{0..3}.tar::/data/b.tar"):
+    spec = specs.parse_spec(text, ("captioned_digits",))
+    assert spec.kind == "wds" and spec.name == text[4:] and str(spec) == text
+    assert specs.spec_rule(("captioned_digits",)).test(text)
+  with pytest.raises(UserError, match="wds:PATTERN"):
+    specs.parse_spec("webdataset:/data/x.tar")
+
+
+# Bug: `open_dataset` on shards names fields the samples lack, takes clip_benchmark's class shards as caption
+# pairs, or writes the index cache outside the data dir.
+def test_open_dataset_fields_and_missing_members(shards, tmp_path):
+  from multimodal_jax.data import specs
+
+  pattern, valid = shards
+  settings = specs.DataSettings(image_size=SIZE, channels=3, data_dir=str(tmp_path / "data"))
+  pairs = specs.open_dataset(f"wds:{pattern}", settings, need=("image", "text"))
+  assert pairs.fields == ("image", "text") and len(pairs.split("train")) == len(valid) + 2
+  assert {pairs.split("train")[i]["text"] for i in range(len(valid) + 2)} <= {v[1].strip() for v in valid.values()}
+  assert len(os.listdir(tmp_path / "data" / "wds_index")) == 3
+  labelled = specs.open_dataset(f"wds:{pattern}", settings, want=("label",), resample=False)
+  assert labelled.fields == ("image", "label") and len(labelled.split("all")) == 1  # b1, the one with a .cls
+  _write_tar(tmp_path / "only-images.tar", [("x.png", _encode(_image(0, "RGB"), "PNG"))])
+  with pytest.raises(UserError, match=r"has no captions \(KEY.txt or KEY.json members\), which this use needs"):
+    specs.open_dataset(f"wds:{tmp_path / 'only-images.tar'}", settings, need=("image", "text"))
+
+
+# Bug: evaluation scores unusable samples (as misses) or duplicates, or reads every sample again on each evaluation.
+def test_usable_leaves_out_unusable_samples_and_is_cached(shards, tmp_path, monkeypatch):
+  pattern, valid = shards
+  source = _source(pattern, tmp_path, resample=False).usable(threads=2)
+  assert len(source) == len(valid) and source.unusable_samples == 2
+  assert dict(source.unusable_reasons) == {"undecodable image": 1, "no caption field in json": 1}
+  assert all(source[i]["valid"] for i in range(len(source))) and source.skipped_samples == 0
+  assert sorted(path.split("#")[1] for path in source.paths) == sorted(valid)
+  monkeypatch.setattr(wds.WdsSource, "_read", lambda self, j: pytest.fail("read again"))
+  again = _source(pattern, tmp_path, resample=False).usable()
+  assert again.unusable_samples == 2 and dict(again.unusable_reasons) == dict(source.unusable_reasons)
