@@ -50,7 +50,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def current_platform() -> str:
-  """"cpu", "gpu" or "tpu": the platform of the mesh being traced for (the abstract mesh that
+  """The platform ("cpu", "gpu" or "tpu") of the mesh being traced for (the abstract mesh that
   `jax.sharding.use_abstract_mesh` set: the train step sets it from its mesh), else JAX's default
   backend. Backend choices in model code (attention kernels, CPU-only layouts) ask this, not
   `jax.default_backend()`, so that a step compiled for compile-only TPU or GPU devices on a CPU host
