@@ -16,6 +16,12 @@ Images go in `[batch, H, W, C]` (open_clip's are `[batch, C, H, W]`), normalized
 model (OpenAI mean / std); text is tokenised as for open_clip (pad id 0, end-of-text last: our text
 tower pools at the last non-pad token, which is where open_clip's argmax over ids lands).
 
+The open_clip model config beside the file (`NAME.json`, or a Hub repo's `open_clip_config.json`)
+gives the activation (`quick_gelu`, GELU's `act_kwargs`) and head counts, and every other field of
+it is honoured or refused in one line (`open_clip_export.options_from_model_config`): an image tower
+pooled by average, a text tower without its causal mask or pooled at the last position would give
+other features than open_clip's, so they do not import.
+
 Not supported (a ValueError says so): OpenAI's ModifiedResNet image towers (RN50, RN101, ...), timm
 or Hugging Face towers, attention pooling, layer scale, projections with biases, JIT archives.
 Files are read with `safetensors.numpy` or `convert.torch_files` (tensors and plain containers only,
@@ -36,9 +42,11 @@ from multimodal_jax.clip.model import ClipConfig, TextConfig, VisionConfig
 from multimodal_jax.clip.open_clip_export import (  # the model configs and the inverse, beside the import
   check_against_model_config,
   export_state_dict,
+  model_config_path,
   open_clip_model_config,
   options_from_model_config,
   read_model_config,
+  read_preprocess_config,
   save_open_clip,
 )
 from multimodal_jax.convert import torch_files
@@ -74,6 +82,9 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
   out = {}
   for name, value in raw.items():
     out[name.removeprefix("module.")] = _to_numpy(value)
+  for name in ("logit_scale", "logit_bias"):  # shape [1] in models built with nonscalar_logit_scale
+    if name in out and np.shape(out[name]) == (1,):
+      out[name] = out[name].reshape(())
   return out
 
 
@@ -325,8 +336,9 @@ def load_open_clip(
   sd = load_state_dict(source)
   model_cfg = None if isinstance(source, Mapping) else read_model_config(source)
   if model_cfg is not None:
-    derived = options_from_model_config(model_cfg)
-    quick_gelu = derived["quick_gelu"] if quick_gelu is None else quick_gelu
+    derived = options_from_model_config(model_cfg)  # refuses what our CLIP does not compute
+    if quick_gelu is None and "activation" not in overrides:
+      overrides = {**overrides, "activation": derived["activation"]}  # quick_gelu, or GELU as act_kwargs say
     vision_heads, text_heads = vision_heads or derived["vision_heads"], text_heads or derived["text_heads"]
   cfg = config_from_state_dict(sd, quick_gelu=quick_gelu, vision_heads=vision_heads, text_heads=text_heads, **overrides)
   if model_cfg is not None:
@@ -341,7 +353,9 @@ __all__ = [
   "export_state_dict",
   "load_open_clip",
   "load_state_dict",
+  "model_config_path",
   "open_clip_model_config",
   "read_model_config",
+  "read_preprocess_config",
   "save_open_clip",
 ]

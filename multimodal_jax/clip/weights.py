@@ -1,4 +1,5 @@
-"""CLIP weights in and out of a run: `init_from=open_clip:FILE`, `freeze=image|text`, and
+"""CLIP weights in and out of a run: `init_from=open_clip:FILE` (FILE a path or a Hub name,
+`hf-hub:ORG/NAME[@REVISION]`, read from the local Hugging Face cache), `freeze=image|text`, and
 `export_to=open_clip:FILE.safetensors`.
 
 Import reads the file with `convert.open_clip.load_open_clip` (no PyTorch), checks that its
@@ -21,7 +22,7 @@ import numpy as np
 
 from multimodal_jax.clip import open_clip
 from multimodal_jax.clip.model import ClipConfig
-from multimodal_jax.convert import torch_files
+from multimodal_jax.convert import hf_hub, torch_files
 from multimodal_jax.errors import UserError
 
 # `--config.freeze` aliases: regexes over the '/'-joined param paths of `models.clip.CLIP`.
@@ -53,24 +54,43 @@ _FIELDS = (
 
 
 def _path(file: str, what: str) -> str:
+  """The local weights file of FILE: a path, or `hf-hub:ORG/NAME[@REVISION]` (its open_clip
+  checkpoint in the local Hugging Face cache, `convert.hf_hub`)."""
+  if hf_hub.is_hub(file):
+    return hf_hub.local_path(file, "open_clip", what.partition("=")[0])
   path = os.path.expanduser(file)
   if not os.path.isfile(path):
     raise UserError(f"{what}: no such file {path}; give the path of an open_clip .safetensors, .pt or .bin file")
   return path
 
 
-@functools.lru_cache(maxsize=2)
 def _load(path: str, scan: bool) -> tuple[ClipConfig, dict[str, Any]]:
+  """(architecture, params) of a weights file, read once while neither it nor its model config changes."""
+  config_path = open_clip.model_config_path(path)
+  stamps = tuple(os.stat(p).st_mtime_ns for p in (path, config_path) if p)
+  return _load_cached(path, config_path, stamps, scan)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(path: str, config_path: str | None, stamps: tuple, scan: bool) -> tuple[ClipConfig, dict[str, Any]]:
   try:
     return open_clip.load_open_clip(path, scan=scan)
   except (ValueError, torch_files.CheckpointFormatError, OSError) as e:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise UserError(f"init_from=open_clip:{path} cannot be used: {message}") from None
+    beside = f" (model config {config_path})" if config_path else ""
+    raise UserError(f"init_from=open_clip:{path}{beside} cannot be used: {message}") from None
 
 
 def open_clip_architecture(file: str) -> ClipConfig:
-  """The `ClipConfig` stored in an open_clip weights file (read off its tensors and its model config)."""
+  """The `ClipConfig` stored in an open_clip weights file (read off its tensors and its model config);
+  FILE may be `hf-hub:ORG/NAME[@REVISION]`."""
   return _load(_path(file, f"init_from=open_clip:{file}"), True)[0]
+
+
+def open_clip_preprocess(file: str) -> dict[str, Any] | None:
+  """The `preprocess_cfg` beside an open_clip weights file (a Hub repo's image mean / std,
+  interpolation and resize mode), or None."""
+  return open_clip.read_preprocess_config(_path(file, f"init_from=open_clip:{file}"))
 
 
 def check_fits(file_cfg: ClipConfig, ours: ClipConfig, source: str, model: str) -> None:

