@@ -331,6 +331,9 @@ class ProfileWindow:
       self.active = False
 
 
+CACHE_ENV = "MMJ_COMPILE_CACHE"
+
+
 def default_cache_dir() -> str:
   """The user cache dir for compiled programs: $XDG_CACHE_HOME (or ~/.cache)/multimodal_jax/jax_cache."""
   root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -338,13 +341,16 @@ def default_cache_dir() -> str:
 
 
 def setup_compile_cache(spec: str = "") -> str | None:
-  """Turns on JAX's persistent compilation cache: `spec` a directory, "" for `default_cache_dir()`,
-  "off" to leave it off. Every compiled program is kept (no minimum compile time or size), so a
-  second launch of the same experiment loads its steps instead of compiling them. Returns the
-  directory, or None when off."""
-  if (spec or "").strip().lower() == "off":
+  """Turns on JAX's persistent compilation cache: `spec` a directory, "off" to leave it off, "" for
+  $MMJ_COMPILE_CACHE (a directory or "off") when that is set, else `default_cache_dir()`. The
+  variable lets a harness (the test suite: tests/conftest.py) keep every run it launches out of the
+  user's cache without passing `compile_cache` to each; an explicit `spec` wins over it. Every
+  compiled program is kept (no minimum compile time or size), so a second launch of the same
+  experiment loads its steps instead of compiling them. Returns the directory, or None when off."""
+  spec = (spec or "").strip() or os.environ.get(CACHE_ENV, "").strip()
+  if spec.lower() == "off":
     return None
-  path = os.path.abspath(os.path.expanduser(spec.strip() or default_cache_dir()))
+  path = os.path.abspath(os.path.expanduser(spec or default_cache_dir()))
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -1,12 +1,37 @@
-"""Test setup: 8 simulated CPU devices, forced before JAX starts; hypothesis profiles; the embedded data,
-built once."""
+"""Test setup: 8 simulated CPU devices, forced before JAX starts; a compilation cache of the session's
+own; hypothesis profiles; the embedded data, built once.
 
+Compilation cache: experiments launched through `multimodal_jax.cli` turn on JAX's persistent cache,
+by default in the user's ~/.cache, and once on it stays on for the rest of the process. So the
+session sets its own before anything compiles: a fresh temporary directory (removed at the end),
+on from the first test to the last whatever the order, and named in $MMJ_COMPILE_CACHE, which
+`profiling.setup_compile_cache("")` (the CLI's default) and child processes read, so no test reads
+or writes the user's cache. `MMJ_TEST_COMPILE_CACHE=DIR` reuses DIR across sessions (a warm cache,
+as for the timings in docs/testing.md); `MMJ_TEST_COMPILE_CACHE=off` runs without one. A
+JAX_COMPILATION_CACHE_DIR of the caller's is dropped. Tests that need fresh compiles (the
+involuntary-rematerialization check) turn it off in their own subprocess.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
   [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+SESSION_COMPILE_CACHE = os.environ.get("MMJ_TEST_COMPILE_CACHE", "").strip()
+if not SESSION_COMPILE_CACHE:
+  SESSION_COMPILE_CACHE = tempfile.mkdtemp(prefix="mmj-test-jax-cache-")
+  atexit.register(shutil.rmtree, SESSION_COMPILE_CACHE, ignore_errors=True)
+os.environ["MMJ_COMPILE_CACHE"] = SESSION_COMPILE_CACHE
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # JAX would read it at import: the caller's cache
+
+from multimodal_jax import profiling  # after the flags above: it imports JAX
+
+profiling.setup_compile_cache(SESSION_COMPILE_CACHE)  # before the first test compiles anything ("off": stays off)
 
 import pytest
 from hypothesis import HealthCheck, settings

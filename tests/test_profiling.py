@@ -3,6 +3,7 @@ compilation cache setting."""
 
 import dataclasses
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -138,17 +139,42 @@ def test_compile_cache_setting(tmp_path, monkeypatch):
   keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
   saved = {k: getattr(jax.config, k) for k in keys}
   saved["jax_persistent_cache_min_entry_size_bytes"] = jax.config.jax_persistent_cache_min_entry_size_bytes
+  monkeypatch.delenv(profiling.CACHE_ENV, raising=False)  # the session's (tests/conftest.py) is tested below
   try:
     assert profiling.setup_compile_cache("off") is None
+    assert jax.config.jax_compilation_cache_dir == saved["jax_compilation_cache_dir"]  # "off" changes nothing
     path = profiling.setup_compile_cache(str(tmp_path / "cache"))
     assert path == str(tmp_path / "cache") and os.path.isdir(path)
     assert jax.config.jax_compilation_cache_dir == path
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert profiling.default_cache_dir() == str(tmp_path / "xdg" / "multimodal_jax" / "jax_cache")
+    # catches a $MMJ_COMPILE_CACHE that is ignored (a harness's runs land in the user's cache) or that
+    # overrides an explicit setting: it is the default only
+    monkeypatch.setenv(profiling.CACHE_ENV, str(tmp_path / "env"))
+    assert profiling.setup_compile_cache("") == str(tmp_path / "env") == jax.config.jax_compilation_cache_dir
+    assert profiling.setup_compile_cache(str(tmp_path / "cache")) == jax.config.jax_compilation_cache_dir == path
+    monkeypatch.setenv(profiling.CACHE_ENV, "off")
+    assert profiling.setup_compile_cache("") is None and jax.config.jax_compilation_cache_dir == path
   finally:
     for k, v in saved.items():
       jax.config.update(k, v)
   np.testing.assert_equal(jax.config.jax_compilation_cache_dir, saved["jax_compilation_cache_dir"])
+
+
+def test_the_session_compiles_into_a_cache_of_its_own_not_the_users():
+  # catches a suite that reads and writes the user's ~/.cache/multimodal_jax (or the caller's
+  # JAX_COMPILATION_CACHE_DIR), or that turns the cache on only once the first experiment runs
+  session = os.environ[profiling.CACHE_ENV]  # set by tests/conftest.py
+  if session == "off":
+    assert jax.config.jax_compilation_cache_dir is None
+    return
+  assert jax.config.jax_compilation_cache_dir == session
+  assert not os.path.realpath(session).startswith(os.path.realpath(profiling.default_cache_dir()))
+  # a program no earlier session compiled (its constant is new) is written there
+  constant = float(time.time_ns() % 1_000_003) + 0.5
+  before = set(os.listdir(session))
+  jax.block_until_ready(jax.jit(lambda x: x * constant)(jnp.arange(5.0)))
+  assert set(os.listdir(session)) - before
 
 
 def test_accelerator_check_summary_of_a_run():

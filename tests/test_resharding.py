@@ -3,7 +3,11 @@ AVDCNN (tiny presets) compile on data, fsdp and tensor meshes without XLA's "Inv
 rematerialization" warning.
 
 XLA logs that warning from C++ straight to file descriptor 2, so the compiles run in a subprocess
-(`python -m tests.test_resharding`) whose stderr the test reads.
+(`python -m tests.test_resharding`) whose stderr the test reads. Its environment is built here, not
+inherited: a caller's TF_CPP_MIN_LOG_LEVEL=2 hides the warning, and a persistent compilation cache
+that holds a step skips the compile that would log it, so either would let the test pass unseen.
+The subprocess compiles a positive control first (a program that must reshard the hard way), so a
+warning that cannot reach the test, or a compile that did not happen, fails it.
 """
 
 from __future__ import annotations
@@ -112,7 +116,11 @@ def _fusion():
     "label": np.int64(0),
   }
   shapes = {k: ((BATCH, *np.shape(v)), jnp.asarray(v).dtype) for k, v in record.items()}
-  return fusion_model.make_init_params(model, [record], config), lambda mesh: fusion_losses.make_loss_fn(model, config), shapes
+  return (
+    fusion_model.make_init_params(model, [record], config),
+    lambda mesh: fusion_losses.make_loss_fn(model, config),
+    shapes,
+  )
 
 
 def _avdcnn():
@@ -131,8 +139,42 @@ def _avdcnn():
   return avdcnn.make_init_params(model), lambda mesh: avdcnn_losses.make_loss_fn(model, 1.0, loss="compressed"), shapes
 
 
+def _control():
+  """The positive control: a program XLA can only reshard by full rematerialization (openxla/xla#15207):
+  an add laid out `P("y", None, "x")` on a 4x2 mesh, constrained to `P(None, ("x", "y"), None)`."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("x", "y"))
+  before, after = NamedSharding(mesh, P("y", None, "x")), NamedSharding(mesh, P(None, ("x", "y"), None))
+
+  def f(a, b, c):
+    return c + jax.lax.with_sharding_constraint(a + b, after)
+
+  x = jax.ShapeDtypeStruct((16, 16, 16), jnp.float32)
+  print(f"=== {CONTROL} on x:4,y:2", file=sys.stderr, flush=True)
+  jax.jit(f, in_shardings=(before, before, after), out_shardings=after).lower(x, x, x).compile()
+  print("=== done", file=sys.stderr, flush=True)
+
+
+CONTROL = "control"
 STEPS = {"clip_vit": lambda: _clip("vit"), "clip_resnet": lambda: _clip("resnet"), "dit": _dit}
 STEPS |= {"fusion": _fusion, "avdcnn": _avdcnn}
+# Kept from the caller's environment: what finds Python, its packages and a temp dir. Everything else
+# (XLA_FLAGS, TF_CPP_* log levels, JAX_* settings such as JAX_COMPILATION_CACHE_DIR, MMJ_*) is set below.
+KEPT_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "TMPDIR")
+
+
+def clean_env() -> dict[str, str]:
+  """The subprocess's environment, built explicitly: 8 CPU devices, every C++ log level shown, no
+  persistent compilation cache (JAX's and ours off)."""
+  env = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
+  env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env |= {"TF_CPP_MIN_LOG_LEVEL": "0", "JAX_ENABLE_COMPILATION_CACHE": "false", "MMJ_COMPILE_CACHE": "off"}
+  return env
 
 
 def _warnings_by_step(stderr: str) -> dict[str, list[str]]:
@@ -146,19 +188,53 @@ def _warnings_by_step(stderr: str) -> dict[str, list[str]]:
   return found
 
 
+def _python(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, check=False)
+
+
+def _run_subprocess(*steps: str) -> subprocess.CompletedProcess:
+  """`python -m tests.test_resharding STEP...` (all steps, the control first, by default) in `clean_env()`."""
+  return _python(["-m", "tests.test_resharding", *steps], clean_env())
+
+
+def _check_fresh_and_flagged(proc: subprocess.CompletedProcess) -> dict[str, list[str]]:
+  """Asserts the subprocess compiled with no persistent cache and that the control was flagged; returns
+  the warnings of the other compiles."""
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # catches a subprocess that inherits a compilation cache: a cached step is loaded, not compiled, and logs nothing
+  assert "=== cache off" in proc.stderr.splitlines(), proc.stderr[-3000:]
+  found = _warnings_by_step(proc.stderr)
+  control = f"{CONTROL} on x:4,y:2"
+  # catches a detector that cannot see the warning (a log level that hides it, stderr not read, a
+  # changed message) or a control served from a cache: then no step's warning would be seen either
+  assert control in found, proc.stderr[-3000:]
+  del found[control]
+  return found
+
+
+def test_the_control_is_compiled_and_flagged_even_where_the_callers_environment_would_hide_it(tmp_path, monkeypatch):
+  # catches a subprocess environment inherited from the caller: a warm persistent cache there holds the
+  # control (so it would load, not compile) and TF_CPP_MIN_LOG_LEVEL=2 drops warnings, yet it must be flagged
+  cached = {"JAX_ENABLE_COMPILATION_CACHE": "true", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+  cached["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  warm = ["-c", "from tests.test_resharding import _control; _control()"]
+  runs = [_python(warm, clean_env() | cached) for _ in range(2)]
+  assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr[-3000:]
+  # the hazard is real: compiled once, flagged; loaded from the cache the second time, silent
+  assert [WARNING in r.stderr for r in runs] == [True, False], [r.stderr[-1000:] for r in runs]
+  for key, value in (cached | {"TF_CPP_MIN_LOG_LEVEL": "2"}).items():
+    monkeypatch.setenv(key, value)
+  assert not _check_fresh_and_flagged(_run_subprocess(CONTROL))
+
+
 @pytest.mark.slow  # 15 compiles in a subprocess: 3-10 minutes on 2 shared cores
 def test_train_steps_compile_without_involuntary_rematerialization():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run(
-    [sys.executable, "-m", "tests.test_resharding"], cwd=root, env=env, capture_output=True, text=True, check=False
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  compiled = [line for line in proc.stderr.splitlines() if line.startswith("=== ") and line != "=== done"]
+  proc = _run_subprocess()
+  found = _check_fresh_and_flagged(proc)
+  compiled = [line for line in proc.stderr.splitlines() if line.startswith("=== ") and line[4:].split()[0] in STEPS]
   assert len(compiled) == len(STEPS) * len(MESHES), compiled
-  assert proc.stderr.count("=== done") == len(compiled)
-  found = _warnings_by_step(proc.stderr)
+  assert proc.stderr.count("=== done") == len(compiled) + 1  # and the control's
   assert not found, "\n".join(f"{step}: {lines[0]}" for step, lines in found.items())
 
 
@@ -167,14 +243,6 @@ def test_the_scan_of_stderr_finds_the_warning():
     f"=== dit on data:8\nW0000 spmd_partitioner.cc:1 {WARNING} of f32[16,16,128]\n=== done\n=== fusion on data:8\n"
   )
   assert list(_warnings_by_step(stderr)) == ["dit on data:8"]
-
-
-if __name__ == "__main__":
-  only = sys.argv[1:] or list(STEPS)
-  for step_name in only:
-    parts = STEPS[step_name]()
-    for mesh_spec in MESHES:
-      _compile(step_name, *parts, mesh_spec)
 
 
 def test_constrain_names_activations_through_the_rules_under_the_step_mesh_only():
@@ -199,3 +267,20 @@ def test_constrain_names_activations_through_the_rules_under_the_step_mesh_only(
 
   text = jax.jit(f).lower(x).as_text()
   assert "sharding_constraint" in text and '{"data", "fsdp"}, {}, {"tensor"}' in text, text
+
+
+if __name__ == "__main__":
+  import jax
+
+  # No persistent cache in this process, whatever the environment says: every program below is compiled.
+  jax.config.update("jax_enable_compilation_cache", False)
+  jax.config.update("jax_compilation_cache_dir", None)
+  print("=== cache off", file=sys.stderr, flush=True)
+  only = sys.argv[1:] or [CONTROL, *STEPS]
+  for step_name in only:
+    if step_name == CONTROL:
+      _control()
+      continue
+    parts = STEPS[step_name]()
+    for mesh_spec in MESHES:
+      _compile(step_name, *parts, mesh_spec)
