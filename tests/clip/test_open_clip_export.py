@@ -82,5 +82,8 @@ def test_exported_weights_give_our_embeddings_in_open_clip(tmp_path):
     ref_img = model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2)), normalize=True).numpy()
     ref_txt = model.encode_text(torch.from_numpy(tokens.astype(np.int64)), normalize=True).numpy()
   img, txt, _, _ = CLIP(CFG).apply({"params": params}, jnp.asarray(images), jnp.asarray(tokens))
-  np.testing.assert_allclose(np.asarray(img), ref_img, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(txt), ref_txt, atol=1e-4)
+  # catches an export slip worth more than rounding: per-row relative error within 10x the 1.3e-6 the README
+  # states for open_clip parity (the same computation, the other direction); atol=1e-4 on unit vectors of
+  # 48 entries (~0.14 each) allowed ~1e-3 relative
+  for ours, ref in ((np.asarray(img), ref_img), (np.asarray(txt), ref_txt)):
+    assert np.max(np.linalg.norm(ours - ref, axis=-1) / np.linalg.norm(ref, axis=-1)) < 1.3e-5

@@ -5,15 +5,11 @@ import dataclasses
 import json
 import sys
 
-import numpy as np
-import pytest
-
-torch = pytest.importorskip("torch", reason="the parity tests need PyTorch (pip install torch)")
-diffusers = pytest.importorskip("diffusers", reason="the parity tests need diffusers (pip install diffusers)")
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 from flax import linen as nn
 
 from multimodal_jax.errors import UserError
@@ -27,7 +23,20 @@ from multimodal_jax.latent_diffusion.autoencoder_kl import (
   measure_scale_factor,
 )
 
+try:  # the reference implementation, for the parity and conversion tests only
+  import diffusers
+  import torch
+except ImportError:
+  diffusers = torch = None
+
+# Per test, not for the module: a module-level importorskip hid the torch-free tests (configs, errors, the KL
+# term's zero, sampling, training on digits) where PyTorch is missing.
+needs_diffusers = pytest.mark.skipif(torch is None, reason="needs PyTorch and diffusers (pip install torch diffusers)")
+
 STEPS = 150
+# Relative error allowed against diffusers: 10x the 1.5e-6 the README states for encode and decode (was 1e-4,
+# ~70x), so the test holds the figure the README claims.
+PARITY = 1.5e-5
 
 
 def _tiny_config(**kw):
@@ -84,14 +93,16 @@ def _check_parity(model, cfg, params, seed=0):
 
   mean, logvar, recon, full = run(params, jnp.asarray(x), jnp.asarray(_nhwc(posterior.mean)))
   assert mean.shape == logvar.shape == (2, 8, 8, 4)
-  assert _rel_err(mean, _nhwc(posterior.mean)) < 1e-4
-  assert _rel_err(logvar, _nhwc(posterior.logvar)) < 1e-4
+  # each catches a conversion or layer slip that moves an output by 1.5e-5 to 1e-4 relative, which 1e-4 let pass
+  assert _rel_err(mean, _nhwc(posterior.mean)) < PARITY
+  assert _rel_err(logvar, _nhwc(posterior.logvar)) < PARITY
   assert recon.shape == (2, 16, 16, 3)
-  assert _rel_err(recon, _nhwc(decoded)) < 1e-4
+  assert _rel_err(recon, _nhwc(decoded)) < PARITY
   # __call__ without an rng decodes the posterior mean, as diffusers' forward(sample_posterior=False).
-  assert _rel_err(full, _nhwc(decoded)) < 1e-4
+  assert _rel_err(full, _nhwc(decoded)) < PARITY
 
 
+@needs_diffusers
 @pytest.mark.parametrize(
   "options",
   [{}, {"layers_per_block": 2}, {"mid_block_add_attention": False}],
@@ -105,6 +116,7 @@ def test_parity_with_diffusers(options):
   _check_parity(model, cfg, diffusers_vae.convert_autoencoder_kl(_state_dict(model), cfg))
 
 
+@needs_diffusers
 def test_parity_without_quant_convs():
   model = _torch_vae(use_quant_conv=False, use_post_quant_conv=False)
   cfg = AutoencoderKLConfig.from_diffusers(dict(model.config))
@@ -112,6 +124,7 @@ def test_parity_without_quant_convs():
   _check_parity(model, cfg, diffusers_vae.convert_autoencoder_kl(_state_dict(model), cfg))
 
 
+@needs_diffusers
 def test_legacy_attention_names_and_conv_weights_convert_the_same():
   model = _torch_vae()
   cfg = AutoencoderKLConfig.from_diffusers(dict(model.config))
@@ -130,6 +143,7 @@ def test_legacy_attention_names_and_conv_weights_convert_the_same():
   assert all(jax.tree.leaves(chex_equal))
 
 
+@needs_diffusers
 def test_save_pretrained_folder_loads_without_torch(tmp_path, monkeypatch):
   model = _torch_vae(seed=1)
   model.save_pretrained(tmp_path, safe_serialization=True)
@@ -142,6 +156,7 @@ def test_save_pretrained_folder_loads_without_torch(tmp_path, monkeypatch):
   _check_parity(model, cfg, params, seed=1)
 
 
+@needs_diffusers
 def test_bfloat16_compute_stays_close_to_float32():
   model = _torch_vae()
   cfg = AutoencoderKLConfig.from_diffusers(dict(model.config))
@@ -164,6 +179,7 @@ def test_params_carry_logical_axis_names():
   assert tuple(specs["decoder"]["up_blocks_0"]["resnets_0"]["norm1"]["scale"]) == ("norm",)
 
 
+@needs_diffusers
 def test_sharded_params_and_batch_give_the_same_outputs():
   from multimodal_jax import sharding
 
@@ -182,6 +198,7 @@ def test_sharded_params_and_batch_give_the_same_outputs():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@needs_diffusers
 def test_sd_preset_matches_the_stable_diffusion_vae_layout():
   sd_config = {
     "_class_name": "AutoencoderKL",
@@ -217,6 +234,7 @@ def test_missing_folder_and_files(tmp_path):
     diffusers_vae.load_diffusers_vae(tmp_path)
 
 
+@needs_diffusers
 def test_wrong_shape_missing_and_unexpected_tensors_are_named():
   model = _torch_vae()
   cfg = AutoencoderKLConfig.from_diffusers(dict(model.config))
@@ -256,6 +274,7 @@ def test_images_of_the_wrong_size_are_refused(digits_model):
     model.apply({"params": params}, jnp.zeros((1, 31, 32, 1)))
 
 
+@needs_diffusers
 def test_kl_divergence_matches_torch_and_diffusers():
   rng = np.random.default_rng(0)
   mean = rng.normal(size=(3, 4, 4, 2)).astype(np.float32)

@@ -1,5 +1,6 @@
 """Tokenizers: CLIP BPE (parity with open_clip), Hugging Face tokenizer.json, word-level."""
 
+import gzip
 import importlib.util
 import os
 import random
@@ -47,10 +48,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def clip_vocab():
-  try:
-    return find_open_clip_vocab()
-  except UserError as e:
-    pytest.skip(f"no CLIP BPE vocabulary to test with: {e}")
+  """The vocabulary shipped in the package: the BPE tests need neither open_clip nor torch."""
+  return clip_bpe.shipped_vocab()
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +62,14 @@ def test_clip_matches_open_clip(clip_tok):
     pytest.skip("open_clip (with torch) is not installed: `pip install open_clip_torch` for the parity test")
   import open_clip
 
+  # catches a shipped vocabulary that drifted from open_clip's (the ids below would differ for rarer words)
+  with gzip.open(find_open_clip_vocab(), "rb") as theirs, gzip.open(clip_bpe.shipped_vocab(), "rb") as shipped:
+    assert theirs.read() == shipped.read()
   ours = clip_tok.encode(TEXTS)
   assert ours.dtype == np.int32 and ours.shape == (len(TEXTS), 77)
   np.testing.assert_array_equal(ours, open_clip.tokenize(TEXTS).numpy())
   np.testing.assert_array_equal(ours, open_clip.get_tokenizer("ViT-B-32")(TEXTS).numpy())
-  short = ClipBPETokenizer(find_open_clip_vocab(), context_length=12).encode(TEXTS)
+  short = ClipBPETokenizer(context_length=12).encode(TEXTS)  # None: the shipped vocabulary
   np.testing.assert_array_equal(short, open_clip.tokenize(TEXTS, context_length=12).numpy())
 
 
@@ -148,6 +150,26 @@ def test_hf_json_wordpiece(minilm_tokenizer_json):
   assert tok.decode(ids[0]) == "hello world"
   with pytest.raises(UserError, match="does not exist"):
     HFJsonTokenizer("/nonexistent/tokenizer.json", 16)
+
+
+def test_hf_json_wordpiece_of_a_tiny_vocabulary(tmp_path):
+  # catches HFJsonTokenizer slips that need no real BERT vocabulary to show (runs without the minilm extra):
+  # ids off by one, [CLS]/[SEP] missing or cut by truncation, padding not to context_length, a wrong pad id/mask
+  from tests.text.test_minilm import wordpiece_tokenizer_json
+
+  vocab = wordpiece_tokenizer_json(tmp_path / "tokenizer.json", words=("hello", "world", "play", "##ing"))
+  v = {t: i for i, t in enumerate(vocab)}
+  tok = HFJsonTokenizer(tmp_path / "tokenizer.json", context_length=8)
+  assert (tok.vocab_size, tok.pad_id, tok.context_length) == (len(vocab), v["[PAD]"], 8)
+  ids, mask = tok.encode_with_mask(["Hello, WORLD", "playing hello world hello world hello", "", "zq"])
+  assert ids.dtype == mask.dtype == np.int32 and ids.shape == mask.shape == (4, 8)
+  assert ids[0].tolist() == [v["[CLS]"], v["hello"], v[","], v["world"], v["[SEP]"], 0, 0, 0]
+  # truncated to 8 with [SEP] kept; a word split into pieces
+  assert ids[1].tolist() == [v[t] for t in ("[CLS]", "play", "##ing", "hello", "world", "hello", "world", "[SEP]")]
+  assert ids[2].tolist() == [v["[CLS]"], v["[SEP]"]] + [0] * 6
+  assert ids[3, :4].tolist() == [v["[CLS]"], v["z"], v["##q"], v["[SEP]"]]  # letters spell any word
+  np.testing.assert_array_equal(mask, (ids != v["[PAD]"]).astype(np.int32))
+  assert tok.decode(ids[0]) == "hello, world" and tok.decode(ids[1]).startswith("playing hello")
 
 
 def test_hf_json_malformed(tmp_path):
