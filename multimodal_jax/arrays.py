@@ -64,3 +64,14 @@ def random_shift(images: jnp.ndarray, rng: jax.Array, max_shift: int, fill: floa
   padded = jnp.pad(images, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)), constant_values=fill)
   offsets = jax.random.randint(rng, (b, 2), 0, 2 * max_shift + 1)
   return jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+
+
+def floating_dtype(tree: Any) -> jnp.dtype:
+  """The dtype of `tree`'s first floating leaf (for params: the step's compute dtype, see
+  `train.make_grad_fn`), float32 when it has none. Inputs a loss function makes itself (normalized
+  pixels, scaled features) are cast to it: made in float32 they would promote a bfloat16 step's
+  activations and matmuls to float32."""
+  for leaf in jax.tree.leaves(tree):
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      return jnp.result_type(leaf)
+  return jnp.dtype(jnp.float32)

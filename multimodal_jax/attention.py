@@ -94,7 +94,8 @@ def attention_implementation(
   being traced for (`sharding.current_platform`: the step's mesh, else the default backend).
 
   "auto" keeps the CPU's fastest path (`attend_qkv` for unmasked self-attention, einsums for the
-  rest), picks cuDNN on a GPU when the dtype and head size suit its fused kernel, else "xla".
+  rest), picks cuDNN on a GPU for unmasked self-attention (causal or not) when the dtype and head size
+  suit its fused kernel (its backward pass refuses jax.nn's mask tensors), else "xla".
   Raises UserError for an unknown name or "cudnn" off a GPU.
   """
   name = "auto" if name is None else name
@@ -107,7 +108,13 @@ def attention_implementation(
     return name
   if backend == "cpu":
     return "cpu" if self_attention else "einsum"
-  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128:
+  if (
+    backend == "gpu"
+    and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    and head_dim % 8 == 0
+    and head_dim <= 128
+    and self_attention
+  ):
     return "cudnn"
   return "xla"
 
@@ -149,6 +156,28 @@ def _and_causal(mask, t, s):
   return causal if mask is None else mask & causal
 
 
+def _cudnn_even(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, is_causal: bool) -> jnp.ndarray:
+  """cuDNN's fused attention for an odd sequence length (ViT's 197 tokens, CLIP's 77): its backward pass
+  refuses odd lengths, so q, k, v are padded by one position and the padding is excluded through the
+  kernel's own sequence lengths (no mask tensor, which it would also refuse); the output is cut back."""
+  t, s = q.shape[1], k.shape[1]
+
+  def pad(x, n):
+    return jnp.pad(x, ((0, 0), (0, n % 2), (0, 0), (0, 0)))
+
+  batch = q.shape[0]
+  out = jax.nn.dot_product_attention(
+    pad(q, t),
+    pad(k, s),
+    pad(v, s),
+    is_causal=is_causal,
+    query_seq_lengths=jnp.full((batch,), t, jnp.int32),
+    key_value_seq_lengths=jnp.full((batch,), s, jnp.int32),
+    implementation="cudnn",
+  )
+  return out[:, :t]
+
+
 def dot_product_attention(
   q: jnp.ndarray,
   k: jnp.ndarray,
@@ -171,6 +200,8 @@ def dot_product_attention(
     return attend_qkv(jnp.stack([q, k, v], axis=2), is_causal)
   if impl in ("cpu", "einsum"):
     return _attend_einsum(q, k, v, mask, is_causal)
+  if impl == "cudnn" and mask is None and (t % 2 or s % 2):
+    return _cudnn_even(q, k, v, is_causal)
   attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=is_causal)
   if impl == "cudnn" and implementation in (None, "auto"):
     try:  # cuDNN refuses some shapes at trace time: "auto" then takes XLA's

@@ -42,6 +42,8 @@ from multimodal_jax.loop import NonFiniteLossError
 from multimodal_jax.profiling import setup_compile_cache
 from multimodal_jax.sharding import MeshSpecError
 
+PLAN_MODE = "plan"
+
 # Failures with a message that says what to do: printed as one line, no traceback.
 ONE_LINE_ERRORS = (
   UserError,
@@ -69,7 +71,8 @@ def run(
 ) -> int:
   """Parses the command line and runs `modes[mode](config, workdir)`; returns the exit status.
 
-  The first mode trains; the others read a trained run (`saved_run(workdir)` is the directory whose
+  The first mode trains; `plan` (PLAN_MODE) compiles the steps for an accelerator target (it reads no
+  run and sets up JAX for compile-only devices first); the others read a trained run (`saved_run(workdir)` is the directory whose
   checkpoint holds its config): in those, only the `eval_keys` may be changed on the command line.
   `keys` (default: the ones `get_config` declares, `config.declares`) and their `groups` are what
   `--help` lists. This is the process's entry point, so it also keeps orbax's background tracebacks
@@ -99,6 +102,11 @@ def run(
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   quiet_orbax.install()
   training = args.mode == next(iter(modes))
+  planning = args.mode == PLAN_MODE  # compiles for a target: reads no run, writes WORKDIR/plan
+  if planning:
+    from multimodal_jax.targets import prepare_environment
+
+    prepare_environment()  # before JAX starts its backends: CPU only, the CUDA plugin allowed without a GPU
   try:
     config, file_keys = get_config(), []
     if config_file is not None:
@@ -106,11 +114,12 @@ def run(
       config, file_keys = apply_config_file(config, values, f"--config={config_file}", rules)
     config = apply_overrides(config, overrides)
     validate(config, rules, relations)
-    check_workdir(args.workdir, create=training)
-    if not training:
+    check_workdir(args.workdir, create=training or planning)
+    if not training and not planning:
       fixed = list(dict.fromkeys(file_keys + overridden_keys(overrides)))
       check_fixed_keys(saved_run(args.workdir), fixed, config, eval_keys, args.mode)
-    distributed.maybe_initialize()
+    if not planning:
+      distributed.maybe_initialize()
     setup_compile_cache(config.get("compile_cache", ""))  # before anything compiles
     modes[args.mode](config, args.workdir)
   except ONE_LINE_ERRORS as e:

@@ -97,7 +97,12 @@ def _mesh_ok(spec: str) -> bool:
 
 
 MESH = Rule(_mesh_ok, "a mesh spec such as data:-1 or data:4,fsdp:2")
-DTYPE = one_of("float32", "bfloat16", "float16")
+DTYPE = Rule(
+  lambda v: v in ("auto", "float32", "bfloat16"),
+  "auto, float32 or bfloat16 (float16 would need loss scaling, which the trainer does not do: use bfloat16)",
+)
+# `--config.batch_size=max` (any `*batch_size` key): the largest batch that fits, searched by --mode=plan.
+MAX_BATCH = -1
 
 Rules = Mapping[str, Rule]
 
@@ -124,6 +129,7 @@ GROUPS = {
   "eval": "evaluation of a trained run",
   "sample": "sampling from a trained run",
   "export": "writing a trained run's weights for other libraries",
+  "plan": "--mode=plan: the steps compiled for an accelerator target without the device",
 }
 
 
@@ -249,6 +255,8 @@ def _parse_value(key: str, text: str, current):
     if lowered in ("false", "0", "no"):
       return False
     raise UserError(f"--config.{key}={_show(text)}: expected true or false")
+  if isinstance(current, int) and key.split(".")[-1].endswith("batch_size") and text.strip() == "max":
+    return MAX_BATCH
   if isinstance(current, (int, float)):
     try:
       return type(current)(float(text) if isinstance(current, float) else int(text))

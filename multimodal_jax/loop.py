@@ -25,6 +25,7 @@ from multimodal_jax import metrics as mt
 from multimodal_jax import sharding as shd
 from multimodal_jax.config import (
   DTYPE,
+  MAX_BATCH,
   MESH,
   NON_NEGATIVE,
   POSITIVE,
@@ -38,6 +39,20 @@ from multimodal_jax.config import (
 from multimodal_jax.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def resolve_dtype(setting: str, platform: str) -> str:
+  """`dtype=auto`: bfloat16 compute on GPU and TPU (params and optimizer state stay float32), float32 on
+  the CPU, where most x86 parts run bfloat16 matmuls slower than float32 ones (docs/trainer.md)."""
+  if setting != "auto":
+    return setting
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
+def mesh_platform(mesh: jax.sharding.Mesh) -> str:
+  """ "cpu", "gpu" or "tpu": the platform of a mesh's devices."""
+  platform = mesh.devices.flat[0].platform
+  return "gpu" if platform in ("cuda", "rocm") else platform
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,7 +79,7 @@ class TrainData(Protocol):
 # The loop's and the optimizer's keys, shared by every experiment, declared in `base_keys()`.
 # `SECTION_KEYS` may also live in a sub-config of their own (one per training stage, e.g.
 # `autoencoder.steps`); seed, mesh and dtype stay at the top.
-TOP_KEYS = ("seed", "mesh", "dtype", "profile_steps", "compile_cache")
+TOP_KEYS = ("seed", "mesh", "dtype", "profile_steps", "compile_cache", "target")
 SECTION_KEYS = (
   "steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "grad_accum_steps",
   "ema_decay", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "weight_decay_mask", "freeze",
@@ -80,7 +95,20 @@ def base_keys(section: bool = False, **defaults: Any) -> dict[str, Key]:
       0, Rule(lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"), "seed of init, data order, dropout", "loop"
     ),
     "mesh": Key("data:-1", MESH, "device mesh, e.g. data:4,fsdp:2 (multimodal_jax.sharding)", "loop"),
-    "dtype": Key("float32", DTYPE, "compute dtype; bfloat16 on accelerators (params stay float32)", "loop"),
+    "dtype": Key(
+      "auto",
+      DTYPE,
+      "compute dtype of the matmuls and activations (params and optimizer state stay float32); auto: bfloat16 on "
+      "GPU and TPU, float32 on the CPU (the resolved value is recorded with the run)",
+      "loop",
+    ),
+    "target": Key(
+      "",
+      Rule(lambda v: isinstance(v, str), "tpu:TYPE:TOPOLOGY or gpu:MODEL:N[xHOSTS]"),
+      "--mode=plan: the accelerator to compile for without it, e.g. tpu:v5p:2x2x2, tpu:v5e:2x4, gpu:h100:8, "
+      "gpu:h200:8x8 (batch_size=max searches the largest batch that fits)",
+      "plan",
+    ),
     "profile_steps": Key(
       "",
       Rule(_profile_steps_ok, "START:END with 0 <= START < END (e.g. 5:8), or empty"),
@@ -94,7 +122,14 @@ def base_keys(section: bool = False, **defaults: Any) -> dict[str, Key]:
       "loop",
     ),
     "steps": Key(1000, POSITIVE, "total training steps: a resumed run trains up to this step", "loop"),
-    "batch_size": Key(64, POSITIVE, "global batch size, over all processes and devices", "loop"),
+    "batch_size": Key(
+      64,
+      Rule(
+        lambda v: v == MAX_BATCH or (POSITIVE.test(v) and isinstance(v, int)), "a number > 0 (max: with --mode=plan)"
+      ),
+      "global batch size, over all processes and devices (max with --mode=plan: the largest that fits)",
+      "loop",
+    ),
     "learning_rate": Key(1e-3, NON_NEGATIVE, "peak of linear warmup + cosine decay (train.make_optimizer)", "loop"),
     "warmup_steps": Key(100, NON_NEGATIVE, "steps of linear learning-rate warmup", "loop"),
     "weight_decay": Key(0.0, NON_NEGATIVE, "AdamW weight decay", "loop"),
@@ -175,7 +210,7 @@ def batch_relation(prefix: str = "") -> Callable[[Any], None]:
 
   def relation(config):
     batch, accum = get_dotted(config, prefix + "batch_size"), get_dotted(config, prefix + "grad_accum_steps")
-    if batch % accum:
+    if batch != MAX_BATCH and batch % accum:
       raise UserError(
         f"{prefix}batch_size={batch} is not divisible by {prefix}grad_accum_steps={accum}: choose a batch size that "
         "is a multiple of it"
@@ -188,6 +223,10 @@ def check_batch(config: Any, mesh: jax.sharding.Mesh, prefix: str = "") -> None:
   """Every microbatch (`batch_size / grad_accum_steps`) splits evenly over the mesh's data-parallel
   devices; a one-line UserError otherwise. Applied the same way by every experiment."""
   batch, accum = get_dotted(config, prefix + "batch_size"), get_dotted(config, prefix + "grad_accum_steps")
+  if batch == MAX_BATCH:
+    raise UserError(
+      f"{prefix}batch_size=max is for --mode=plan (it searches the largest batch that fits): give a number"
+    )
   size = shd.data_parallel_size(mesh)
   if (batch // accum) % size:
     what = f"{prefix}batch_size={batch}" + (f" / {prefix}grad_accum_steps={accum}" if accum > 1 else "")
@@ -260,7 +299,9 @@ def fit(
   NonFiniteLossError (after keeping the last good checkpoint) if a step's loss is NaN/Inf.
   """
   cfg = LoopConfig.from_config(config, section)
+  cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, mesh_platform(mesh)))
   config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  config_dict["dtype"] = cfg.dtype  # recorded resolved: evaluation uses what training did
   is_main = jax.process_index() == 0
   ema = cfg.ema_decay > 0
   abstract_state, shardings = train.abstract_train_state(init_params, tx, mesh, ema=ema)

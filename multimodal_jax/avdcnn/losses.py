@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal_jax.avdcnn import losses
 from multimodal_jax.avdcnn import model as avdcnn
 
 # --- AVDCNN ---------------------------------------------------------------------------------------------------------
@@ -56,15 +55,15 @@ def compressed_magnitude(
 
 
 def make_loss_fn(model: avdcnn.AVDCNN, mu: float, under_weight: float = 1.0, loss: str = "log_power"):
-  """`losses.avdcnn_loss` of the normalized log-power frames (the paper's) or their compressed magnitudes."""
+  """`avdcnn_loss` of the normalized log-power frames (the paper's) or their compressed magnitudes."""
 
   def loss_fn(params, batch, rng):
     out = avdcnn.apply_train(model, params, batch, rng)
     visual_target = avdcnn.lips_target(batch["lips"]) if model.config.visual else None
     prediction, target = out["audio"], batch["target"]
     if loss == "compressed":
-      prediction = losses.compressed_magnitude(prediction, batch["mean"], batch["std"])
-      target = losses.compressed_magnitude(target, batch["mean"], batch["std"])
-    return losses.avdcnn_loss(prediction, target, out.get("visual"), visual_target, mu, under_weight)
+      prediction = compressed_magnitude(prediction, batch["mean"], batch["std"])
+      target = compressed_magnitude(target, batch["mean"], batch["std"])
+    return avdcnn_loss(prediction, target, out.get("visual"), visual_target, mu, under_weight)
 
   return loss_fn

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from multimodal_jax.arrays import floating_dtype
 from multimodal_jax.layers import dense
 
 BINS = 257
@@ -305,10 +306,11 @@ class AVDCNN(nn.Module):
     return out
 
 
-def model_inputs(batch: dict, config: AVDCNNConfig) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-  """`(audio, lips)` model inputs from a batch with `audio` `[b, 257, 5]` and uint8 `lips` `[b, 5, 16, 24, 3]`."""
-  lips = normalize_lips(batch["lips"]) if config.visual else None
-  return batch["audio"].astype(jnp.float32), lips
+def model_inputs(batch: dict, config: AVDCNNConfig, dtype=jnp.float32) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+  """`(audio, lips)` model inputs in `dtype` (the step's compute dtype) from a batch with `audio`
+  `[b, 257, 5]` and uint8 `lips` `[b, 5, 16, 24, 3]`."""
+  lips = normalize_lips(batch["lips"]).astype(dtype) if config.visual else None
+  return batch["audio"].astype(dtype), lips
 
 
 def lips_target(lips: jnp.ndarray) -> jnp.ndarray:
@@ -343,7 +345,7 @@ def batch_stats_shapes(model: AVDCNN) -> Any:
 
 def apply_train(model: AVDCNN, params: Any, batch: dict, rng: jax.Array) -> dict:
   """Training forward pass: batch-statistics normalization, dropout; running averages discarded."""
-  audio, lips = model_inputs(batch, model.config)
+  audio, lips = model_inputs(batch, model.config, floating_dtype(params))
   out, _ = model.apply({"params": params}, audio, lips, train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
   return out
 

@@ -9,11 +9,12 @@ import time
 
 import jax
 
-from multimodal_jax import audio, cli, loop, train
+from multimodal_jax import audio, cli, loop, planning, train
 from multimodal_jax import sharding as shd
 from multimodal_jax.avdcnn import enhance
 from multimodal_jax.avdcnn import evaluate as sq
 from multimodal_jax.avdcnn import model as avdcnn
+from multimodal_jax.avdcnn import plan as avdcnn_plan
 from multimodal_jax.avdcnn.config import EVAL_KEYS, RULES, get_config, model_config
 from multimodal_jax.avdcnn.data import load_data
 from multimodal_jax.avdcnn.frames import FrameSource
@@ -88,10 +89,15 @@ def run_spectrogram(config, workdir):
   print(json.dumps({"output": output, "utterance": config.utterance}), flush=True)
 
 
+def run_plan(config, workdir):
+  """The steps compiled for `--config.target` without the device (`multimodal_jax.planning`)."""
+  return planning.run_plan(config, workdir, avdcnn_plan.plan_steps)
+
+
 def main(argv=None) -> int:
   return cli.run(
     get_config,
-    {"train": run_train, "eval": run_eval, "enhance": run_enhance, "spectrogram": run_spectrogram},
+    {"train": run_train, "eval": run_eval, "enhance": run_enhance, "spectrogram": run_spectrogram, "plan": run_plan},
     argv,
     prog="python -m experiments.avdcnn",
     rules=RULES,

@@ -28,7 +28,6 @@ from multimodal_jax import files
 from multimodal_jax import sharding as shd
 from multimodal_jax.arrays import l2_normalize
 from multimodal_jax.clip import data as cdata
-from multimodal_jax.clip import evaluate as clip_eval
 from multimodal_jax.data.pipeline import eval_batches, load_on_every_process
 from multimodal_jax.datasets import captioned_digits as cd
 from multimodal_jax.eval.retrieval import recall_at_k
@@ -160,9 +159,9 @@ def evaluate(model, params, config, mesh, text_inputs, normalize, workdir: str |
     encode_texts = lambda texts: np.asarray(encode_text(params, jnp.asarray(text_inputs(texts))))
     templates = cdata.templates_for(config) if config.templates else cd.HELD_OUT_TEMPLATES
     scores = image_text_scores(splits.get, encode_texts, cd.CLASS_NAMES, templates, cd.TRAIN_TEMPLATES)
-    classifier = clip_eval.zero_shot_classifier(encode_texts, cd.CLASS_NAMES, templates)
+    classifier = zero_shot_classifier(encode_texts, cd.CLASS_NAMES, templates)
     img, _, labels, _ = splits["test"]
-    rows = clip_eval.prediction_rows(labels, *clip_eval.zero_shot_predictions(img, classifier, scale))
+    rows = prediction_rows(labels, *zero_shot_predictions(img, classifier, scale))
   else:
     source, class_names, paths, fields = cdata.eval_source(config)
     encode = jax.jit(lambda p, b: model.apply({"params": p}, normalize(b["image"]), method=model.encode_image))
@@ -170,10 +169,10 @@ def evaluate(model, params, config, mesh, text_inputs, normalize, workdir: str |
     def transform(record):
       return {"image": record["image"], **({"label": record["label"]} if "label" in fields else {})}
 
-    img, others = clip_eval.encode_images(lambda b: encode(params, b), source, config.eval_batch_size, mesh, transform)
-    texts = clip_eval.batched_texts(lambda t: encode_text(params, jnp.asarray(t)), config.eval_batch_size)
+    img, others = encode_images(lambda b: encode(params, b), source, config.eval_batch_size, mesh, transform)
+    texts = batched_texts(lambda t: encode_text(params, jnp.asarray(t)), config.eval_batch_size)
     captions = [source[i]["text"] for i in range(len(source))] if "text" in fields else None
-    scores, rows = clip_eval.evaluate_set(
+    scores, rows = evaluate_set(
       img,
       lambda strings: texts(text_inputs(strings)),
       scale,
@@ -184,9 +183,8 @@ def evaluate(model, params, config, mesh, text_inputs, normalize, workdir: str |
       paths=paths,
     )
   if workdir is not None and rows:
-    clip_eval.write_predictions(workdir, rows)
+    write_predictions(workdir, rows)
   return scores
-
 
 
 Split = tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]  # image and caption embeddings, labels, captions

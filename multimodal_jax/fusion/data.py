@@ -109,12 +109,14 @@ def load_data(config) -> FusionData:
   return _load_av_digits(config) if spec.kind == "embedded" else _load_tfds(config, spec)
 
 
-def model_inputs(batch, modalities, zeroed: tuple[str, ...] = ()) -> dict:
-  """The model's inputs from a batch: uint8 features (images) scaled to [0, 1]; `zeroed` modalities set to 0."""
+def model_inputs(batch, modalities, zeroed: tuple[str, ...] = (), dtype=jnp.float32) -> dict:
+  """The model's inputs from a batch, in `dtype` (the step's compute dtype: float32 inputs would promote a
+  bfloat16 step to float32): uint8 features (images) scaled to [0, 1]; `zeroed` modalities set to 0."""
   inputs = {}
   for m in modalities:
     x = batch[m].astype(jnp.float32)
     if batch[m].dtype == jnp.uint8:
       x = x / 255.0
+    x = x.astype(dtype)
     inputs[m] = jnp.zeros_like(x) if m in zeroed else x
   return inputs

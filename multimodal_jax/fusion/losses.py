@@ -9,6 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+from multimodal_jax.arrays import floating_dtype
 from multimodal_jax.fusion.data import modalities_of, model_inputs
 from multimodal_jax.losses import masked_mean, softmax_cross_entropy
 
@@ -19,7 +20,8 @@ def make_loss_fn(model: nn.Module, config) -> Callable:
   modalities = modalities_of(config)
 
   def loss_fn(params, batch, rng):
-    logits, aux = model.apply({"params": params}, model_inputs(batch, modalities), train=True, rngs={"dropout": rng})
+    inputs = model_inputs(batch, modalities, dtype=floating_dtype(params))
+    logits, aux = model.apply({"params": params}, inputs, train=True, rngs={"dropout": rng})
     return fusion_loss(logits, aux, batch["label"], unimodal_weight=config.unimodal_loss_weight)
 
   return loss_fn

@@ -7,10 +7,11 @@ import json
 
 import jax
 
-from multimodal_jax import cli, loop, train
+from multimodal_jax import cli, loop, planning, train
 from multimodal_jax import sharding as shd
 from multimodal_jax.data.pipeline import GrainBatches
 from multimodal_jax.eval import from_checkpoint
+from multimodal_jax.fusion import plan as fusion_plan
 from multimodal_jax.fusion.config import EVAL_KEYS, RULES, get_config
 from multimodal_jax.fusion.data import load_data, modalities_of, modalities_relation
 from multimodal_jax.fusion.evaluate import make_evaluator
@@ -52,10 +53,15 @@ def run_eval(config, workdir):
   return result
 
 
+def run_plan(config, workdir):
+  """The steps compiled for `--config.target` without the device (`multimodal_jax.planning`)."""
+  return planning.run_plan(config, workdir, fusion_plan.plan_steps)
+
+
 def main(argv=None) -> int:
   return cli.run(
     get_config,
-    {"train": run_train, "eval": run_eval},
+    {"train": run_train, "eval": run_eval, "plan": run_plan},
     argv,
     prog="python -m experiments.fusion",
     rules=RULES,

@@ -8,9 +8,10 @@ import time
 
 import jax
 
-from multimodal_jax import cli, loop
+from multimodal_jax import cli, loop, planning
 from multimodal_jax import sharding as shd
 from multimodal_jax.errors import UserError
+from multimodal_jax.latent_diffusion import plan as latent_diffusion_plan
 from multimodal_jax.latent_diffusion.config import EVAL_KEYS, RELATIONS, RULES, STAGES, get_config, stage_dir
 from multimodal_jax.latent_diffusion.generate import run_eval, run_export, run_sample
 from multimodal_jax.latent_diffusion.prompts import make_prompts
@@ -48,10 +49,15 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def run_plan(config, workdir):
+  """The steps compiled for `--config.target` without the device (`multimodal_jax.planning`)."""
+  return planning.run_plan(config, workdir, latent_diffusion_plan.plan_steps)
+
+
 def main(argv=None) -> int:
   return cli.run(
     get_config,
-    {"train": run_train, "sample": run_sample, "eval": run_eval, "export": run_export},
+    {"train": run_train, "sample": run_sample, "eval": run_eval, "export": run_export, "plan": run_plan},
     argv,
     prog="python -m experiments.latent_diffusion",
     rules=RULES,

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from multimodal_jax import checkpoint, init_from, loop, train
+from multimodal_jax.arrays import floating_dtype
 from multimodal_jax.data.pipeline import ArraySource, GrainBatches
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import from_checkpoint
@@ -34,15 +35,17 @@ from multimodal_jax.latent_diffusion.prompt_encoder import ConditionedDenoiser
 from multimodal_jax.latent_diffusion.prompts import Prompts, check_clip_step, make_prompts
 
 
-def autoencoder_model(config) -> akl.AutoencoderKL:
+def autoencoder_model(config, dtype: str = "float32") -> akl.AutoencoderKL:
   """The stage-1 autoencoder: `autoencoder.preset` (`auto`: by `image_size`, `akl.preset_for_size`)
-  with `channels` in and out."""
+  with `channels` in and out, computing in `dtype` (training: the step's compute dtype)."""
   preset = config.autoencoder.preset
   if preset == "auto":
     preset = akl.preset_for_size(config.image_size)
   ae_config = akl.PRESETS[preset]
   if ae_config.in_channels != config.channels or ae_config.out_channels != config.channels:
     ae_config = dataclasses.replace(ae_config, in_channels=config.channels, out_channels=config.channels)
+  if ae_config.dtype != dtype:
+    ae_config = dataclasses.replace(ae_config, dtype=dtype)
   return akl.AutoencoderKL(ae_config)
 
 
@@ -64,11 +67,12 @@ def latent_side(config, ae: akl.AutoencoderKL) -> int:
   return side
 
 
-def denoiser_model(config, prompts: Prompts, ae: akl.AutoencoderKL) -> ConditionedDenoiser:
+def denoiser_model(config, prompts: Prompts, ae: akl.AutoencoderKL, dtype: str = "float32") -> ConditionedDenoiser:
+  """The stage-2 denoiser (a DiT with its prompt encoder) on `ae`'s latents, computing in `dtype`."""
   side = latent_side(config, ae)
   dit = dit_config(
       config.dit, input_size=side, in_channels=ae.config.latent_channels, patch_size=config.patch_size,
-      context_dim=prompts.context_dim, attention=config.get("attention", "auto"),
+      context_dim=prompts.context_dim, attention=config.get("attention", "auto"), dtype=dtype,
   )  # fmt: skip
   return ConditionedDenoiser(
       dit, prompts.encoder_kind, vocab_size=prompts.vocab_size, context_length=config.context_length,
@@ -127,18 +131,24 @@ def restore_autoencoder(workdir: str, mesh, config=None):
   return model, params, step
 
 
+def autoencoder_loss_fn(model: akl.AutoencoderKL, kl_weight: float):
+  """Stage 1's loss_fn over batches of uint8 images (scaled to [-1, 1] in the step's compute dtype)."""
+
+  def loss_fn(params, batch, rng):
+    x = (batch["image"].astype(jnp.float32) / 127.5 - 1.0).astype(floating_dtype(params))
+    return akl.autoencoder_loss(model, params, x, rng, kl_weight)
+
+  return loss_fn
+
+
 def train_autoencoder(config, workdir: str, mesh) -> None:
   """Stage 1 in `workdir/autoencoder` (resumes from its checkpoint), then the training latents and the
   latent scale factor of the final step."""
   ae_dir, _ = stage_dirs(workdir)
   section = config.autoencoder
-  model = autoencoder_model(config)
+  model = autoencoder_model(config, loop.resolve_dtype(config.dtype, loop.mesh_platform(mesh)))
   tx, schedule = train.make_optimizer(section)
-
-  def loss_fn(params, batch, rng):
-    x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-    return akl.autoencoder_loss(model, params, x, rng, section.kl_weight)
-
+  loss_fn = autoencoder_loss_fn(model, section.kl_weight)
   images = load_image_set(config).limited(config.train_images).images
   result = loop.fit(
     workdir=ae_dir,
@@ -205,7 +215,7 @@ def train_denoiser(config, workdir: str, mesh) -> None:
     latent_mean=mean[index], latent_std=np.exp(0.5 * logvar)[index],
     prompt=np.asarray([row[c] for c in captions], np.int32), label=train_set.labels[index],
   )  # fmt: skip
-  model = denoiser_model(config, prompts, ae)
+  model = denoiser_model(config, prompts, ae, loop.resolve_dtype(config.dtype, loop.mesh_platform(mesh)))
   tx, lr = train.make_optimizer(config.denoiser)
   saved = {**config.to_dict(), "autoencoder_step": ae_step}  # recorded with the denoiser
   if prompts.clip is not None:

@@ -11,9 +11,23 @@ A process that only plans should call `prepare_environment()` before JAX starts 
 """
 
 from multimodal_jax.targets.analysis import analyze
-from multimodal_jax.targets.devices import prepare_environment, require_compiler, spec_text, target_devices
+from multimodal_jax.targets.devices import (
+  compiler_version,
+  prepare_environment,
+  require_compiler,
+  spec_text,
+  target_devices,
+)
 from multimodal_jax.targets.ops import attention_kind
-from multimodal_jax.targets.plan import TargetCompile, compile_for, mesh_spec_text, plan_compiled, target_mesh
+from multimodal_jax.targets.plan import (
+  TargetCompile,
+  compile_for,
+  compile_lowered,
+  mesh_spec_text,
+  plan_compiled,
+  plan_out_of_memory,
+  target_mesh,
+)
 from multimodal_jax.targets.spec import GPU_CHIPS, TPU_CHIPS, Target, parse_target
 
 __all__ = [
@@ -24,9 +38,12 @@ __all__ = [
   "analyze",
   "attention_kind",
   "compile_for",
+  "compile_lowered",
+  "compiler_version",
   "mesh_spec_text",
   "parse_target",
   "plan_compiled",
+  "plan_out_of_memory",
   "prepare_environment",
   "require_compiler",
   "spec_text",

@@ -129,3 +129,17 @@ def _devices(target: Target) -> tuple:
 def target_devices(target: Target) -> list:
   """The compile-only devices of `target`, built once per process and target."""
   return list(_devices(target))
+
+
+def compiler_version(target: Target) -> str:
+  """The compiler a plan came from: libtpu's version for TPU, the CUDA plugin's (with jaxlib's XLA) for GPU."""
+  from importlib import metadata
+
+  import jaxlib
+
+  package = "libtpu" if target.platform == "tpu" else "jax-cuda12-plugin"
+  try:
+    version = metadata.version(package)
+  except metadata.PackageNotFoundError:
+    version = "unknown"
+  return f"{package} {version}, jaxlib {jaxlib.__version__}"

@@ -161,6 +161,13 @@ def _compile(lowered: Any, target: Target, options: dict | None) -> tuple[Any, d
     raise UserError(f"--config.target={target.text}: XLA could not compile the step: {first[:300]}") from None
 
 
+def compile_lowered(lowered: Any, target: Target, options: dict | None = None) -> tuple[Any, dict | None, str]:
+  """`(compiled or None, compiler options used, libtpu's out-of-memory message when None)` of a step
+  already lowered on the target's mesh, with the same Triton GEMM fallback and TPU memory refusal as
+  `compile_for`."""
+  return _compile(lowered, target, options)
+
+
 def plan_out_of_memory(lowered: Any, target: Target, message: str, **kwargs: Any) -> dict:
   """The plan of a step the TPU compiler refused for memory: its temporaries (the compiler's figure, a
   lower bound of the peak) and `fits: False`; the HLO-derived fields are None (nothing was compiled)."""

@@ -1,0 +1,41 @@
+"""CLIP's steps for `--mode=plan` (`multimodal_jax.planning`): the train step exactly as `run_train`
+builds it (model, contrastive loss over the mesh, optimizer, accumulation, EMA), on abstract batches of
+the config's shapes. No data is read: the image normalization's values do not change the compiled step,
+so the plan uses a fixed one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from multimodal_jax import planning, train
+from multimodal_jax.clip import data as cdata
+from multimodal_jax.clip import weights as clip_weights
+from multimodal_jax.clip.losses import make_loss_fn
+
+
+def plan_steps(config: Any, dtype: str) -> Sequence[planning.PlanStep]:
+  from multimodal_jax.clip.run import build
+
+  model, text_inputs, init_params = build(config)
+  size, chans = cdata.image_size(config), cdata.channels(config)
+  text = np.asarray(text_inputs(["a"]))
+  tx, _ = train.make_optimizer(config, freeze_aliases=clip_weights.FREEZE_ALIASES)
+  normalize = cdata.make_normalizer((0.5,) * chans, (0.5,) * chans)
+
+  def lower(batch: int, mesh):
+    shapes = {"image": ((batch, size, size, chans), np.uint8), "text": ((batch, *text.shape[1:]), text.dtype)}
+    return planning.lower_train_step(
+      mesh,
+      make_loss_fn(model, config, mesh, normalize),
+      init_params,
+      tx,
+      planning.abstract_batch(shapes, mesh),
+      dtype=dtype,
+      grad_accum_steps=config.grad_accum_steps,
+      ema_decay=config.ema_decay,
+    )
+
+  return [planning.PlanStep("train", "batch_size", lower, unit=config.grad_accum_steps)]
