@@ -91,7 +91,12 @@ def _compile(step: PlanStep, batch: int, mesh, target, dtype: str) -> tuple[dict
   started = time.perf_counter()
   lowered = step.lower(batch, mesh)
   lowered_at = time.perf_counter()
-  compiled, options, out_of_memory = targets.compile_lowered(lowered, target)
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)  # a compile-only executable cannot be cached
+  try:
+    compiled, options, out_of_memory = targets.compile_lowered(lowered, target)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
   kwargs = {"compute_dtype": dtype, "compile_s": time.perf_counter() - lowered_at}
   if compiled is None:
     plan = targets.plan_out_of_memory(lowered, target, out_of_memory, **kwargs)
