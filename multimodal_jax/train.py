@@ -4,10 +4,20 @@ An experiment supplies `loss_fn(params, batch, rng) -> (loss, aux)`, a function 
 (logically annotated) params, and an optax optimizer; this module turns them into a train state
 created directly in its sharded layout and a train step jitted once over a device `Mesh`.
 The loop that drives them lives in `loop.py`.
+
+Gradient accumulation (`grad_accum_steps=k`) has two meanings, chosen by the type of `loss_fn`:
+
+- a plain function: the mean over k microbatches of each microbatch's loss and gradient. For a
+  loss that is a mean of per-example terms this is the full batch's gradient.
+- an `EmbeddingLoss` (a loss whose examples meet only through per-example embeddings, such as a
+  contrastive loss, where every example is every other's negative): the gradient of the loss of
+  the whole batch, computed with one microbatch's activations alive at a time (`make_grad_fn`).
+  The mean over microbatches would be another, weaker objective: each microbatch's negatives only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable
@@ -25,6 +35,29 @@ from multimodal_jax import sharding as shd
 from multimodal_jax import trees
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
+GradFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingLoss:
+  """A loss of a whole batch whose examples meet only through per-example embeddings, in two parts:
+
+  - `embed(params, batch, rng) -> embeddings`: a tree whose every leaf has the batch as its leading
+    axis, row i computed from example i alone (e.g. CLIP's image and text embeddings `[b, d]`);
+  - `loss_from_embeddings(params, embeddings) -> (loss, aux)`: the batch's loss from them; `params`
+    give what the loss itself owns (e.g. CLIP's logit scale and bias).
+
+  Called, it is the plain `LossFn` `loss_from_embeddings(params, embed(params, batch, rng))`, so it
+  goes wherever a loss function goes. The split is what lets the trainer accumulate the gradient of
+  the whole batch's loss over microbatches (`make_grad_fn`) without holding every microbatch's
+  activations; the trainer needs to know nothing else about the model.
+  """
+
+  embed: Callable[[Any, Any, jax.Array], Any]
+  loss_from_embeddings: Callable[[Any, Any], tuple[jax.Array, Any]]
+
+  def __call__(self, params: Any, batch: Any, rng: jax.Array) -> tuple[jax.Array, Any]:
+    return self.loss_from_embeddings(params, self.embed(params, batch, rng))
 
 
 @flax.struct.dataclass
@@ -123,8 +156,117 @@ def _split_microbatches(batch: Any, num: int) -> Any:
   return jax.tree.map(split, batch)
 
 
+def _merge_microbatches(micro: Any) -> Any:
+  """The inverse of `_split_microbatches`: [num, B / num, ...] -> [B, ...] in the batch's own order."""
+
+  def merge(x):
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+  return jax.tree.map(merge, micro)
+
+
+def make_grad_fn(
+  loss_fn: LossFn | EmbeddingLoss,
+  mesh: Mesh,
+  *,
+  grad_accum_steps: int = 1,
+  compute_dtype: Any = jnp.float32,
+) -> GradFn:
+  """`grad_fn(params, global_batch, rng) -> (loss, aux, grads)`, the gradient part of the train step
+  (trace it inside a jit; `make_train_step` does). Loss and grads are float32.
+
+  - `loss_fn` sees params cast to `compute_dtype` (params stay float32; their gradients come back
+    float32 through the cast). Float batch leaves are cast too.
+  - `grad_accum_steps = k > 1` splits the batch into k microbatches of strided rows (microbatch i
+    holds rows i, i + k, ...: each stays spread evenly over the data-parallel devices); microbatch
+    i draws its randomness from `fold_in(rng, i)` (with k = 1 the batch gets `rng` itself).
+  - A plain `loss_fn`, k > 1: loss, aux and gradients are the means over the microbatches (one
+    `lax.scan`, constant memory in k).
+  - An `EmbeddingLoss`, k > 1: the loss, aux and gradient of the whole batch, in three passes:
+    (1) a `lax.scan` embeds each microbatch (forward only: no activations are kept) into the
+    whole batch's embeddings; (2) `loss_from_embeddings` of the whole batch and its gradient with
+    respect to the embeddings and params; (3) a second `lax.scan` runs each microbatch's `embed`
+    again under `jax.vjp` with the same rng and pulls its rows of the embedding gradient back to
+    the params, summing. The cost is one extra forward pass per step; the memory is one
+    microbatch's activations, the whole batch's embeddings and what the loss of them needs.
+  """
+  batch_sharding = shd.batch_sharding(mesh)
+  k = grad_accum_steps
+
+  def cast(tree):
+    return cast_floating(tree, compute_dtype)
+
+  def rows(tree):
+    """`tree`'s leaves constrained to the batch split (leading axis over the data axes)."""
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim)), tree)
+
+  def value_and_grad(params, batch, rng):
+    def compute(p, b):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain in model code
+        loss, aux = loss_fn(cast(p), cast(b), rng)
+      return loss.astype(jnp.float32), aux
+
+    (loss, aux), grads = jax.value_and_grad(compute, has_aux=True)(params, batch)
+    return loss, aux, grads
+
+  def mean_of_microbatches(params, batch, rng):
+    micro = _split_microbatches(batch, k)
+
+    def body(carry, xs):
+      index, mb = xs
+      mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
+      return jax.tree.map(jnp.add, carry, value_and_grad(params, mb, jax.random.fold_in(rng, index))), None
+
+    first = jax.eval_shape(value_and_grad, params, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+    return jax.tree.map(lambda x: x / k, total)
+
+  def whole_batch(params, batch, rng):
+    micro = _split_microbatches(batch, k)
+    indices = jnp.arange(k)
+
+    size = jax.tree.leaves(micro)[0].shape[1]
+
+    def embed(p, mb, index):
+      mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        embeddings = loss_fn.embed(cast(p), cast(mb), jax.random.fold_in(rng, index))
+      if any(x.ndim < 1 or x.shape[0] != size for x in jax.tree.leaves(embeddings)):
+        shapes = jax.tree.map(jnp.shape, embeddings)
+        raise ValueError(f"EmbeddingLoss.embed must give a row per example ({size}) on every leaf; it gave {shapes}")
+      return rows(embeddings)
+
+    # (1) Forward only: nothing differentiates this scan, so no microbatch's activations outlive it.
+    _, embedded = jax.lax.scan(lambda _, xs: (None, embed(params, xs[1], xs[0])), None, (indices, micro))
+    embeddings = rows(_merge_microbatches(embedded))
+
+    # (2) The whole batch's loss, and its gradient w.r.t. the embeddings and the loss's own params.
+    def from_embeddings(p, e):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        loss, aux = loss_fn.loss_from_embeddings(cast(p), e)
+      return loss.astype(jnp.float32), aux
+
+    (loss, aux), (grads, d_embeddings) = jax.value_and_grad(from_embeddings, argnums=(0, 1), has_aux=True)(
+      params, embeddings
+    )
+
+    # (3) Each microbatch again, same rng, under vjp: its rows of d_embeddings become param gradients.
+    def backward(grads, xs):
+      index, mb, d_rows = xs
+      _, pull_back = jax.vjp(lambda p: embed(p, mb, index), params)
+      return jax.tree.map(jnp.add, grads, pull_back(rows(d_rows))[0]), None
+
+    grads, _ = jax.lax.scan(backward, grads, (indices, micro, _split_microbatches(d_embeddings, k)))
+    return loss, aux, grads
+
+  if k == 1:
+    return value_and_grad
+  return whole_batch if isinstance(loss_fn, EmbeddingLoss) else mean_of_microbatches
+
+
 def make_train_step(
-  loss_fn: LossFn,
+  loss_fn: LossFn | EmbeddingLoss,
   tx: optax.GradientTransformation,
   mesh: Mesh,
   state_shardings: Any,
@@ -138,42 +280,20 @@ def make_train_step(
   """The jitted, donated train step `(state, global_batch) -> (state, metrics)`.
 
   - The step's randomness is `fold_in(key(seed), step)`: a resumed run draws the same numbers.
-  - `loss_fn` sees params cast to `compute_dtype` (params stay float32; their gradients come
-    back float32 through the cast). Float batch leaves are cast too.
-  - With `grad_accum_steps > 1` the batch is split into microbatches whose gradients are
-    averaged in a `lax.scan` (constant memory in the number of microbatches).
+  - Loss and gradients come from `make_grad_fn(loss_fn, mesh, grad_accum_steps, compute_dtype)`:
+    `loss_fn` sees params and float batch leaves cast to `compute_dtype`; with
+    `grad_accum_steps > 1` a plain `loss_fn` is averaged over microbatches, an `EmbeddingLoss`
+    gives the whole batch's loss and gradient (see `make_grad_fn`). The logged `loss` is that one.
   - A non-finite loss or gradient skips the update (state unchanged but for the step) and
     reports `finite = False`, so the caller can stop with the last good state intact.
   """
   base_key = jax.random.key(seed)
   batch_sharding = shd.batch_sharding(mesh)
-
-  def grads_of(params, batch, rng):
-    def compute(p, b):
-      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain in model code
-        loss, aux = loss_fn(cast_floating(p, compute_dtype), cast_floating(b, compute_dtype), rng)
-      return loss.astype(jnp.float32), aux
-
-    return jax.value_and_grad(compute, has_aux=True)(params, batch)
+  grad_fn = make_grad_fn(loss_fn, mesh, grad_accum_steps=grad_accum_steps, compute_dtype=compute_dtype)
 
   def step_fn(state: TrainState, batch: Any):
     rng = jax.random.fold_in(base_key, state.step)
-    if grad_accum_steps == 1:
-      (loss, aux), grads = grads_of(state.params, batch, rng)
-    else:
-      micro = _split_microbatches(batch, grad_accum_steps)
-
-      def body(carry, xs):
-        index, mb = xs
-        mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
-        (l, a), g = grads_of(state.params, mb, jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, carry, (l, a, g)), None
-
-      (l0, a0), g0 = jax.eval_shape(grads_of, state.params, jax.tree.map(lambda x: x[0], micro), rng)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
-      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
-      loss, aux, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, aux, grads))
-
+    loss, aux, grads = grad_fn(state.params, batch, rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -9,14 +9,15 @@ import jax
 import jax.numpy as jnp
 
 from multimodal_jax import sharding as shd
+from multimodal_jax import train
+from multimodal_jax.arrays import floating_dtype
 from multimodal_jax.clip import data as cdata
-from multimodal_jax.clip import losses
+from multimodal_jax.losses import softmax_cross_entropy
 
 # --- Contrastive losses (CLIP, SigLIP, pairwise) -------------------------------------------------------------------
 #
 # `logit_scale` below is the multiplier itself (CLIP's `exp(log_scale)`), not its log; `logit_bias` is SigLIP's `b`.
 # All losses compute in float32 whatever the input dtype.
-from multimodal_jax.losses import softmax_cross_entropy
 
 
 def clip_softmax_loss(image_emb: jnp.ndarray, text_emb: jnp.ndarray, logit_scale: jnp.ndarray) -> jnp.ndarray:
@@ -328,23 +329,43 @@ def sigmoid_loss_chunked(
   return _shard_batch(local, mesh, used, 2)(image_emb, text_emb, jnp.asarray(logit_scale), jnp.asarray(logit_bias))
 
 
-def make_loss_fn(model, config, mesh, normalize=None):
+def logit_scale_and_bias(config, params) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+  """The logit scale (exp of the param, clamped at `max_logit_scale`) and bias (None without one) of
+  a `ClipConfig`'s params, as `CLIP.__call__` returns them, from the params alone (no images)."""
+  scale = jnp.minimum(jnp.exp(params["logit_scale"]), config.max_logit_scale)
+  return scale, params["logit_bias"] if config.init_logit_bias is not None else None
+
+
+def make_loss_fn(model, config, mesh, normalize=None) -> train.EmbeddingLoss:
   """The contrastive loss of a batch `{"image": uint8, "text": ids}` (images normalized by `normalize`,
-  default the run's own `clip_data.normalization`, and randomly shifted)."""
+  default the run's own `clip_data.normalization`, and randomly shifted), as a `train.EmbeddingLoss`.
+
+  `embed` gives the L2-normalized image and text embeddings `{"image", "text"}` `[b, embed_dim]`;
+  `loss_from_embeddings` the softmax or sigmoid loss (`config.loss`, `config.loss_impl`) of all of
+  them with the params' logit scale (and bias). So with `grad_accum_steps > 1` the trainer trains
+  the loss of the whole batch, every example a negative of every other, as without accumulation
+  (open_clip's `--accum-freq`), and not the mean of each microbatch's own loss.
+  """
   normalize = normalize or cdata.make_normalizer(*cdata.normalization(config))
   axes = shd.BATCH_AXES
 
   def contrastive(img, txt, scale, bias):
     if config.loss == "softmax":
-      fn = losses.clip_softmax_loss_gathered if config.loss_impl == "gather" else losses.clip_softmax_loss_chunked
+      fn = clip_softmax_loss_gathered if config.loss_impl == "gather" else clip_softmax_loss_chunked
       return fn(img, txt, scale, mesh, axes)
-    fn = losses.sigmoid_loss_gathered if config.loss_impl == "gather" else losses.sigmoid_loss_chunked
+    fn = sigmoid_loss_gathered if config.loss_impl == "gather" else sigmoid_loss_chunked
     return fn(img, txt, scale, bias, mesh, axes)
 
-  def loss_fn(params, batch, rng):
-    images = normalize(batch["image"], rng, config.augment_shift)
-    img, txt, scale, bias = model.apply({"params": params}, images, batch["text"])
-    loss = contrastive(img.astype(jnp.float32), txt.astype(jnp.float32), scale, bias)
+  def embed(params, batch, rng):
+    # Images enter in the params' dtype (the step's compute dtype): float32 pixels would promote every
+    # activation and matmul of the image tower to float32 in a bfloat16 step.
+    images = normalize(batch["image"], rng, config.augment_shift).astype(floating_dtype(params))
+    img, txt, _, _ = model.apply({"params": params}, images, batch["text"])
+    return {"image": img, "text": txt}
+
+  def loss_from_embeddings(params, embeddings):
+    scale, bias = logit_scale_and_bias(model.config, params)
+    loss = contrastive(embeddings["image"].astype(jnp.float32), embeddings["text"].astype(jnp.float32), scale, bias)
     return loss, {"logit_scale": scale}
 
-  return loss_fn
+  return train.EmbeddingLoss(embed, loss_from_embeddings)

@@ -134,6 +134,7 @@ def run_train(config, workdir):
   return loop.fit(
     workdir=workdir,
     config=config,
+    # An EmbeddingLoss: with grad_accum_steps > 1 the step trains the whole batch's loss (docs/clip_accumulation.md).
     mesh=mesh,
     loss_fn=make_loss_fn(model, config, mesh, normalize),
     init_params=init_params,
