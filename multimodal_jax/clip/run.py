@@ -134,8 +134,8 @@ def run_train(config, workdir):
   return loop.fit(
     workdir=workdir,
     config=config,
-    # An EmbeddingLoss: with grad_accum_steps > 1 the step trains the whole batch's loss (docs/clip_accumulation.md).
     mesh=mesh,
+    # An EmbeddingLoss: with grad_accum_steps > 1 the step trains the whole batch's loss (docs/clip_accumulation.md).
     loss_fn=make_loss_fn(model, config, mesh, normalize),
     init_params=init_params,
     tx=tx,
