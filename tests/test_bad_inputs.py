@@ -1,7 +1,8 @@
 """Bad input across the four experiments: every case ends in one line on stderr with a non-zero exit,
-and the trained run in the workdir loses nothing (no file shorter or gone, the latest checkpoint
-still restores)."""
+and the trained run in the workdir is untouched (the same directories and files, each with the same
+bytes; the latest checkpoint still restores)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -66,12 +67,27 @@ def runs(tmp_path_factory, data_dirs):
   return get
 
 
-def _sizes(workdir) -> dict:
+def _snapshot(root) -> dict[str, str]:
+  """Every directory and file under `root`: relative path -> "dir", or the sha256 of the file's bytes.
+  Nothing is left out: a bad input may not add, remove or rewrite anything, lock or temp files included."""
   out = {}
-  for root, _, files in os.walk(workdir):
+  for folder, dirs, files in os.walk(root):
+    for d in dirs:
+      out[os.path.relpath(os.path.join(folder, d), root)] = "dir"
     for f in files:
-      out[os.path.join(root, f)] = os.path.getsize(os.path.join(root, f))
+      with open(os.path.join(folder, f), "rb") as fh:
+        out[os.path.relpath(os.path.join(folder, f), root)] = hashlib.file_digest(fh, "sha256").hexdigest()
   return out
+
+
+def _assert_unchanged(before: dict[str, str], root, what) -> None:
+  after = _snapshot(root)
+  changes = {
+    "added": sorted(set(after) - set(before)),
+    "removed": sorted(set(before) - set(after)),
+    "rewritten": sorted(p for p in set(before) & set(after) if before[p] != after[p]),
+  }
+  assert after == before, f"{what} changed {root}: {changes}"
 
 
 def _one_line_failure(capsys, name, argv):
@@ -180,11 +196,12 @@ def _params(cases):
     yield pytest.param(name, args, message, marks=marks, id=f"{name}:{' '.join(args)}")
 
 
-@pytest.mark.parametrize("name,args,message", list(_params(CASES)))
-def test_bad_input_is_one_line_and_loses_nothing(name, args, message, runs, data_dirs, tmp_path, capsys):
+def _bad_input(name, args, runs, data_dirs, tmp_path, capsys) -> str:
+  """Runs experiment `name` on its trained run with the bad `args` (a CASES row) and returns the one
+  error line, after checking that neither that run nor the other one named by {other} changed."""
   workdir, data_dir = runs(name), data_dirs(name)
   other = runs("clip" if name == "fusion" else "fusion")
-  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty").mkdir(exist_ok=True)
   (tmp_path / "a_file").write_text("not a directory")
   wav0 = _wav(tmp_path / "empty.wav", [])
   subst = {"other": other, "empty": tmp_path / "empty", "file": tmp_path / "a_file", "tmp": tmp_path, "wav0": wav0}
@@ -193,18 +210,35 @@ def test_bad_input_is_one_line_and_loses_nothing(name, args, message, runs, data
   if name == "latent_diffusion" and not any(a.startswith("--mode") for a in args):
     argv += TRAIN_ARGS[name]  # train mode: the run's own sizes, so only the bad key (given last) differs
   argv += args
-  before = _sizes(workdir)
+  before = {run: _snapshot(run) for run in (workdir, other)}
   line = _one_line_failure(capsys, name, argv)
+  # catches a bad input that adds, removes or rewrites anything in a trained run (a rewritten config or
+  # metrics file, a new empty checkpoint dir, a lock file): "no file got shorter" let all of those pass
+  for run, snapshot in before.items():
+    _assert_unchanged(snapshot, run, argv)
+  return line
+
+
+@pytest.mark.parametrize("name,args,message", list(_params(CASES)))
+def test_bad_input_is_one_line_and_changes_nothing(name, args, message, runs, data_dirs, tmp_path, capsys):
+  line = _bad_input(name, args, runs, data_dirs, tmp_path, capsys)
   assert message in line, line
-  after = _sizes(workdir)
-  lost = [p for p, size in before.items() if after.get(p, -1) < size]
-  assert not lost, f"{argv} shortened or removed {lost}"
+
+
+def _reads_the_run(args) -> bool:
+  """A case in a mode that opens the trained run (eval, sample, enhance), where a slip could write to it."""
+  return any(a.startswith("--mode") for a in args)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else (pytest.mark.slow,)) for n in EXPERIMENTS])
-def test_latest_checkpoint_restores_after_bad_inputs(name, runs, data_dirs, capsys):
-  """Run after the table (pytest keeps file order): the run still evaluates from its checkpoint."""
+def test_latest_checkpoint_restores_after_bad_inputs(name, runs, data_dirs, tmp_path, capsys):
+  """Self-contained (not relying on the table above having run first): this experiment's bad inputs that
+  read the trained run are given here, then the run still evaluates (samples) from its latest checkpoint."""
   workdir, data_dir = runs(name), data_dirs(name)
+  cases = [(args, message) for n, args, message in CASES if n == name and _reads_the_run(args)]
+  assert cases  # catches a filter that leaves nothing: the test would restore an untouched run
+  for args, message in cases:
+    assert message in _bad_input(name, args, runs, data_dirs, tmp_path, capsys)
   mode = {"latent_diffusion": "sample", "avdcnn": "eval"}.get(name, "eval")
   extra = {"avdcnn": ["--config.eval_utterances=1", "--config.eval_processes=1"], "latent_diffusion": []}.get(name, [])
   steps = checkpoint.saved_steps(str(workdir) + ("/denoiser" if name == "latent_diffusion" else ""))
@@ -214,7 +248,10 @@ def test_latest_checkpoint_restores_after_bad_inputs(name, runs, data_dirs, caps
   out = capsys.readouterr().out.strip().splitlines()
   assert status == 0 and steps
   if mode == "eval":
+    # catches a restore that falls back to an earlier checkpoint (or none) after the bad inputs
     assert json.loads(out[-1])["step"] == steps[-1]
+  else:
+    assert os.path.isfile(workdir / "samples.png") and out[-1].startswith("wrote ")
 
 
 def test_keep_checkpoints_cannot_delete_the_runs_checkpoints(runs, av_digits_dir, capsys):
@@ -323,9 +360,11 @@ def test_read_only_workdir_is_one_line(av_digits_dir, tmp_path):
 def test_truncated_latest_checkpoint_is_one_warning_line(runs, av_digits_dir, tmp_path):
   copy = tmp_path / "run"
   shutil.copytree(runs("fusion"), copy)
+  assert checkpoint.saved_steps(str(copy)) == [2, 4]
   for f in (copy / "checkpoints" / "4" / "state").rglob("*"):
     if f.is_file() and f.parent.name == "d":
       os.truncate(f, 10)
+  damaged = _snapshot(copy / "checkpoints" / "4")
   done = _cli(copy, av_digits_dir, "--config.steps=6", "--config.checkpoint_every=2", "--config.eval_every=0")
   assert done.returncode == 0, done.stderr[-3000:]
   noise = [line for line in (done.stdout + done.stderr).splitlines() if "Traceback" in line or "Event loop" in line]
@@ -333,3 +372,9 @@ def test_truncated_latest_checkpoint_is_one_warning_line(runs, av_digits_dir, tm
   assert not noise, done.stdout[-2000:] + done.stderr[-4000:]
   assert len(warnings) == 1 and "checkpoint at step 4 in" in warnings[0] and "unreadable" in warnings[0]
   assert "resumed from the checkpoint at step 2" in done.stdout
+  # catches a damaged checkpoint deleted (or left in place) instead of set aside, as the README says:
+  # WORKDIR/checkpoints_unreadable/4 holds exactly the damaged files
+  assert sorted(os.listdir(copy / "checkpoints_unreadable")) == ["4"]
+  assert _snapshot(copy / "checkpoints_unreadable" / "4") == damaged
+  # catches a run that did not go on from step 2: steps 4 and 6 are written again by this run
+  assert checkpoint.saved_steps(str(copy)) == [2, 4, 6]
