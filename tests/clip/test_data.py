@@ -75,14 +75,18 @@ def user_data(tmp_path_factory):
 def test_train_on_a_csv_and_evaluate_on_a_folder(tmp_path, user_data, capsys):
   common = ["--workdir", str(tmp_path / "run"), f"--config.data_dir={tmp_path / 'data'}"]
   args = [*common, f"--config.dataset=csv:{user_data / 'pairs.tsv'}", "--config.image_size=16"]
-  args += ["--config.steps=3", "--config.batch_size=16", "--config.log_every=1", "--config.eval_batch_size=8"]
+  args += ["--config.steps=10", "--config.batch_size=16", "--config.log_every=1", "--config.eval_batch_size=8"]
   assert clip_run_mod.main(args) == 0, capsys.readouterr().err
   evaluate = [*common, "--mode=eval", f"--config.eval_dataset=folder:{user_data / 'test'}"]
   evaluate += [f"--config.templates={user_data / 'templates.txt'}", "--config.eval_batch_size=8"]
   capsys.readouterr()
   assert clip_run_mod.main(evaluate) == 0, capsys.readouterr().err
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert result["step"] == 3 and result["num_images"] == 9.0 and 0 <= result["zero_shot_accuracy"] <= 1
+  assert result["step"] == 10 and result["num_images"] == 9.0
+  # catches a zero-shot eval that scores images against the wrong class prompts (or an untrained model):
+  # red, green and blue squares are told apart after 10 steps (measured 9/9; chance 3/9). `0 <= acc <= 1`
+  # held for any output
+  assert result["zero_shot_accuracy"] >= 6 / 9, result
   rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
   assert len(rows) == 9 and [r["label"] for r in rows] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
   assert all(r["path"].endswith(".jpg") and r["prediction"] in (0, 1, 2) for r in rows)

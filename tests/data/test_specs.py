@@ -224,9 +224,18 @@ def test_cache_plugs_into_grain_batches(tmp_path):
   root = _class_folder(tmp_path / "pets", {"cat": 8, "dog": 8})
   source = specs.open_dataset(f"folder:{root}", _settings(tmp_path)).split("train")
   batches = GrainBatches(source, 8, seed=0, process_index=0, process_count=1)
-  batch = next(batches)
-  assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
-  assert batch["label"].shape == (8,) and set(batch["label"].tolist()) <= {0, 1}
+  epoch = [next(batches), next(batches)]  # 16 records: one epoch
+  for batch in epoch:
+    assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (8,)
+    # catches images paired with the wrong label: cat's were drawn in grey 0, dog's in grey 20
+    grey = np.asarray([20 * int(label) for label in batch["label"]])[:, None, None, None]
+    assert np.abs(batch["image"].astype(int) - grey).max() <= 1
+  rows = [(int(b["label"][i]), b["image"][i].tobytes()) for b in epoch for i in range(8)]
+  records = [(int(source[i]["label"]), source[i]["image"].tobytes()) for i in range(len(source))]
+  # catches a stream that drops, repeats or alters cached records within an epoch (labels in {0, 1} held
+  # for any output): the epoch's rows are the cache's 16 records, each once
+  assert sorted(rows) == sorted(records)
 
 
 def test_dataset_normalization_from_the_cache(tmp_path):

@@ -168,7 +168,13 @@ def test_pulse_eval_prints_the_scores(trained, captioned_dir, capsys):
   assert status == 0, err
   result = json.loads(out.strip().splitlines()[-1])
   assert result["step"] == 4 and result["num_generated"] == 20 and result["guidance_scale"] == 2.0
-  assert 0.0 <= result["conditional_accuracy"] <= 1.0
+  # catches an accuracy not computed over the 20 samples as asked (0 <= acc <= 1 held for any output; a
+  # 4-step model is not expected above chance): 2 samples per digit, so it is k/20 and the mean of the per-digit
+  # accuracies, each a multiple of 1/2
+  per_digit = result["accuracy_per_digit"]
+  assert len(per_digit) == 10 and all(2 * a == round(2 * a) for a in per_digit), per_digit
+  assert 20 * result["conditional_accuracy"] == pytest.approx(round(20 * result["conditional_accuracy"]), abs=1e-9)
+  assert result["conditional_accuracy"] == pytest.approx(np.mean(per_digit), abs=1e-12)
   assert result["fid"] >= 0.0 and result["reconstruction_mse"] > 0.0
   assert json.loads((trained / "eval.json").read_text()) == result
   assert os.path.isfile(trained / ldc.CLASSIFIER_FILE)
