@@ -101,6 +101,11 @@ DTYPE = Rule(
   lambda v: v in ("auto", "float32", "bfloat16"),
   "auto, float32 or bfloat16 (float16 would need loss scaling, which the trainer does not do: use bfloat16)",
 )
+# `--config.remat` (layers.REMAT_POLICIES; true / false: full / none, as configs saved before the names existed).
+REMAT = Rule(
+  lambda v: v in ("none", "full", "dots", "dots_no_batch") or isinstance(v, bool), "none, full, dots or dots_no_batch"
+)
+
 # `--config.batch_size=max` (any `*batch_size` key): the largest batch that fits, searched by --mode=plan.
 MAX_BATCH = -1
 

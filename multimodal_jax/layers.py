@@ -159,6 +159,45 @@ def activation_fn(name: str):
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
 
+# Rematerialization (`--config.remat`): which activations of a block the backward pass recomputes.
+# "none": keep all; "full": keep only the block's input (recompute everything); "dots": keep the results
+# of the matmuls, recompute the cheap elementwise work between them (norms, activations, softmax);
+# "dots_no_batch": keep only the matmuls without batch dimensions (the projections and MLPs, not the
+# attention scores, whose size grows with the sequence length squared).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+def remat(module: type[nn.Module], policy: str | bool) -> type[nn.Module]:
+  """`module` wrapped for the REMAT_POLICIES name `policy` (True / False: "full" / "none", as configs
+  saved before the names existed say)."""
+  policy = {True: "full", False: "none"}.get(policy, policy) if isinstance(policy, bool) else policy
+  if policy == "none":
+    return module
+  if policy == "full":
+    return nn.remat(module)
+  if policy == "dots":
+    return nn.remat(module, policy=jax.checkpoint_policies.checkpoint_dots)
+  if policy == "dots_no_batch":
+    return nn.remat(module, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  raise ValueError(f"remat={policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
+
+
+def checkpointed(fn, policy: str | bool):
+  """`fn` under `jax.checkpoint` with the REMAT_POLICIES name `policy`: remat at the granularity of a
+  whole function (a shallow model's forward pass, where per-block remat would save little more)."""
+  policy = {True: "full", False: "none"}.get(policy, policy) if isinstance(policy, bool) else policy
+  if policy == "none":
+    return fn
+  policies = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }
+  if policy not in policies:
+    raise ValueError(f"remat={policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
+  return jax.checkpoint(fn, policy=policies[policy])
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerOptions:
   """How a Transformer's blocks compute (frozen, so hashable: a Flax module attribute).
@@ -166,8 +205,8 @@ class TransformerOptions:
   `activation`: a key of ACTIVATIONS ("gelu" is the exact erf form, as PyTorch's nn.GELU();
   "gelu_tanh" its tanh approximation; "quick_gelu" OpenAI CLIP's). `attention`: one of
   attention.ATTENTION_IMPLEMENTATIONS (None: "auto"). `scan`: the blocks under `nn.scan`, params
-  with a leading `[layers]` axis (logical name "layers"); else `block_{i}` subtrees. `remat`: each
-  block's activations are recomputed in the backward pass (memory for FLOPs). `unroll`: scan
+  with a leading `[layers]` axis (logical name "layers"); else `block_{i}` subtrees. `remat`: which of
+  each block's activations the backward pass recomputes (REMAT_POLICIES; memory for FLOPs). `unroll`: scan
   iterations per loop trip (True: all; the params keep their `[layers]` axis either way); None: all
   on the CPU backend, where the loop's stacking of residuals and gradients cost ~25% of a train
   step, else 1. Unrolled, compile time grows with depth (forward + backward of ViT-B/32: 3.6 s ->
@@ -178,7 +217,7 @@ class TransformerOptions:
   activation: str = "gelu"
   attention: str | None = "auto"
   scan: bool = True
-  remat: bool = False
+  remat: str | bool = "none"
   unroll: int | bool | None = None
   dtype: Any = None
 
@@ -220,7 +259,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     opts = self.options
-    block = nn.remat(TransformerBlock) if opts.remat else TransformerBlock
+    block = remat(TransformerBlock, opts.remat)
     kw = {"heads": self.heads, "mlp_ratio": self.mlp_ratio, "causal": self.causal, "options": opts}
     if opts.scan:
       stack = nn.scan(

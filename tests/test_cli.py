@@ -58,7 +58,7 @@ def test_help_lists_every_key_with_its_default(name, capsys):
 def test_help_shows_defaults_as_typed(capsys):
   assert clip_run.main(["--help"]) == 0
   out = capsys.readouterr().out
-  assert "--config.remat=false\n" in out and "--config.templates=''\n" in out
+  assert "--config.remat=none\n" in out and "--config.templates=''\n" in out
   assert ld_run.main(["--help"]) == 0
   out = capsys.readouterr().out
   assert "--config.autoencoder.steps=600\n" in out and "--config.denoiser.ema_decay=0.995\n" in out
@@ -101,7 +101,7 @@ def test_config_file_with_argument(tmp_path):
   [
     ("def get_config():\n  return {'stepz': 3}\n", "unknown config key 'stepz'; did you mean steps"),
     ("def get_config():\n  return {'steps': -1}\n", "steps=-1: expected a number > 0"),
-    ("def get_config():\n  return {'remat': 'yes'}\n", "remat=yes: expected true or false"),
+    ("def get_config():\n  return {'remat': 'yes'}\n", "remat=yes: expected none, full, dots or dots_no_batch"),
     ("def get_config(arg):\n  return {}\n", "add :ARG"),
     ("config = {}\n", "defines no get_config()"),
     ("def get_config(:\n", "line 1"),
@@ -126,23 +126,31 @@ def test_space_form_override(tmp_path):
   "override, key, value",
   [
     ("learning_rate=1e-3", "learning_rate", 0.001),
-    ("remat=false", "remat", False),
-    ("remat=0", "remat", False),
-    ("remat=True", "remat", True),
+    ("late_learn_weights=false", "late_learn_weights", False),
+    ("late_learn_weights=0", "late_learn_weights", False),
+    ("late_learn_weights=True", "late_learn_weights", True),
     ("augment_shift=0", "augment_shift", 0),
+    ("remat=dots", "remat", "dots"),
   ],
 )
 def test_override_parses_to_the_keys_type(tmp_path, override, key, value):
-  code, config = _run([f"--config.{override}"], tmp_path)
+  method = fusion_config if key == "late_learn_weights" else clip_config
+  code, config = _run([f"--config.{override}"], tmp_path, method)
   assert code == 0 and config[key] == value and type(config[key]) is type(value)
 
 
 # Catches a bad bool (or a float for an int) turned into a value instead of a one-line error.
 @pytest.mark.parametrize(
-  "override, expect", [("remat=maybe", "expected true or false"), ("steps=7.5", "expected a int")]
+  "override, expect",
+  [
+    ("late_learn_weights=maybe", "expected true or false"),
+    ("steps=7.5", "expected a int"),
+    ("remat=true", "expected none, full, dots or dots_no_batch"),
+  ],
 )
 def test_bad_override_is_one_line(tmp_path, capsys, override, expect):
-  code, config = _run([f"--config.{override}"], tmp_path)
+  method = fusion_config if override.startswith("late") else clip_config
+  code, config = _run([f"--config.{override}"], tmp_path, method)
   line = _error_line(capsys)
   assert code == 2 and config is None and line == f"error: --config.{override}: {expect}"
 

@@ -14,6 +14,7 @@ from multimodal_jax.config import (
   FINITE,
   NON_NEGATIVE,
   POSITIVE,
+  REMAT,
   TEXT,
   Key,
   declares,
@@ -62,6 +63,13 @@ KEYS = {
     one_of("compressed", "log_power"),
     "compressed (|S|^0.3 magnitudes) or log_power (the paper's)",
     "loss",
+  ),
+  "remat": Key(
+    "none",
+    REMAT,
+    "activations the backward pass recomputes (less memory, more compute): none, full, dots (keep matmul "
+    "outputs), dots_no_batch (keep projections, recompute attention scores)",
+    "model",
   ),
   "mu": Key(1.0, NON_NEGATIVE, "weight of the visual reconstruction loss", "loss"),
   "under_weight": Key(

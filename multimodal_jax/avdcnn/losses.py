@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from multimodal_jax.avdcnn import model as avdcnn
+from multimodal_jax.layers import checkpointed
 
 # --- AVDCNN ---------------------------------------------------------------------------------------------------------
 
@@ -54,11 +55,15 @@ def compressed_magnitude(
   return np.sqrt(COMPRESSED_SCALE) * jnp.exp(0.5 * compression * (normalized * std + mean))
 
 
-def make_loss_fn(model: avdcnn.AVDCNN, mu: float, under_weight: float = 1.0, loss: str = "log_power"):
+def make_loss_fn(
+  model: avdcnn.AVDCNN, mu: float, under_weight: float = 1.0, loss: str = "log_power", remat: str = "none"
+):
   """`avdcnn_loss` of the normalized log-power frames (the paper's) or their compressed magnitudes."""
 
+  forward = checkpointed(lambda params, batch, rng: avdcnn.apply_train(model, params, batch, rng), remat)
+
   def loss_fn(params, batch, rng):
-    out = avdcnn.apply_train(model, params, batch, rng)
+    out = forward(params, batch, rng)
     visual_target = avdcnn.lips_target(batch["lips"]) if model.config.visual else None
     prediction, target = out["audio"], batch["target"]
     if loss == "compressed":

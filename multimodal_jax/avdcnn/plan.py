@@ -33,7 +33,7 @@ def plan_steps(config: Any, dtype: str) -> Sequence[planning.PlanStep]:
     }
     return planning.lower_train_step(
       mesh,
-      make_loss_fn(model, config.mu, config.under_weight, config.loss),
+      make_loss_fn(model, config.mu, config.under_weight, config.loss, config.remat),
       avdcnn.make_init_params(model),
       tx,
       planning.abstract_batch(shapes, mesh),

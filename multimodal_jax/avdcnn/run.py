@@ -39,7 +39,7 @@ def run_train(config, workdir):
     workdir=workdir,
     config=config,
     mesh=mesh,
-    loss_fn=make_loss_fn(model, config.mu, config.under_weight, config.loss),
+    loss_fn=make_loss_fn(model, config.mu, config.under_weight, config.loss, config.remat),
     init_params=avdcnn.make_init_params(model),
     tx=tx,
     train_data=GrainBatches(frames, config.batch_size, config.seed, fetch_batches=True),

@@ -11,9 +11,9 @@ from multimodal_jax.attention import ATTENTION_IMPLEMENTATIONS
 from multimodal_jax.clip import data as cdata
 from multimodal_jax.clip import model as clip_model
 from multimodal_jax.config import (
-  BOOL,
   NON_NEGATIVE,
   POSITIVE,
+  REMAT,
   TEXT,
   Key,
   Rule,
@@ -106,7 +106,13 @@ KEYS = {
     "attention.dot_product_attention: auto (the CPU kernel on CPU, cuDNN for bf16 on GPU), cpu, einsum, xla or cudnn",
     "model",
   ),
-  "remat": Key(False, BOOL, "recompute activations in the backward pass (less memory, more compute)", "model"),
+  "remat": Key(
+    "none",
+    REMAT,
+    "activations the backward pass recomputes (less memory, more compute): none, full, dots (keep matmul "
+    "outputs), dots_no_batch (keep projections, recompute attention scores)",
+    "model",
+  ),
   "loss": Key("softmax", one_of("softmax", "sigmoid"), "softmax (CLIP's) or sigmoid (SigLIP's)", "loss"),
   "loss_impl": Key(
     "gather",

@@ -52,7 +52,7 @@ class ClipConfig:
   # How both towers' Transformers compute (see layers.TransformerOptions):
   activation: str = "gelu"  # exact erf GELU; "gelu_tanh"; "quick_gelu" (OpenAI's own weights)
   scan: bool = True
-  remat: bool = False
+  remat: str | bool = "none"  # layers.REMAT_POLICIES
   scan_unroll: int | bool | None = None  # layers per scan trip; None: all on CPU, else 1
   attention: str = "auto"  # one of attention.ATTENTION_IMPLEMENTATIONS: auto, cpu, einsum, xla, cudnn
   # "transformer": the text tower above; "precomputed": texts arrive as a frozen (locked, LiT)

@@ -6,7 +6,19 @@ from __future__ import annotations
 import ml_collections
 
 from multimodal_jax import loop
-from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Key, Rule, declares, make_config, one_of, rules_of
+from multimodal_jax.config import (
+  BOOL,
+  NON_NEGATIVE,
+  POSITIVE,
+  REMAT,
+  TEXT,
+  Key,
+  Rule,
+  declares,
+  make_config,
+  one_of,
+  rules_of,
+)
 from multimodal_jax.data import specs
 from multimodal_jax.fusion.data import EMBEDDED, MODALITIES_RULE
 from multimodal_jax.fusion.model import FUSIONS
@@ -42,6 +54,13 @@ KEYS = {
   "features": Key(64, POSITIVE, "width of each modality's encoding", "model"),
   "hidden": Key(128, POSITIVE, "hidden width of the encoders' and the fusion classifier's layers", "model"),
   "dropout": Key(0.1, Rule(lambda v: 0 <= v < 1, "a probability in [0, 1)"), "dropout rate", "model"),
+  "remat": Key(
+    "none",
+    REMAT,
+    "activations the backward pass recomputes (less memory, more compute): none, full, dots (keep matmul "
+    "outputs), dots_no_batch (keep projections, recompute attention scores)",
+    "model",
+  ),
   "late_learn_weights": Key(True, BOOL, "late fusion learns the weights of the modalities' logits", "model"),
   "unimodal_loss_weight": Key(1.0, NON_NEGATIVE, "weight of the per-modality head losses (joint, late)", "loss"),
   "eval_batch_size": Key(200, POSITIVE, "batch size of evaluation", "eval"),

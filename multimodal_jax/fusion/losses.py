@@ -11,6 +11,7 @@ from flax import linen as nn
 
 from multimodal_jax.arrays import floating_dtype
 from multimodal_jax.fusion.data import modalities_of, model_inputs
+from multimodal_jax.layers import checkpointed
 from multimodal_jax.losses import masked_mean, softmax_cross_entropy
 
 
@@ -18,10 +19,14 @@ def make_loss_fn(model: nn.Module, config) -> Callable:
   """`loss_fn(params, batch, rng) -> (loss, metrics)`: the fused loss plus the per-modality heads'
   (weighted by `unimodal_loss_weight`), with dropout from `rng`."""
   modalities = modalities_of(config)
+  forward = checkpointed(
+    lambda params, inputs, rng: model.apply({"params": params}, inputs, train=True, rngs={"dropout": rng}),
+    config.get("remat", "none"),
+  )
 
   def loss_fn(params, batch, rng):
     inputs = model_inputs(batch, modalities, dtype=floating_dtype(params))
-    logits, aux = model.apply({"params": params}, inputs, train=True, rngs={"dropout": rng})
+    logits, aux = forward(params, inputs, rng)
     return fusion_loss(logits, aux, batch["label"], unimodal_weight=config.unimodal_loss_weight)
 
   return loss_fn

@@ -18,6 +18,7 @@ from multimodal_jax.config import (
   BOOL,
   NON_NEGATIVE,
   POSITIVE,
+  REMAT,
   TEXT,
   Key,
   Rule,
@@ -84,7 +85,7 @@ DATA_HELP = {
 
 # The two stages' sub-configs, as `--help` explains them.
 GROUPS = {
-  "plan": "which stages a training run trains, and what follows",
+  "stages": "which stages a training run trains, and what follows",
   "autoencoder": "stage 1, the KL autoencoder (WORKDIR/autoencoder): its own loop and optimizer keys, "
   "--config.autoencoder.KEY (e.g. --config.autoencoder.steps=20000)",
   "denoiser": "stage 2, the DiT denoiser on the autoencoder's latents (WORKDIR/denoiser, EMA weights for sampling "
@@ -103,12 +104,12 @@ KEYS = {
     "text",
     one_of(*CONDITIONS),
     "the denoiser's condition: text (a small Transformer trained with it), minilm, clip (clip_workdir) or class",
-    "plan",
+    "stages",
   ),
   "stage": Key(
-    "all", one_of(*STAGES), "all: both stages (each resumes on its own); autoencoder or denoiser: that one", "plan"
+    "all", one_of(*STAGES), "all: both stages (each resumes on its own); autoencoder or denoiser: that one", "stages"
   ),
-  "final_eval": Key(True, BOOL, "evaluate after training the denoiser", "plan"),
+  "final_eval": Key(True, BOOL, "evaluate after training the denoiser", "stages"),
   "dataset": Key(
     EMBEDDED,
     specs.spec_rule((EMBEDDED,)),
@@ -143,6 +144,13 @@ KEYS = {
   "text_layers": Key(2, POSITIVE, "condition=text: its layers", "model"),
   "text_heads": Key(4, POSITIVE, "condition=text: its attention heads", "model"),
   "dit": Key("tiny", one_of(*DIT_PRESETS), "DiT preset of multimodal_jax.latent_diffusion.dit", "model"),
+  "remat": Key(
+    "none",
+    REMAT,
+    "activations the backward pass recomputes (less memory, more compute): none, full, dots (keep matmul "
+    "outputs), dots_no_batch (keep projections, recompute attention scores)",
+    "model",
+  ),
   "patch_size": Key(2, one_of(1, 2, 4, 8), "the DiT's patch side, in latent pixels", "model"),
   "attention": Key(
     "auto",

@@ -22,7 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from multimodal_jax.attention import CrossAttention, SelfAttention
-from multimodal_jax.layers import ACTIVATION, activation_fn
+from multimodal_jax.layers import ACTIVATION, activation_fn, remat
 from multimodal_jax.projection import projection_dot_general
 from multimodal_jax.sharding import constrain, current_platform
 
@@ -39,7 +39,7 @@ class DiTConfig:
   context_dim: int = 128  # width of the conditioning tokens
   learn_sigma: bool = False  # output 2 * in_channels (noise and a variance interpolation)
   scan_layers: bool = True
-  remat: bool = False
+  remat: str | bool = "none"  # layers.REMAT_POLICIES
   dtype: str = "float32"  # compute dtype; params stay float32
   frequency_dim: int = 256  # sinusoidal timestep features
   activation: str = "gelu_tanh"  # a key of layers.ACTIVATIONS (DiT uses the tanh GELU)
@@ -202,7 +202,7 @@ class DiT(nn.Module):
     ctx = constrain(ctx, ACTIVATION)
     mask = jnp.concatenate([jnp.ones((b, 1), bool), context_mask], axis=1)
 
-    block = nn.remat(DiTBlock) if cfg.remat else DiTBlock
+    block = remat(DiTBlock, cfg.remat)
     if cfg.scan_layers:
       stack = nn.scan(
         block,

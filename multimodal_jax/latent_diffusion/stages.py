@@ -73,6 +73,7 @@ def denoiser_model(config, prompts: Prompts, ae: akl.AutoencoderKL, dtype: str =
   dit = dit_config(
       config.dit, input_size=side, in_channels=ae.config.latent_channels, patch_size=config.patch_size,
       context_dim=prompts.context_dim, attention=config.get("attention", "auto"), dtype=dtype,
+      remat=config.get("remat", "none"),
   )  # fmt: skip
   return ConditionedDenoiser(
       dit, prompts.encoder_kind, vocab_size=prompts.vocab_size, context_length=config.context_length,
