@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal_jax import checkpoint, cli, init_from, loop, train
+from multimodal_jax import checkpoint, cli, init_from, loop, planning, train
 from multimodal_jax import sharding as shd
 from multimodal_jax.clip import data as cdata
 from multimodal_jax.clip import model as clip_model
+from multimodal_jax.clip import plan as clip_plan
 from multimodal_jax.clip import weights as clip_weights
 from multimodal_jax.clip.config import EVAL_KEYS, RULES, get_config
 from multimodal_jax.clip.evaluate import evaluate
@@ -60,8 +61,6 @@ def make_init_params(model: clip_model.CLIP, config: Any, text_inputs: Callable)
     return model.init({"params": rng}, images, text)["params"]
 
   return init_params
-
-
 
 
 def build(config: Any) -> tuple[clip_model.CLIP, Callable, Callable]:
@@ -169,11 +168,16 @@ def run_export(config, workdir):
   print(f"exported step {step} to {path} (open_clip model config: {json_path})", flush=True)
 
 
+def run_plan(config, workdir):
+  """The steps compiled for `--config.target` without the device (`multimodal_jax.planning`)."""
+  return planning.run_plan(config, workdir, clip_plan.plan_steps)
+
+
 def main(argv=None) -> int:
   allow_missing_eval_workdir(sys.argv[1:] if argv is None else argv)
   return cli.run(
     get_config,
-    {"train": run_train, "eval": run_eval, "export": run_export},
+    {"train": run_train, "eval": run_eval, "export": run_export, "plan": run_plan},
     argv,
     prog="python -m experiments.clip",
     rules=RULES,

@@ -100,8 +100,6 @@ class Prompts:
     return {"features": features, "mask": mask}
 
 
-
-
 def make_prompts(config, mesh=None, data: ImageSet | None = None) -> Prompts:
   """The prompts of `config.condition` for the images `data` (default: loaded from `config`);
   condition=clip restores the CLIP run's params, sharded for `mesh` (default: `config.mesh`)."""

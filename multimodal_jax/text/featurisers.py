@@ -127,5 +127,3 @@ class MiniLMTokenFeatures:
 
   def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return self._features(texts)
-
-
