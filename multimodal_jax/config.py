@@ -224,7 +224,14 @@ def validate(config: ml_collections.ConfigDict, rules: Rules, relations: Sequenc
 
 
 def source_path(source: str, kind: str) -> str | None:
-  """PATH of a `KIND:PATH` source (e.g. `init_from=minilm:DIR`) whose kind is `kind`, else None."""
+  """PATH of a `KIND:PATH` source (e.g. `init_from=minilm:DIR`) whose kind is `kind`, else None. A Hub
+  name `hf-hub:ORG/NAME[@REVISION]` is looked up in the local Hugging Face cache: the path of its
+  snapshot's `kind` (an open_clip checkpoint, a sentence-transformers folder, a diffusers VAE), None
+  when it holds another kind, a UserError when it is not cached."""
+  if source.startswith("hf-hub:"):
+    from multimodal_jax.convert import hf_hub
+
+    return hf_hub.path_of(source, kind)
   return source.partition(":")[2] if source.startswith(kind + ":") else None
 
 

@@ -79,7 +79,7 @@ class TrainData(Protocol):
 # The loop's and the optimizer's keys, shared by every experiment, declared in `base_keys()`.
 # `SECTION_KEYS` may also live in a sub-config of their own (one per training stage, e.g.
 # `autoencoder.steps`); seed, mesh and dtype stay at the top.
-TOP_KEYS = ("seed", "mesh", "dtype", "profile_steps", "compile_cache", "target")
+TOP_KEYS = ("seed", "mesh", "dtype", "profile_steps", "compile_cache", "report_to", "target")
 SECTION_KEYS = (
   "steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "grad_accum_steps",
   "ema_decay", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "weight_decay_mask", "freeze",
@@ -100,6 +100,13 @@ def base_keys(section: bool = False, **defaults: Any) -> dict[str, Key]:
       DTYPE,
       "compute dtype of the matmuls and activations (params and optimizer state stay float32); auto: bfloat16 on "
       "GPU and TPU, float32 on the CPU (the resolved value is recorded with the run)",
+      "loop",
+    ),
+    "report_to": Key(
+      "tensorboard",
+      Rule(mt.report_to_ok, "a comma list of tensorboard, wandb (or none)"),
+      'where metrics go besides WORKDIR/metrics.jsonl: tensorboard, wandb (pip install -e ".[wandb]"; '
+      "WANDB_MODE=offline without network), or none",
       "loop",
     ),
     "target": Key(
@@ -342,8 +349,9 @@ def fit(
     ema_decay=cfg.ema_decay if ema else None,
     learning_rate_fn=learning_rate_fn,
   )
-  writer = mt.MetricWriter(workdir, start_step, enabled=is_main)
-  eval_writer = mt.MetricWriter(workdir, start_step, enabled=is_main, name="eval")
+  writer, eval_writer = mt.writers(
+    workdir, start_step, is_main, config_dict.get("report_to", "tensorboard"), config_dict
+  )
   progress = mt.Progress(start_step, cfg.steps, enabled=is_main)
   throughput = mt.Throughput()
   window = profiling.ProfileWindow(cfg.profile_steps, os.path.join(workdir, "profile"))

@@ -49,8 +49,9 @@ def is_embedded(config: Any) -> bool:
 
 
 def from_open_clip(config: Any) -> bool:
-  """Whether the run's initial params are open_clip weights (`init_from=open_clip:FILE`)."""
-  return config.get("init_from", "").startswith("open_clip:")
+  """Whether the run's initial params are open_clip weights (`init_from=open_clip:FILE`, or a Hub name
+  whose snapshot is an open_clip checkpoint)."""
+  return source_path(config.get("init_from", ""), "open_clip") is not None
 
 
 def minilm_dir(config: Any) -> str | None:
@@ -82,7 +83,7 @@ def base_model(config: Any) -> clip_model.ClipConfig:
       raise UserError("--config.model=init_from takes the architecture of --config.init_from=open_clip:FILE: set it")
     from multimodal_jax.clip import weights as clip_weights
 
-    return clip_weights.open_clip_architecture(config.init_from.partition(":")[2])
+    return clip_weights.open_clip_architecture(source_path(config.init_from, "open_clip"))
   if name not in clip_model.PRESETS:
     raise UserError(f"model={name!r}: choose one of {', '.join(clip_model.PRESETS)} or init_from")
   return clip_model.PRESETS[name]

@@ -108,7 +108,7 @@ def allow_missing_eval_workdir(argv: Sequence[str]) -> None:
   parser.add_argument("--mode")
   parser.add_argument("--config.init_from", dest="init_from", default="")
   args, _ = parser.parse_known_args(list(argv))
-  imported = args.mode == "eval" and args.init_from.startswith("open_clip:")
+  imported = args.mode == "eval" and args.init_from.startswith(("open_clip:", "hf-hub:"))
   if imported and args.workdir and "://" not in args.workdir and not os.path.exists(args.workdir):
     try:
       os.makedirs(args.workdir, exist_ok=True)

@@ -63,6 +63,8 @@ VAE_SOURCE = "diffusers_vae:"
 
 
 def _vae_source_ok(value) -> bool:
+  if isinstance(value, str) and value.startswith("hf-hub:"):
+    return len(value) > len("hf-hub:")
   return isinstance(value, str) and (value == "" or (value.startswith(VAE_SOURCE) and len(value) > len(VAE_SOURCE)))
 
 

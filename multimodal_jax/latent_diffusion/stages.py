@@ -22,6 +22,7 @@ import numpy as np
 
 from multimodal_jax import checkpoint, init_from, loop, train
 from multimodal_jax.arrays import floating_dtype
+from multimodal_jax.config import source_path
 from multimodal_jax.data.pipeline import ArraySource, GrainBatches
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import from_checkpoint
@@ -99,7 +100,7 @@ def pretrained_vae(config, mesh):
   UserError when it does not take `channels` or its downsampling does not divide `image_size`."""
   from multimodal_jax.latent_diffusion.diffusers_vae import load_diffusers_vae
 
-  vae_config, params = load_diffusers_vae(config.autoencoder_from[len(VAE_SOURCE) :])
+  vae_config, params = load_diffusers_vae(source_path(config.autoencoder_from, "diffusers_vae"))
   if vae_config.in_channels != config.channels or vae_config.out_channels != config.channels:
     raise UserError(
       f"{config.autoencoder_from} takes {vae_config.in_channels}-channel images and the data has "
@@ -203,7 +204,8 @@ def train_denoiser(config, workdir: str, mesh) -> None:
   pretrained_scale = None
   if config.autoencoder_from:
     pretrained_scale, config.shift_factor = vae_factors(ae)
-    config.autoencoder_from = VAE_SOURCE + os.path.abspath(config.autoencoder_from[len(VAE_SOURCE) :])
+    if config.autoencoder_from.startswith(VAE_SOURCE):  # absolute, so that sample / eval elsewhere find it
+      config.autoencoder_from = VAE_SOURCE + os.path.abspath(config.autoencoder_from[len(VAE_SOURCE) :])
   config.scale_factor = scale_factor(config, workdir, ae_step, mean, pretrained_scale)
   if prompts.clip is not None:  # absolute, so that sample / eval from another directory find it
     config.clip_workdir = os.path.abspath(config.clip_workdir)

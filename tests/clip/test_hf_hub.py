@@ -350,3 +350,17 @@ def test_diffusers_pipeline_snapshot_resolves_its_vae(tmp_path, cache):
   with pytest.raises(UserError) as excinfo:
     init_from.initial_params("hf-hub:org/tiny-pipeline", _abstract(), _converters())
   _one_line(excinfo, "holds a diffusers AutoencoderKL folder", "reads an open_clip checkpoint or")
+
+
+def test_bare_hub_name_is_the_run_architecture(tmp_path, cache):
+  # catches: a bare `init_from=hf-hub:ORG/NAME` of a CLIP run not taken as open_clip weights (the run would
+  # train the preset from scratch, or read its architecture from the wrong place)
+  from multimodal_jax.clip import config as clip_config
+  from multimodal_jax.clip import data as clip_data
+  from multimodal_jax.config import apply_overrides
+
+  files, path = _open_clip_files(tmp_path)
+  _cache_model(cache, "org/tiny-clip", files)
+  config = apply_overrides(clip_config.get_config(), ["init_from=hf-hub:org/tiny-clip", "dataset=csv:x.tsv"])
+  assert clip_data.from_open_clip(config) and clip_data.model_name(config) == "init_from"
+  assert clip_data.base_model(config) == clip_weights.open_clip_architecture(str(path))
