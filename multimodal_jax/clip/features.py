@@ -12,8 +12,8 @@ import numpy as np
 
 from multimodal_jax import checkpoint
 from multimodal_jax.clip import data as clip_data
+from multimodal_jax.clip.build import make_init_params
 from multimodal_jax.clip.model import CLIP, ClipConfig
-from multimodal_jax.clip.run import make_init_params
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import from_checkpoint
 from multimodal_jax.text.featurisers import CachedTextFeatures

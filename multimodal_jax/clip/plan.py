@@ -13,12 +13,11 @@ import numpy as np
 from multimodal_jax import planning, train
 from multimodal_jax.clip import data as cdata
 from multimodal_jax.clip import weights as clip_weights
+from multimodal_jax.clip.build import build
 from multimodal_jax.clip.losses import make_loss_fn
 
 
 def plan_steps(config: Any, dtype: str) -> Sequence[planning.PlanStep]:
-  from multimodal_jax.clip.run import build
-
   model, text_inputs, init_params = build(config)
   size, chans = cdata.image_size(config), cdata.channels(config)
   text = np.asarray(text_inputs(["a"]))

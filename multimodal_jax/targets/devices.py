@@ -1,4 +1,4 @@
-"""Compile-only devices of a `Target`: what `jax.jit(...).lower(...).compile()` compiles for when the
+"""A `Target` (the accelerator slice `spec.parse_target` reads from its text) and its compile-only devices: what `jax.jit(...).lower(...).compile()` compiles for when the
 accelerator is not on this machine.
 
 - TPU: libtpu (from `jax[tpu]`) describes a slice from its type and chip grid.
@@ -15,6 +15,7 @@ them, so a plan works from any process, at the cost of JAX's one logged plugin e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -22,7 +23,38 @@ import os
 from importlib import resources
 
 from multimodal_jax.errors import UserError
-from multimodal_jax.targets.spec import Target
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """An accelerator slice to compile for, without the accelerator.
+
+  `topology` is the TPU's chip grid ("2x2x2") or, for GPUs, "GPUSxHOSTS" ("8x1"). Memory, FLOP/s and
+  bandwidth are per device. `reserve_bytes` is HBM a program may not use (see the reserves above):
+  a program fits when its peak is at most `hbm_bytes - reserve_bytes`.
+  """
+
+  text: str  # as the user gave it
+  platform: str  # "tpu" | "gpu"
+  model: str  # "v5p", "h100", ...
+  topology: str
+  n_devices: int
+  hosts: int
+  device_kind: str
+  hbm_bytes: int
+  peak_bf16_flops: float
+  hbm_bandwidth: float
+  reserve_bytes: int
+
+  @property
+  def budget_bytes(self) -> int:
+    """HBM a program may use per device: `hbm_bytes - reserve_bytes`."""
+    return self.hbm_bytes - self.reserve_bytes
+
+  def devices(self) -> list:
+    """The target's compile-only devices (built once per process; needs the `plan` extra)."""
+    return target_devices(self)
+
 
 INSTALL = 'pip install -e ".[plan]"'
 SKIP_CUDA_CHECK = "JAX_SKIP_CUDA_CONSTRAINTS_CHECK"

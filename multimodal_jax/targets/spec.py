@@ -13,6 +13,7 @@ import math
 import re
 
 from multimodal_jax.errors import UserError
+from multimodal_jax.targets.devices import Target
 
 GiB = 2**30
 
@@ -68,39 +69,6 @@ GPU_CHIPS: dict[str, Chip] = {
 MAX_GPUS_PER_HOST = 8
 
 EXAMPLES = "e.g. tpu:v5e:2x4, tpu:v5p:2x2x2, gpu:h100:8, gpu:h200:8x8"
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-  """An accelerator slice to compile for, without the accelerator.
-
-  `topology` is the TPU's chip grid ("2x2x2") or, for GPUs, "GPUSxHOSTS" ("8x1"). Memory, FLOP/s and
-  bandwidth are per device. `reserve_bytes` is HBM a program may not use (see the reserves above):
-  a program fits when its peak is at most `hbm_bytes - reserve_bytes`.
-  """
-
-  text: str  # as the user gave it
-  platform: str  # "tpu" | "gpu"
-  model: str  # "v5p", "h100", ...
-  topology: str
-  n_devices: int
-  hosts: int
-  device_kind: str
-  hbm_bytes: int
-  peak_bf16_flops: float
-  hbm_bandwidth: float
-  reserve_bytes: int
-
-  @property
-  def budget_bytes(self) -> int:
-    """HBM a program may use per device: `hbm_bytes - reserve_bytes`."""
-    return self.hbm_bytes - self.reserve_bytes
-
-  def devices(self) -> list:
-    """The target's compile-only devices (built once per process; needs the `plan` extra)."""
-    from multimodal_jax.targets import devices
-
-    return devices.target_devices(self)
 
 
 def _bad(text: str, why: str) -> UserError:

@@ -16,17 +16,17 @@ import pytest
 
 from multimodal_jax import sharding as shd
 from multimodal_jax.checkpoint import read_config
+from multimodal_jax.clip import build as clip_build
 from multimodal_jax.clip import config as clip_config
 from multimodal_jax.clip import data as clip_data
 from multimodal_jax.clip import model as clip_model
-from multimodal_jax.clip import run as clip_run
+from multimodal_jax.clip.features import ClipTokenFeatures, describe_run
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import from_checkpoint
 from multimodal_jax.eval.images import decode_png
 from multimodal_jax.latent_diffusion import config as ld_config
 from multimodal_jax.latent_diffusion import prompts as ldp
 from multimodal_jax.latent_diffusion import run as ld
-from multimodal_jax.text.featurisers import ClipTokenFeatures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLIP_TINY = ["--config.steps=2", "--config.batch_size=16", "--config.log_every=1", "--config.checkpoint_every=2"]
@@ -102,7 +102,7 @@ def test_clip_features_are_the_runs_own_text_tower(clip_dir):
   config = from_checkpoint.saved_config(str(clip_dir), clip_config.get_config(), clip_config.EVAL_KEYS)
   model = clip_model.CLIP(clip_data.model_config(config))
   tokenizer = clip_data.tokenizer_for(config)
-  init = clip_run.make_init_params(model, config, tokenizer.encode)
+  init = clip_build.make_init_params(model, config, tokenizer.encode)
   _, params = from_checkpoint.restore_params(str(clip_dir), init, mesh, ema=False)
   own = model.apply({"params": params}, jnp.asarray(tokenizer.encode(texts[:2])), False, method=model.encode_text)
   eot = mask.sum(axis=1)[:2] - 1
@@ -131,9 +131,9 @@ def test_missing_or_wrong_clip_workdir_is_one_line(clip_dir, captioned_dir, tmp_
   config.condition, config.clip_workdir = "clip", str(clip_dir)
   saved = read_config(str(clip_dir))
   with pytest.raises(UserError, match="another experiment, not a CLIP run"):
-    ldp.clip_run(config)  # the LD config itself has no image_tower
+    describe_run(config)  # the LD config itself has no image_tower
   with pytest.raises(UserError, match="text_tower=minilm, which has no token features"):
-    ldp.clip_run(ml_collections.ConfigDict({**saved, "text_tower": "minilm"}))
+    describe_run(ml_collections.ConfigDict({**saved, "text_tower": "minilm"}))
 
 
 @pytest.mark.slow
