@@ -28,15 +28,14 @@ from multimodal_jax.config import (
   Key,
   Keys,
   Rules,
-  apply_config_file,
   apply_overrides,
   flat_keys,
   get_dotted,
   help_text,
-  load_config_file,
   overridden_keys,
   validate,
 )
+from multimodal_jax.config_files import apply_config_file, load_config_file
 from multimodal_jax.errors import UserError
 from multimodal_jax.loop import NonFiniteLossError
 from multimodal_jax.profiling import setup_compile_cache

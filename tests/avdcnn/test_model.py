@@ -7,14 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pesq as pesq_lib
-import pystoi
 import pytest
 from flax import linen as nn
 
 from multimodal_jax import audio
 from multimodal_jax.avdcnn import enhance, losses
-from multimodal_jax.avdcnn import evaluate as sq
 from multimodal_jax.avdcnn import frames as frames_lib
 from multimodal_jax.avdcnn import losses as exp_losses
 from multimodal_jax.avdcnn import model as avdcnn
@@ -24,6 +21,7 @@ AV = avdcnn.AVDCNNConfig()
 AUDIO_ONLY = avdcnn.AVDCNNConfig(modalities=("audio",))
 EARLY = avdcnn.AVDCNNConfig(fusion="early")
 TINY = avdcnn.PRESETS["tiny"]
+from tests.avdcnn.test_frames import _fake_examples
 
 
 def _batch(n, seed=0):
@@ -237,109 +235,19 @@ def test_a_few_hundred_steps_reduce_the_loss_on_a_tiny_problem():
 # --- speech quality ---------------------------------------------------------------------------------------------
 
 
-def _speech_like(seconds=2.0, rate=16000, seed=0):
-  """Voiced syllables: harmonics of a gliding pitch under a 0.5 s syllable envelope, with pauses (PESQ's
-  voice activity detector finds no utterance in shorter bursts)."""
-  t = np.arange(int(seconds * rate)) / rate
-  f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
-  phase = 2 * np.pi * np.cumsum(f0) / rate
-  voiced = sum(np.sin(k * phase) / k for k in range(1, 20))
-  envelope = np.clip(np.sin(2 * np.pi * t), 0, None) ** 2
-  return (0.3 * voiced * envelope).astype(np.float32)
-
-
-def test_wrappers_agree_with_the_packages_and_rank_clean_above_noisy():
-  clean = _speech_like()
-  rng = np.random.default_rng(0)
-  noisy = clean + 0.003 * rng.normal(size=clean.shape).astype(np.float32)
-  very_noisy = clean + 0.1 * rng.normal(size=clean.shape).astype(np.float32)
-  assert sq.pesq(clean, noisy, 16000) == pytest.approx(pesq_lib.pesq(16000, clean, noisy, "wb"), abs=1e-6)
-  assert sq.stoi(clean, noisy, 16000) == pytest.approx(pystoi.stoi(clean, noisy, 16000), abs=1e-9)
-  nb_clean = _speech_like(rate=8000)
-  nb_noisy = nb_clean + 0.003 * rng.normal(size=nb_clean.shape).astype(np.float32)
-  assert sq.pesq(nb_clean, nb_noisy, 8000) == pytest.approx(pesq_lib.pesq(8000, nb_clean, nb_noisy, "nb"), abs=1e-6)
-  scores = [sq.score(clean, x, 16000) for x in (clean, noisy, very_noisy)]
-  for key in ("pesq", "pesq_nb", "stoi", "ssnr"):
-    assert scores[0][key] > scores[1][key] > scores[2][key]
-  assert scores[1]["pesq_nb"] == pytest.approx(pesq_lib.pesq(16000, clean, noisy, "nb"), abs=1e-6)
-  assert scores[0]["sdi"] == 0.0 < scores[1]["sdi"] < scores[2]["sdi"]
-  # the pool returns the same, in order
-  pooled = sq.score_utterances([(clean, noisy), (clean, very_noisy)], 16000, processes=2)
-  assert [p["pesq"] for p in pooled] == pytest.approx([scores[1]["pesq"], scores[2]["pesq"]], abs=1e-6)
-
-
-def test_segmental_snr_and_sdi_by_hand():
-  rng = np.random.default_rng(0)
-  ref = rng.normal(size=1024)
-  deg = ref + 0.1 * rng.normal(size=1024)
-  frames = [slice(s, s + 512) for s in range(0, 1024 - 512 + 1, 256)]
-  by_hand = np.mean([10 * np.log10(np.sum(ref[f] ** 2) / np.sum((ref[f] - deg[f]) ** 2)) for f in frames])
-  assert sq.segmental_snr(ref, deg, 16000) == pytest.approx(by_hand, rel=1e-6)
-  assert sq.sdi(ref, deg) == pytest.approx(np.sum((ref - deg) ** 2) / np.sum(ref**2))
-
-
-@pytest.mark.parametrize(
-  "call, message",
-  [
-    (lambda s: sq.pesq(s, s, 44100), "not supported"),
-    (lambda s: sq.pesq(s, s, 8000, mode="wb"), "wide-band needs 16000"),
-    (lambda s: sq.pesq(s, s[:-1], 16000), "differ in length"),
-    (lambda s: sq.stoi(s, s, 4000), "too low"),
-    (lambda s: sq.stoi(s[None], s[None], 16000), "1-D"),
-  ],
-)
-def test_bad_inputs_raise_clear_errors(call, message):
-  with pytest.raises(sq.ScoreInputError, match=message):
-    call(_speech_like(1.0))
-
-
-def test_no_utterance_is_counted_not_raised():
-  silent = np.zeros(16000, np.float32)
-  rows = [sq.score(silent, silent + 1e-4, 16000), sq.score(_speech_like(), _speech_like(), 16000)]
-  assert np.isnan(rows[0]["pesq"]) and "NoUtterances" in rows[0]["pesq_error"]
-  summary = sq.mean_scores(rows)
-  assert summary["pesq_failures"] == 1 and summary["pesq"] == pytest.approx(rows[1]["pesq"])
-
-
 # --- features and enhancement (experiment pipeline, fake utterances) --------------------------------------------------
 
 
-def _fake_examples(count=3, seed=0):
-  rng = np.random.default_rng(seed)
-  out = []
-  for i in range(count):
-    n = 16000 + 3217 * i
-    clean = _speech_like(n / 16000, seed=i)[:n]
-    noisy = clean + 0.1 * rng.normal(size=n).astype(np.float32)
-    t = audio.num_frames(n, 512, 320)
-    lips = rng.integers(0, 256, size=(t, 16, 24, 3), dtype=np.uint8)
-    out.append({"clean": clean, "noisy": noisy, "lips": lips, "snr": np.float32(5.0), "noise": "white"})
-  return out
-
-
-def test_features_match_the_audio_front_end_and_frames_keep_to_their_utterance():
-  examples = _fake_examples()
-  x, y, _, _ = frames_lib.utterance_features(examples[1], floor=-4.0)
-  lp = audio.log_power(audio.stft(examples[1]["noisy"]))
-  normalized, mean, std = audio.normalize_utterance(lp)
-  np.testing.assert_allclose(x, normalized, rtol=1e-4, atol=1e-4)
-  clean_lp = audio.log_power(audio.stft(examples[1]["clean"]))
-  np.testing.assert_allclose(y, np.maximum((clean_lp - mean) / std, -4.0), rtol=1e-4, atol=1e-4)
-  source = frames_lib.FrameSource(examples, floor=-4.0)
-  sizes = [len(e["lips"]) for e in examples]
-  assert len(source) == sum(sizes)
-  first_of_second = sizes[0]
-  record = source[first_of_second]  # context must not reach into the first utterance
-  np.testing.assert_array_equal(record["audio"][:, 0], x[0])
-  np.testing.assert_array_equal(record["audio"][:, 3], x[1])
-  np.testing.assert_array_equal(record["lips"][0], examples[1]["lips"][0])
-  # the record's statistics de-normalize its frames back to the noisy log power
-  np.testing.assert_allclose(record["audio"][:, 2] * record["std"] + record["mean"], lp[0], rtol=1e-4, atol=1e-3)
-  rows = np.array([0, first_of_second - 1, first_of_second, len(source) - 1])
-  stacked = source.batch(rows)
-  for j, r in enumerate(rows):
-    for key, value in source[r].items():
-      np.testing.assert_array_equal(stacked[key][j], value)
+def test_compressed_magnitude_is_the_scaled_power_law_of_the_magnitude():
+  # the fast check of the compressed target (the slow test below runs it through the model's loss_fn)
+  rng = np.random.default_rng(1)
+  normalized, mean, std = rng.normal(size=(3, 4, 9))
+  std = np.abs(std) + 0.5
+  power = np.exp(normalized * std + mean)  # |S|^2
+  expected = np.sqrt(losses.COMPRESSED_SCALE) * np.sqrt(power) ** losses.COMPRESSION
+  got = losses.compressed_magnitude(jnp.asarray(normalized), jnp.asarray(mean), jnp.asarray(std))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
+  assert losses.COMPRESSION == 0.3 and losses.COMPRESSED_SCALE == 50.0
 
 
 @pytest.mark.slow
@@ -385,20 +293,6 @@ def test_enhancer_equals_the_unpadded_pipeline_and_keeps_the_length():
   np.testing.assert_allclose(enhanced, expected, rtol=1e-3, atol=2e-5)
   with pytest.raises(ValueError, match="sees the lips"):
     enhancer(ex["noisy"], None)
-
-
-def test_sample_batches_are_distinct_frames_of_a_seeded_permutation():
-  source = frames_lib.FrameSource(_fake_examples(2), floor=-4.0)
-  batches = source.sample_batches(seed=3, batch_size=16, count=4)
-  order = np.random.default_rng(3).permutation(len(source))
-  assert len(batches) == 4
-  for i, b in enumerate(batches):
-    for key, value in source.batch(order[i * 16 : (i + 1) * 16]).items():
-      np.testing.assert_array_equal(b[key], value)
-  # more batches than the frames hold: as many whole batches as fit; a batch larger than the data: one
-  assert len(source.sample_batches(0, 16, 10_000)) == len(source) // 16
-  (whole,) = source.sample_batches(0, 10 * len(source), 2)
-  assert len(whole["target"]) == len(source)
 
 
 @pytest.mark.slow

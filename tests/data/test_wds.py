@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from multimodal_jax.data import wds
+from multimodal_jax.data import tar_index, wds
 from multimodal_jax.data.pipeline import GrainBatches
 from multimodal_jax.errors import UserError
 
@@ -91,12 +91,12 @@ def _source(pattern, tmp_path, **options):
 
 # Bug: ranges lose zero padding, alternatives or several groups are not combined, `::` lists ignored.
 def test_expand_braces():
-  assert wds.expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
-  assert wds.expand_braces("x{08..10}") == ["x08", "x09", "x10"]
-  assert wds.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
-  assert wds.expand_braces("{a,{b,c}}.tar") == ["a.tar", "b.tar", "c.tar"]
-  assert wds.expand_braces("p.tar::q{0..1}.tar") == ["p.tar", "q0.tar", "q1.tar"]
-  assert wds.expand_braces("gs://b/{3..1}.tar") == ["gs://b/3.tar", "gs://b/2.tar", "gs://b/1.tar"]
+  assert tar_index.expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
+  assert tar_index.expand_braces("x{08..10}") == ["x08", "x09", "x10"]
+  assert tar_index.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+  assert tar_index.expand_braces("{a,{b,c}}.tar") == ["a.tar", "b.tar", "c.tar"]
+  assert tar_index.expand_braces("p.tar::q{0..1}.tar") == ["p.tar", "q0.tar", "q1.tar"]
+  assert tar_index.expand_braces("gs://b/{3..1}.tar") == ["gs://b/3.tar", "gs://b/2.tar", "gs://b/1.tar"]
 
 
 # Bug: offsets off by a header, members grouped under the wrong key, modes or captions decoded wrongly.
@@ -238,8 +238,8 @@ def test_bad_shards_are_one_line_user_errors(shards, tmp_path):
 def test_grouping_matches_webdataset(shards, tmp_path):
   webdataset = pytest.importorskip("webdataset")
   pattern, _ = shards
-  for path in wds.list_shards(pattern):
-    index = wds.index_shard(path, None)
+  for path in tar_index.list_shards(pattern):
+    index = tar_index.index_shard(path, None)
     ours = [
       (str(key), {str(e) for e, o in zip(index["exts"], offsets, strict=True) if o >= 0})
       for key, offsets in zip(index["keys"], index["offsets"], strict=True)
