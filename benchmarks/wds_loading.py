@@ -23,15 +23,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from benchmarks.data_loading import cpu_name
-from multimodal_jax.data import image_files, specs, wds
-from multimodal_jax.data.pipeline import GrainBatches
-
-
-def _normalize(record: dict) -> dict:
-  """uint8 image -> float32 normalized with CLIP's mean/std (the work a training transform does)."""
-  mean, std = image_files.PRESETS["openai"]
-  return {"image": image_files.normalize(record["image"], mean, std)}
+from benchmarks.data_loading import batches_per_second, cpu_name
+from multimodal_jax.data import specs, wds
 
 
 def write_data(folder: str, count: int, source_size: int, per_shard: int) -> tuple[str, str]:
@@ -61,18 +54,7 @@ def write_data(folder: str, count: int, source_size: int, per_shard: int) -> tup
 
 
 def images_per_second(source, batch_size: int, workers: int, batches: int) -> float:
-  stream = GrainBatches(source, batch_size, seed=0, transform=_normalize, workers=workers)
-  try:
-    for _ in range(5):
-      next(stream)
-    start = time.perf_counter()
-    for _ in range(batches):
-      batch = next(stream)
-    elapsed = time.perf_counter() - start
-  finally:
-    stream.close()
-  assert batch["image"].shape[0] == batch_size and batch["image"].dtype == np.float32
-  return batches * batch_size / elapsed
+  return batches_per_second(source, batch_size, workers, batches) * batch_size
 
 
 def main() -> None:

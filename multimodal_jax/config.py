@@ -104,6 +104,18 @@ REMAT = Rule(
   lambda v: v in ("none", "full", "dots", "dots_no_batch") or isinstance(v, bool), "none, full, dots or dots_no_batch"
 )
 
+
+def remat_key() -> Key:
+  """The `remat` key every experiment declares (its models apply it per scanned block or per forward)."""
+  return Key(
+    "none",
+    REMAT,
+    "activations the backward pass recomputes (less memory, more compute): none, full, dots (keep matmul "
+    "outputs), dots_no_batch (keep projections, recompute attention scores)",
+    "model",
+  )
+
+
 # `--config.batch_size=max` (any `*batch_size` key): the largest batch that fits, searched by --mode=plan.
 MAX_BATCH = -1
 
@@ -300,12 +312,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
       raise UserError(f"unknown config key {key!r}; {hint}known keys: {', '.join(known)}")  # repr: one line
     node[leaf] = _parse_value(key, text, node[leaf])
   return config
-
-
-
-
-
-
 
 
 def overridden_keys(overrides: Sequence[str]) -> list[str]:

@@ -58,16 +58,19 @@ def lower_train_step(
   mesh: jax.sharding.Mesh,
   loss_fn: train.LossFn,
   init_params: Callable[[jax.Array], Any],
-  tx: Any,
-  batch: dict,
+  shapes: dict[str, tuple[tuple[int, ...], Any]],
   *,
   dtype: str,
-  grad_accum_steps: int = 1,
-  ema_decay: float = 0.0,
+  section: Any,
   model_state_fn: Callable[[Any], Any] | None = None,
+  freeze_aliases: dict[str, str] | None = None,
 ) -> Any:
-  """The trainer's own step (`train.make_train_step`, as `loop.fit` builds it) lowered for abstract
-  state and batch on `mesh`: nothing is allocated."""
+  """The trainer's own step (`train.make_train_step`, as `loop.fit` builds it) lowered for an abstract
+  state and a batch of `shapes` (`abstract_batch`) on `mesh`: nothing is allocated. `section` is the
+  config (or a stage's sub-config) holding the optimizer, `grad_accum_steps` and `ema_decay` keys."""
+  tx, _ = train.make_optimizer(section, freeze_aliases=freeze_aliases)
+  batch = abstract_batch(shapes, mesh)
+  grad_accum_steps, ema_decay = section.grad_accum_steps, section.ema_decay
   ema = ema_decay > 0
   state, shardings = train.abstract_train_state(init_params, tx, mesh, ema=ema)
   if model_state_fn is not None:
@@ -196,6 +199,16 @@ def print_table(plans: Sequence[dict]) -> None:
 def target_file_name(target_text: str) -> str:
   """`tpu:v5p:2x2x2` -> `tpu_v5p_2x2x2` (a file name)."""
   return target_text.replace(":", "_").replace("/", "_")
+
+
+def plan_mode(make_steps: Callable[[Any, str], Sequence[PlanStep]]) -> Callable[[Any, str], dict]:
+  """A method's `--mode=plan` function over its `plan_steps(config, dtype)`."""
+
+  def run(config: Any, workdir: str) -> dict:
+    """The steps compiled for `--config.target` without the device (`multimodal_jax.planning`)."""
+    return run_plan(config, workdir, make_steps)
+
+  return run
 
 
 def run_plan(config: Any, workdir: str, make_steps: Callable[[Any, str], Sequence[PlanStep]]) -> dict:

@@ -14,13 +14,13 @@ from multimodal_jax.config import (
   FINITE,
   NON_NEGATIVE,
   POSITIVE,
-  REMAT,
   TEXT,
   Key,
   declares,
   existing_path,
   make_config,
   one_of,
+  remat_key,
   rules_of,
 )
 
@@ -64,13 +64,7 @@ KEYS = {
     "compressed (|S|^0.3 magnitudes) or log_power (the paper's)",
     "loss",
   ),
-  "remat": Key(
-    "none",
-    REMAT,
-    "activations the backward pass recomputes (less memory, more compute): none, full, dots (keep matmul "
-    "outputs), dots_no_batch (keep projections, recompute attention scores)",
-    "model",
-  ),
+  "remat": remat_key(),
   "mu": Key(1.0, NON_NEGATIVE, "weight of the visual reconstruction loss", "loss"),
   "under_weight": Key(
     1.0, NON_NEGATIVE, "weight of squared audio errors below the target (over-suppression); 1: the paper's loss", "loss"

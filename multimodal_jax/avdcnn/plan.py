@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal_jax import planning, train
+from multimodal_jax import planning
 from multimodal_jax.avdcnn import model as avdcnn
 from multimodal_jax.avdcnn.config import model_config
 from multimodal_jax.avdcnn.losses import make_loss_fn
@@ -21,7 +21,6 @@ from multimodal_jax.avdcnn.losses import make_loss_fn
 def plan_steps(config: Any, dtype: str) -> Sequence[planning.PlanStep]:
   model = avdcnn.AVDCNN(model_config(config))
   cfg = model.config
-  tx, _ = train.make_optimizer(config)
 
   def lower(batch: int, mesh):
     shapes = {
@@ -31,18 +30,9 @@ def plan_steps(config: Any, dtype: str) -> Sequence[planning.PlanStep]:
       "mean": ((batch, cfg.bins), np.float32),
       "std": ((batch, cfg.bins), np.float32),
     }
-    return planning.lower_train_step(
-      mesh,
-      make_loss_fn(model, config.mu, config.under_weight, config.loss, config.remat),
-      avdcnn.make_init_params(model),
-      tx,
-      planning.abstract_batch(shapes, mesh),
-      dtype=dtype,
-      grad_accum_steps=config.grad_accum_steps,
-      ema_decay=config.ema_decay,
-      model_state_fn=lambda params: jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), avdcnn.batch_stats_shapes(model)
-      ),
-    )
+    loss_fn = make_loss_fn(model, config.mu, config.under_weight, config.loss, config.remat)
+    stats = lambda params: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), avdcnn.batch_stats_shapes(model))
+    init = avdcnn.make_init_params(model)
+    return planning.lower_train_step(mesh, loss_fn, init, shapes, dtype=dtype, section=config, model_state_fn=stats)
 
   return [planning.PlanStep("train", "batch_size", lower, unit=config.grad_accum_steps)]

@@ -89,15 +89,16 @@ def run_spectrogram(config, workdir):
   print(json.dumps({"output": output, "utterance": config.utterance}), flush=True)
 
 
-def run_plan(config, workdir):
-  """The steps compiled for `--config.target` without the device (`multimodal_jax.planning`)."""
-  return planning.run_plan(config, workdir, avdcnn_plan.plan_steps)
-
-
 def main(argv=None) -> int:
   return cli.run(
     get_config,
-    {"train": run_train, "eval": run_eval, "enhance": run_enhance, "spectrogram": run_spectrogram, "plan": run_plan},
+    {
+      "train": run_train,
+      "eval": run_eval,
+      "enhance": run_enhance,
+      "spectrogram": run_spectrogram,
+      "plan": planning.plan_mode(avdcnn_plan.plan_steps),
+    },
     argv,
     prog="python -m experiments.avdcnn",
     rules=RULES,

@@ -13,7 +13,6 @@ from multimodal_jax.clip import model as clip_model
 from multimodal_jax.config import (
   NON_NEGATIVE,
   POSITIVE,
-  REMAT,
   TEXT,
   Key,
   Rule,
@@ -21,6 +20,7 @@ from multimodal_jax.config import (
   keys_from,
   make_config,
   one_of,
+  remat_key,
   rules_of,
 )
 from multimodal_jax.data import specs
@@ -106,13 +106,7 @@ KEYS = {
     "attention.dot_product_attention: auto (the CPU kernel on CPU, cuDNN for bf16 on GPU), cpu, einsum, xla or cudnn",
     "model",
   ),
-  "remat": Key(
-    "none",
-    REMAT,
-    "activations the backward pass recomputes (less memory, more compute): none, full, dots (keep matmul "
-    "outputs), dots_no_batch (keep projections, recompute attention scores)",
-    "model",
-  ),
+  "remat": remat_key(),
   "loss": Key("softmax", one_of("softmax", "sigmoid"), "softmax (CLIP's) or sigmoid (SigLIP's)", "loss"),
   "loss_impl": Key(
     "gather",

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from multimodal_jax import planning, train
+from multimodal_jax import planning
 from multimodal_jax.clip import data as cdata
 from multimodal_jax.clip import weights as clip_weights
 from multimodal_jax.clip.build import build
@@ -21,20 +21,13 @@ def plan_steps(config: Any, dtype: str) -> Sequence[planning.PlanStep]:
   model, text_inputs, init_params = build(config)
   size, chans = cdata.image_size(config), cdata.channels(config)
   text = np.asarray(text_inputs(["a"]))
-  tx, _ = train.make_optimizer(config, freeze_aliases=clip_weights.FREEZE_ALIASES)
   normalize = cdata.make_normalizer((0.5,) * chans, (0.5,) * chans)
 
   def lower(batch: int, mesh):
     shapes = {"image": ((batch, size, size, chans), np.uint8), "text": ((batch, *text.shape[1:]), text.dtype)}
+    loss_fn = make_loss_fn(model, config, mesh, normalize)
     return planning.lower_train_step(
-      mesh,
-      make_loss_fn(model, config, mesh, normalize),
-      init_params,
-      tx,
-      planning.abstract_batch(shapes, mesh),
-      dtype=dtype,
-      grad_accum_steps=config.grad_accum_steps,
-      ema_decay=config.ema_decay,
+      mesh, loss_fn, init_params, shapes, dtype=dtype, section=config, freeze_aliases=clip_weights.FREEZE_ALIASES
     )
 
   return [planning.PlanStep("train", "batch_size", lower, unit=config.grad_accum_steps)]

@@ -117,16 +117,11 @@ def run_export(config, workdir):
   print(f"exported step {step} to {path} (open_clip model config: {json_path})", flush=True)
 
 
-def run_plan(config, workdir):
-  """The steps compiled for `--config.target` without the device (`multimodal_jax.planning`)."""
-  return planning.run_plan(config, workdir, clip_plan.plan_steps)
-
-
 def main(argv=None) -> int:
   allow_missing_eval_workdir(sys.argv[1:] if argv is None else argv)
   return cli.run(
     get_config,
-    {"train": run_train, "eval": run_eval, "export": run_export, "plan": run_plan},
+    {"train": run_train, "eval": run_eval, "export": run_export, "plan": planning.plan_mode(clip_plan.plan_steps)},
     argv,
     prog="python -m experiments.clip",
     rules=RULES,

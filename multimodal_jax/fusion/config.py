@@ -10,13 +10,13 @@ from multimodal_jax.config import (
   BOOL,
   NON_NEGATIVE,
   POSITIVE,
-  REMAT,
   TEXT,
   Key,
   Rule,
   declares,
   make_config,
   one_of,
+  remat_key,
   rules_of,
 )
 from multimodal_jax.data import specs
@@ -54,13 +54,7 @@ KEYS = {
   "features": Key(64, POSITIVE, "width of each modality's encoding", "model"),
   "hidden": Key(128, POSITIVE, "hidden width of the encoders' and the fusion classifier's layers", "model"),
   "dropout": Key(0.1, Rule(lambda v: 0 <= v < 1, "a probability in [0, 1)"), "dropout rate", "model"),
-  "remat": Key(
-    "none",
-    REMAT,
-    "activations the backward pass recomputes (less memory, more compute): none, full, dots (keep matmul "
-    "outputs), dots_no_batch (keep projections, recompute attention scores)",
-    "model",
-  ),
+  "remat": remat_key(),
   "late_learn_weights": Key(True, BOOL, "late fusion learns the weights of the modalities' logits", "model"),
   "unimodal_loss_weight": Key(1.0, NON_NEGATIVE, "weight of the per-modality head losses (joint, late)", "loss"),
   "eval_batch_size": Key(200, POSITIVE, "batch size of evaluation", "eval"),

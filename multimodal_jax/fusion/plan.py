@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal_jax import planning, train
+from multimodal_jax import planning
 from multimodal_jax.data import specs
 from multimodal_jax.datasets import av_digits
 from multimodal_jax.fusion.data import EMBEDDED, FusionData, load_data, modalities_of
@@ -34,7 +34,6 @@ def _features(config: Any) -> tuple[dict[str, tuple[tuple[int, ...], Any]], Fusi
 def plan_steps(config: Any, dtype: str) -> Sequence[planning.PlanStep]:
   features, data = _features(config)
   model = build_model(config, data)
-  tx, _ = train.make_optimizer(config)
 
   def init_params(rng):
     example = {m: jnp.zeros((1, *shape), jnp.float32) for m, (shape, _) in features.items()}
@@ -44,14 +43,7 @@ def plan_steps(config: Any, dtype: str) -> Sequence[planning.PlanStep]:
     shapes = {m: ((batch, *shape), dt) for m, (shape, dt) in features.items()}
     shapes["label"] = ((batch,), np.int32)
     return planning.lower_train_step(
-      mesh,
-      make_loss_fn(model, config),
-      init_params,
-      tx,
-      planning.abstract_batch(shapes, mesh),
-      dtype=dtype,
-      grad_accum_steps=config.grad_accum_steps,
-      ema_decay=config.ema_decay,
+      mesh, make_loss_fn(model, config), init_params, shapes, dtype=dtype, section=config
     )
 
   return [planning.PlanStep("train", "batch_size", lower, unit=config.grad_accum_steps)]

@@ -53,15 +53,10 @@ def run_eval(config, workdir):
   return result
 
 
-def run_plan(config, workdir):
-  """The steps compiled for `--config.target` without the device (`multimodal_jax.planning`)."""
-  return planning.run_plan(config, workdir, fusion_plan.plan_steps)
-
-
 def main(argv=None) -> int:
   return cli.run(
     get_config,
-    {"train": run_train, "eval": run_eval, "plan": run_plan},
+    {"train": run_train, "eval": run_eval, "plan": planning.plan_mode(fusion_plan.plan_steps)},
     argv,
     prog="python -m experiments.fusion",
     rules=RULES,

@@ -18,7 +18,6 @@ from multimodal_jax.config import (
   BOOL,
   NON_NEGATIVE,
   POSITIVE,
-  REMAT,
   TEXT,
   Key,
   Rule,
@@ -28,6 +27,7 @@ from multimodal_jax.config import (
   keys_from,
   make_config,
   one_of,
+  remat_key,
   rules_of,
   source_needs,
 )
@@ -146,13 +146,7 @@ KEYS = {
   "text_layers": Key(2, POSITIVE, "condition=text: its layers", "model"),
   "text_heads": Key(4, POSITIVE, "condition=text: its attention heads", "model"),
   "dit": Key("tiny", one_of(*DIT_PRESETS), "DiT preset of multimodal_jax.latent_diffusion.dit", "model"),
-  "remat": Key(
-    "none",
-    REMAT,
-    "activations the backward pass recomputes (less memory, more compute): none, full, dots (keep matmul "
-    "outputs), dots_no_batch (keep projections, recompute attention scores)",
-    "model",
-  ),
+  "remat": remat_key(),
   "patch_size": Key(2, one_of(1, 2, 4, 8), "the DiT's patch side, in latent pixels", "model"),
   "attention": Key(
     "auto",

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from multimodal_jax import planning, train
+from multimodal_jax import planning
 from multimodal_jax.errors import UserError
 from multimodal_jax.latent_diffusion import pipeline as ldm
 from multimodal_jax.latent_diffusion import stages
@@ -30,18 +30,10 @@ def plan_steps(config: Any, dtype: str) -> Sequence[planning.PlanStep]:
   latent = (side, side, ae.config.latent_channels)
 
   def lower_autoencoder(batch: int, mesh):
-    section = config.autoencoder
-    tx, _ = train.make_optimizer(section)
-    return planning.lower_train_step(
-      mesh,
-      stages.autoencoder_loss_fn(ae, section.kl_weight),
-      stages.autoencoder_init(ae, size),
-      tx,
-      planning.abstract_batch({"image": ((batch, size, size, chans), np.uint8)}, mesh),
-      dtype=dtype,
-      grad_accum_steps=section.grad_accum_steps,
-      ema_decay=section.ema_decay,
-    )
+    loss_fn = stages.autoencoder_loss_fn(ae, config.autoencoder.kl_weight)
+    shapes = {"image": ((batch, size, size, chans), np.uint8)}
+    init = stages.autoencoder_init(ae, size)
+    return planning.lower_train_step(mesh, loss_fn, init, shapes, dtype=dtype, section=config.autoencoder)
 
   data = load_image_set(config).limited(config.train_images)
   prompts = make_prompts(config, None, data)
@@ -51,8 +43,6 @@ def plan_steps(config: Any, dtype: str) -> Sequence[planning.PlanStep]:
   model = stages.denoiser_model(config, prompts, ae, dtype)
 
   def lower_denoiser(batch: int, mesh):
-    section = config.denoiser
-    tx, _ = train.make_optimizer(section)
     loss_fn = ldm.denoiser_loss(
       model, stages.make_schedule(config), table, scale_factor=config.scale_factor or 1.0,
       cond_drop_prob=config.cond_drop_prob, prediction=config.prediction, shift_factor=config.shift_factor,
@@ -63,16 +53,8 @@ def plan_steps(config: Any, dtype: str) -> Sequence[planning.PlanStep]:
       "prompt": ((batch,), np.int32),
       "label": ((batch,), np.int32),
     }
-    return planning.lower_train_step(
-      mesh,
-      loss_fn,
-      stages.denoiser_init(model, table),
-      tx,
-      planning.abstract_batch(shapes, mesh),
-      dtype=dtype,
-      grad_accum_steps=section.grad_accum_steps,
-      ema_decay=section.ema_decay,
-    )
+    init = stages.denoiser_init(model, table)
+    return planning.lower_train_step(mesh, loss_fn, init, shapes, dtype=dtype, section=config.denoiser)
 
   return [
     planning.PlanStep("autoencoder", "autoencoder.batch_size", lower_autoencoder, config.autoencoder.grad_accum_steps),

@@ -49,15 +49,16 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_plan(config, workdir):
-  """The steps compiled for `--config.target` without the device (`multimodal_jax.planning`)."""
-  return planning.run_plan(config, workdir, latent_diffusion_plan.plan_steps)
-
-
 def main(argv=None) -> int:
   return cli.run(
     get_config,
-    {"train": run_train, "sample": run_sample, "eval": run_eval, "export": run_export, "plan": run_plan},
+    {
+      "train": run_train,
+      "sample": run_sample,
+      "eval": run_eval,
+      "export": run_export,
+      "plan": planning.plan_mode(latent_diffusion_plan.plan_steps),
+    },
     argv,
     prog="python -m experiments.latent_diffusion",
     rules=RULES,
