@@ -9,6 +9,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from multimodal_jax.sharding import current_platform
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _project(x: jnp.ndarray, w: jnp.ndarray, c: int) -> jnp.ndarray:
@@ -46,9 +48,13 @@ _project.defvjp(_project_fwd, _project_bwd)
 
 def projection_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
   """`lax.dot_general` for nn.Dense / nn.DenseGeneral through `_project` when it contracts the
-  last axes of `lhs` with the first of `rhs` (no batch axes): same values, cheaper weight gradient."""
+  last axes of `lhs` with the first of `rhs` (no batch axes): same values, cheaper weight gradient on
+  XLA:CPU. On GPU and TPU (the platform traced for, `sharding.current_platform`) it is plain
+  `lax.dot_general`: there the compiler picks the layouts (docs/scale.md compares both plans)."""
   (lc, rc), (lb, rb) = dimension_numbers
   c = len(lc)
+  if current_platform() != "cpu":  # the layout is XLA:CPU's concern; elsewhere the compiler's own VJP
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
   if lb or rb or tuple(lc) != tuple(range(lhs.ndim - c, lhs.ndim)) or tuple(rc) != tuple(range(c)) or kw:
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
   out = _project(lhs, rhs, c)
