@@ -46,28 +46,42 @@ settings.load_profile("fast")
 
 
 @pytest.fixture(scope="session")
-def av_digits_dir(tmp_path_factory):
-  """A TFDS data dir holding AV-digits (built once per session, ~20 s; MMJ_TEST_DATA_DIR reuses one)."""
-  from multimodal_jax.datasets import av_digits
+def session_data_dir(tmp_path_factory):
+  """The one TFDS data dir of the session (MMJ_TEST_DATA_DIR reuses one): each embedded dataset is built
+  into it at most once, by the fixtures below, whichever test asks first."""
+  return os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
+
+
+def _build(load, data_dir, what, **kw):
   from multimodal_jax.errors import MissingDataPackageError
 
-  data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
   try:
-    av_digits.load(data_dir)
+    load(data_dir, **kw)
   except MissingDataPackageError as e:
-    pytest.fail(f"the embedded data cannot be built: {e}", pytrace=False)
+    pytest.fail(f"{what} cannot be built: {e}", pytrace=False)
   return data_dir
 
 
 @pytest.fixture(scope="session")
-def av_speech_dir(tmp_path_factory):
-  """A TFDS data dir holding AV-speech's tiny config (built once per session, a few seconds)."""
-  from multimodal_jax.datasets import av_speech
-  from multimodal_jax.errors import MissingDataPackageError
+def av_digits_dir(session_data_dir):
+  """The session's data dir, holding AV-digits (built once per session, ~20 s)."""
+  from multimodal_jax.datasets import av_digits
 
-  data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
-  try:
-    av_speech.load(data_dir, config="tiny")
-  except MissingDataPackageError as e:
-    pytest.fail(f"the embedded speech data cannot be built: {e}", pytrace=False)
-  return data_dir
+  return _build(av_digits.load, session_data_dir, "the embedded data")
+
+
+@pytest.fixture(scope="session")
+def captioned_dir(av_digits_dir):
+  """The session's data dir, holding captioned digits (built once per session from AV-digits' images) and
+  AV-digits."""
+  from multimodal_jax.datasets import captioned_digits
+
+  return _build(captioned_digits.load, av_digits_dir, "the embedded captioned digits")
+
+
+@pytest.fixture(scope="session")
+def av_speech_dir(session_data_dir):
+  """The session's data dir, holding AV-speech's tiny config (built once per session, a few seconds)."""
+  from multimodal_jax.datasets import av_speech
+
+  return _build(av_speech.load, session_data_dir, "the embedded speech data", config="tiny")

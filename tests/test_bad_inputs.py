@@ -39,14 +39,13 @@ FAST = ("fusion",)  # the cheapest run to train: its cases run in the fast subse
 
 
 @pytest.fixture(scope="module")
-def data_dirs(av_digits_dir, request):
-  """The TFDS data dir of each experiment (the speech data is built only when an AVDCNN case runs)."""
-  from multimodal_jax.datasets import captioned_digits
-
-  captioned_digits.load(av_digits_dir)
+def data_dirs(request):
+  """The TFDS data dir of each experiment: the session's, with each dataset built only when a case of an
+  experiment that reads it runs (the fast subset's fusion cases need AV-digits alone)."""
+  fixture = {"fusion": "av_digits_dir", "avdcnn": "av_speech_dir", "clip": "captioned_dir"}
 
   def get(name):
-    return request.getfixturevalue("av_speech_dir") if name == "avdcnn" else av_digits_dir
+    return request.getfixturevalue(fixture.get(name, "captioned_dir"))
 
   return get
 

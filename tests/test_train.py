@@ -41,8 +41,12 @@ def test_params_are_created_sharded_with_the_logical_rules():
   assert abstract.params["hidden_0"]["kernel"].sharding == kernel.sharding
 
 
-@pytest.mark.parametrize("mesh_spec", ["data:8", "data:4,fsdp:2", "data:2,fsdp:2,tensor:2"])
-@pytest.mark.slow
+# The 3-D mesh (every axis split) stays in the fast subset: sharded = single device is a core invariant.
+@pytest.mark.parametrize(
+  "mesh_spec",
+  [pytest.param("data:8", marks=pytest.mark.slow), pytest.param("data:4,fsdp:2", marks=pytest.mark.slow),
+   "data:2,fsdp:2,tensor:2"],
+)  # fmt: skip
 def test_sharded_step_equals_single_device_step(mesh_spec):
   single, single_losses, _, _ = _run("data:1", devices=jax.devices()[:1])
   sharded, sharded_losses, _, _ = _run(mesh_spec)
@@ -85,7 +89,6 @@ def _dot_operand_dtypes(step, state, mesh):
   return [m.groups() for m in _DOT_OPERANDS.finditer(text)]
 
 
-@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
   state32, losses32, step32, _ = _run("data:8", steps=2)
   state16, losses16, step16, _ = _run("data:8", steps=2, compute_dtype=jnp.bfloat16)
@@ -143,6 +146,32 @@ def test_ema_follows_decay_times_ema_plus_one_minus_decay_times_the_updated_para
   # the check above is sharp: after 5 steps the EMA is measurably away from both the params and the init
   ema = jax.device_get(state.ema_params)
   assert max(np.abs(e - p).max() for e, p in zip(jax.tree.leaves(ema), jax.tree.leaves(params))) > 1e-4
+
+
+def test_each_step_draws_fold_in_of_the_seed_and_the_step():
+  # The toy model has dropout, so the loss depends on the rng: each step's loss is the loss of the params it
+  # started from with fold_in(key(seed), step), on the same batch every step.
+  mesh = shd.make_mesh("data:8")
+  tx, _ = toy.optimizer()
+  _, shardings = train.abstract_train_state(toy.init_params, tx, mesh)
+  state = train.init_train_state(toy.init_params, tx, shardings, jax.random.key(0))
+  step = train.make_train_step(toy.loss_fn, tx, mesh, shardings, seed=5)
+  batch = _batch()
+  loss_of = jax.jit(lambda params, rng: toy.loss_fn(params, batch, rng)[0])
+  for i in range(3):
+    params = toy.params_of(state)  # the step donates its state: read it on the host first
+    state, metrics = step(state, shd.host_to_global_batch(batch, mesh))
+    expected = float(loss_of(params, jax.random.fold_in(jax.random.key(5), i)))
+    # catches a step whose rng ignores the step (the same dropout mask every step), the seed, or the fold_in
+    wrong_keys = [
+      jax.random.key(5),
+      jax.random.fold_in(jax.random.key(5), i + 1),
+      jax.random.fold_in(jax.random.key(0), i),
+    ]
+    others = [float(loss_of(params, k)) for k in wrong_keys]
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    # the check above is sharp: the wrong keys move this loss by far more than the tolerance
+    assert all(abs(o - expected) > 1e-3 * abs(expected) for o in others), (expected, others)
 
 
 def test_non_finite_loss_skips_the_update_and_reports_it():

@@ -120,6 +120,7 @@ def full_run(data, tmp_path_factory):
 
 # Bug: wds: shards do not reach CLIP's training, the corrupt member crashes it or goes uncounted, or the images are
 # copied into a cache (only the shard indexes should be written to the data dir).
+@pytest.mark.slow  # a CLIP training run and its evaluation through main
 def test_clip_trains_from_shards_and_logs_skipped_samples(data, full_run):
   lines = _metrics(full_run[0])
   assert [line[0] for line in lines] == [1, 2, 3, 4] and all(np.isfinite(line[1]) for line in lines)
@@ -131,6 +132,7 @@ def test_clip_trains_from_shards_and_logs_skipped_samples(data, full_run):
 
 # Bug: a resumed run's data stream restarts at a shard (or epoch) boundary instead of the exact sample, so the
 # losses after the checkpoint (and the final params the evaluation reads) differ from an uninterrupted run's.
+@pytest.mark.slow  # CLIP training runs through main; test_loop keeps resume bit-identical fast
 def test_interrupted_and_resumed_run_is_bit_identical(data, full_run, tmp_path):
   workdir = tmp_path / "resumed"
   shutil.copytree(full_run[0], workdir)
@@ -145,6 +147,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(data, full_run, tmp_path):
 
 # Bug: clip_benchmark's eval shards (image + .cls, classnames.txt one folder up) are not evaluated zero-shot over
 # their class names, or an undecodable sample is scored (as a miss) instead of being left out.
+@pytest.mark.slow  # a CLIP training run and its evaluation through main
 def test_zero_shot_eval_from_cls_shards_writes_eval_json(full_run):
   workdir, out = full_run
   result = json.loads((workdir / "eval.json").read_text())

@@ -66,6 +66,37 @@ def test_late_fusion_is_the_weighted_sum_of_the_predictors():
   np.testing.assert_allclose(fused, expected, rtol=1e-6)
 
 
+def _np_cross_entropy(logits, labels):
+  z = np.asarray(logits, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return np.log(np.exp(z).sum(-1)) - z[np.arange(len(labels)), labels]
+
+
+def test_fusion_loss_is_the_fused_cross_entropy_plus_the_weighted_mean_of_the_heads():
+  rng = np.random.default_rng(3)
+  logits, audio, image = rng.normal(size=(3, 6, C)).astype(np.float32) * 2
+  labels = rng.integers(0, C, 6)
+  mask = np.array([1, 1, 0, 1, 0, 1], np.float32)
+  aux = {"per_modality": {"audio": jnp.asarray(audio), "image": jnp.asarray(image)}}
+
+  def by_hand(weights):
+    mean = lambda v: (v * weights).sum() / weights.sum()
+    heads = (mean(_np_cross_entropy(audio, labels)) + mean(_np_cross_entropy(image, labels))) / 2
+    return mean(_np_cross_entropy(logits, labels)), heads, mean((logits.argmax(-1) == labels).astype(np.float64))
+
+  for m, weights in ((None, np.ones(6)), (mask, mask)):
+    fused, heads, accuracy = by_hand(weights)
+    for w in (0.0, 0.3, 1.0):
+      total, metrics = fusion_loss(jnp.asarray(logits), aux, jnp.asarray(labels), mask=m, unimodal_weight=w)
+      # catches a head term summed instead of averaged, a weight ignored or applied to the fused term, an
+      # unmasked mean, or the heads' loss taken against the fused logits
+      np.testing.assert_allclose(float(total), fused + w * heads, rtol=1e-5)
+      np.testing.assert_allclose(float(metrics["fused_loss"]), fused, rtol=1e-5)
+      np.testing.assert_allclose(float(metrics["accuracy"]), accuracy, rtol=1e-6)
+  # the heads' term is not negligible here, so the checks above can tell the variants apart
+  assert abs(by_hand(np.ones(6))[1] - by_hand(np.ones(6))[0]) > 1e-2
+
+
 def _grad_norms(detach):
   inputs = _inputs(2)
   labels = jnp.arange(B) % C

@@ -3,14 +3,11 @@ bad input that ends in one line with nothing lost."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from multimodal_jax.fusion import run as fusion_run_mod
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PULSE = [
   "--config.batch_size=32",
   "--config.checkpoint_every=3",
@@ -21,18 +18,12 @@ PULSE = [
 ]
 
 
-def _cli(workdir, data_dir, *args):
-  """`python -m experiments.fusion` in a fresh process with 8 CPU devices."""
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.fusion", "--workdir", str(workdir), f"--config.data_dir={data_dir}", *args],
-    cwd=ROOT,
-    env=env,
-    check=False,  # callers assert on the return code and show stderr
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+def _cli(capsys, workdir, data_dir, *args):
+  """`python -m experiments.fusion` (the module calls `fusion.run.main`), in this process: (status, stdout, stderr)."""
+  capsys.readouterr()
+  status = fusion_run_mod.main(["--workdir", str(workdir), f"--config.data_dir={data_dir}", *args])
+  out, err = capsys.readouterr()
+  return status, out, err
 
 
 def _logged_steps(workdir):
@@ -41,17 +32,17 @@ def _logged_steps(workdir):
 
 
 @pytest.mark.slow
-def test_pulse_train_resume_and_eval_through_the_cli(tmp_path, av_digits_dir):
-  first = _cli(tmp_path, av_digits_dir, "--config.steps=6", *PULSE)
-  assert first.returncode == 0, first.stderr[-3000:]
-  resumed = _cli(tmp_path, av_digits_dir, "--config.steps=8", *PULSE)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resumed from the checkpoint at step 6" in resumed.stdout
+def test_pulse_train_resume_and_eval_through_the_cli(tmp_path, av_digits_dir, capsys):
+  status, _, err = _cli(capsys, tmp_path, av_digits_dir, "--config.steps=6", *PULSE)
+  assert status == 0, err[-3000:]
+  status, out, err = _cli(capsys, tmp_path, av_digits_dir, "--config.steps=8", *PULSE)
+  assert status == 0, err[-3000:]
+  assert "resumed from the checkpoint at step 6" in out
   steps = _logged_steps(tmp_path)
   assert steps == list(range(1, 9))  # no step logged twice
-  evaluated = _cli(tmp_path, av_digits_dir, "--mode=eval", "--config.mesh=data:8")
-  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+  status, out, err = _cli(capsys, tmp_path, av_digits_dir, "--mode=eval", "--config.mesh=data:8")
+  assert status == 0, err[-3000:]
+  result = json.loads(out.strip().splitlines()[-1])
   assert result["step"] == 8
   assert {"accuracy", "accuracy_without_audio", "accuracy_without_image"} <= set(result)
   assert all(0.0 <= result[k] <= 1.0 for k in ("accuracy", "accuracy_without_audio", "accuracy_without_image"))

@@ -185,6 +185,40 @@ def test_sample_loop_equals_diffusers_loop(sampler, prediction, eta, num_steps):
   np.testing.assert_allclose(got, expect, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v"])
+def test_single_steps_equal_the_formulas_by_hand(prediction):
+  # Without PyTorch the parity tests above skip: these hold each step to its formula in float64, from a
+  # model output consistent with a known x0 and noise, for each prediction kind.
+  schedule = df.make_schedule()
+  a = np.asarray(schedule.alphas_cumprod, np.float64)
+  x0, eps, noise = (_randn(s).astype(np.float64) for s in (20, 21, 22))
+  t, t_prev = 500, 460
+  sa, sb, ap = np.sqrt(a[t]), np.sqrt(1.0 - a[t]), a[t_prev]
+  x_t = sa * x0 + sb * eps
+  out = {"epsilon": eps, "sample": x0, "v": sa * eps - sb * x0}[prediction]
+  f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+  step_args = (schedule, f32(out), f32(x_t), jnp.asarray(t), jnp.asarray(t_prev), None)
+  # DDIM (Song et al. eq. 12): sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma noise,
+  # sigma = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev))
+  for eta in (0.0, 0.5, 1.0):
+    sigma = eta * np.sqrt((1.0 - ap) / (1.0 - a[t]) * (1.0 - a[t] / ap))
+    expect = np.sqrt(ap) * x0 + np.sqrt(1.0 - ap - sigma**2) * eps + sigma * noise
+    got = df.ddim_step(*step_args, eta=eta, prediction=prediction, noise=f32(noise))
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4, err_msg=f"ddim eta={eta}")
+  # DDPM: the mean and "fixed_small" variance of the posterior q(x_prev | x_t, x0)
+  beta = 1.0 - a[t] / ap
+  mean = np.sqrt(ap) * beta / (1.0 - a[t]) * x0 + np.sqrt(1.0 - beta) * (1.0 - ap) / (1.0 - a[t]) * x_t
+  expect = mean + np.sqrt((1.0 - ap) / (1.0 - a[t]) * beta) * noise
+  got = df.ddpm_step(*step_args, prediction=prediction, noise=f32(noise))
+  np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4, err_msg="ddpm")
+  # the last DDPM step (t = 0 to the end) adds no noise and returns the predicted x0
+  a0 = a[0]
+  x_0 = np.sqrt(a0) * x0 + np.sqrt(1.0 - a0) * eps
+  out0 = {"epsilon": eps, "sample": x0, "v": np.sqrt(a0) * eps - np.sqrt(1.0 - a0) * x0}[prediction]
+  got = df.ddpm_step(schedule, f32(out0), f32(x_0), jnp.asarray(0), jnp.asarray(-1), None, prediction, noise=f32(noise))
+  np.testing.assert_allclose(got, x0, rtol=1e-4, atol=1e-4, err_msg="ddpm t=0")
+
+
 def test_ddim_with_the_exact_denoiser_of_a_point_mass_returns_the_point():
   schedule = df.make_schedule()
   target = jnp.asarray(_randn(11, (1, 4, 4, 2)))
