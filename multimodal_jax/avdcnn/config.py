@@ -7,22 +7,10 @@ import dataclasses
 
 import ml_collections
 
+from multimodal_jax import config as cfg
 from multimodal_jax import loop
 from multimodal_jax.avdcnn import model as avdcnn
-from multimodal_jax.config import (
-  BOOL,
-  FINITE,
-  NON_NEGATIVE,
-  POSITIVE,
-  TEXT,
-  Key,
-  declares,
-  existing_path,
-  make_config,
-  one_of,
-  remat_key,
-  rules_of,
-)
+from multimodal_jax.config import BOOL, FINITE, NON_NEGATIVE, POSITIVE, TEXT, Key, existing_path, one_of
 
 EVAL_KEYS = ("mesh", "data_dir", "eval_utterances", "eval_processes", "input", "lips", "output", "resample", "utterance")  # fmt: skip
 
@@ -64,7 +52,7 @@ KEYS = {
     "compressed (|S|^0.3 magnitudes) or log_power (the paper's)",
     "loss",
   ),
-  "remat": remat_key(),
+  "remat": cfg.remat_key(),
   "mu": Key(1.0, NON_NEGATIVE, "weight of the visual reconstruction loss", "loss"),
   "under_weight": Key(
     1.0, NON_NEGATIVE, "weight of squared audio errors below the target (over-suppression); 1: the paper's loss", "loss"
@@ -88,13 +76,13 @@ KEYS = {
 
 GROUPS = {"enhance": "enhancing your own recordings (--mode=enhance) and drawing spectrograms (--mode=spectrogram)"}
 
-RULES = rules_of(KEYS)
+RULES = cfg.rules_of(KEYS)
 
 
-@declares(KEYS, GROUPS)
+@cfg.declares(KEYS, GROUPS)
 def get_config() -> ml_collections.ConfigDict:
   """AVDCNN audio-visual speech enhancement on the embedded AV-speech data, or on GRID."""
-  return make_config(KEYS)
+  return cfg.make_config(KEYS)
 
 
 def model_config(config) -> avdcnn.AVDCNNConfig:

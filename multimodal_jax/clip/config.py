@@ -6,23 +6,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from multimodal_jax import config as cfg
 from multimodal_jax import loop
 from multimodal_jax.attention import ATTENTION_IMPLEMENTATIONS
 from multimodal_jax.clip import data as cdata
 from multimodal_jax.clip import model as clip_model
-from multimodal_jax.config import (
-  NON_NEGATIVE,
-  POSITIVE,
-  TEXT,
-  Key,
-  Rule,
-  declares,
-  keys_from,
-  make_config,
-  one_of,
-  remat_key,
-  rules_of,
-)
+from multimodal_jax.config import NON_NEGATIVE, POSITIVE, TEXT, Key, Rule, one_of
 from multimodal_jax.data import specs
 
 EVAL_KEYS = ("mesh", "data_dir", "eval_batch_size", "eval_dataset", "templates", "export_to", "image_key",
@@ -55,7 +44,7 @@ KEYS = {
     "the training pairs: captioned_digits, csv:PAIRS.tsv or tfds:NAME",
     "data",
   ),
-  **keys_from(specs.config_keys(), specs.config_rules(), DATA_HELP, "data"),
+  **cfg.keys_from(specs.config_keys(), specs.config_rules(), DATA_HELP, "data"),
   "image_size": Key(
     0,
     Rule(lambda v: isinstance(v, int) and (v == 0 or 8 <= v <= 4096), "0 (the preset's) or 8 to 4096"),
@@ -106,7 +95,7 @@ KEYS = {
     "attention.dot_product_attention: auto (the CPU kernel on CPU, cuDNN for bf16 on GPU), cpu, einsum, xla or cudnn",
     "model",
   ),
-  "remat": remat_key(),
+  "remat": cfg.remat_key(),
   "loss": Key("softmax", one_of("softmax", "sigmoid"), "softmax (CLIP's) or sigmoid (SigLIP's)", "loss"),
   "loss_impl": Key(
     "gather",
@@ -130,10 +119,10 @@ KEYS = {
   "export_to": Key("", TEXT, "--mode=export: open_clip:FILE.safetensors", "export"),
 }
 
-RULES = rules_of(KEYS)
+RULES = cfg.rules_of(KEYS)
 
 
-@declares(KEYS)
+@cfg.declares(KEYS)
 def get_config() -> ml_collections.ConfigDict:
   """CLIP on captioned digits, or on your image-text pairs."""
-  return make_config(KEYS)
+  return cfg.make_config(KEYS)

@@ -126,6 +126,19 @@ def _index_tree(tree: Any, i: int) -> Any:
   return np.asarray(tree)[i]
 
 
+# Options of open_clip's residual blocks, the same in both towers: (values with our blocks' math, what they mean).
+_BLOCK_OPTIONS = {
+  "ls_init_value": ((None,), "no layer scale"),
+  "block_type": ((None, "default"), "open_clip's default residual block"),
+  "qk_norm": ((False, None), "no q/k LayerNorm"),
+  "scaled_cosine_attn": ((False, None), "dot-product attention"),
+  "scale_heads": ((False, None), "no per-head scale"),
+  "scale_attn_inner": ((False, None), "no inner attention LayerNorm"),
+  "scale_attn": ((False, None), "no LayerNorm after attention"),
+  "scale_fc": ((False, None), "no LayerNorm in the MLP"),
+}
+
+
 # open_clip's model config fields (its CLIPVisionCfg, CLIPTextCfg and CLIP's own arguments, as of
 # open_clip 3.x) by what they do to the features of a ViT CLIP, so that every field a config sets is
 # honoured or refused in one line, never ignored:
@@ -171,14 +184,7 @@ _OURS = {
     "global_average_pool": ((False, None), "the class token's features"),
     "no_ln_pre": ((False, None), "a LayerNorm before the blocks (ln_pre)"),
     "pos_embed_type": (("learnable", "sin_cos_2d", None), "a positional embedding tensor"),
-    "ls_init_value": ((None,), "no layer scale"),
-    "block_type": ((None, "default"), "open_clip's default residual block"),
-    "qk_norm": ((False, None), "no q/k LayerNorm"),
-    "scaled_cosine_attn": ((False, None), "dot-product attention"),
-    "scale_heads": ((False, None), "no per-head scale"),
-    "scale_attn_inner": ((False, None), "no inner attention LayerNorm"),
-    "scale_attn": ((False, None), "no LayerNorm after attention"),
-    "scale_fc": ((False, None), "no LayerNorm in the MLP"),
+    **_BLOCK_OPTIONS,
     "timm_model_name": ((None, ""), "open_clip's own VisionTransformer, not a timm tower"),
   },
   "text_cfg": {
@@ -189,14 +195,7 @@ _OURS = {
     "embed_cls": ((False, None), "no appended class token"),
     "proj_type": (("linear", None), "a linear text projection"),
     "proj_bias": ((False, None), "a text projection without bias"),
-    "ls_init_value": ((None,), "no layer scale"),
-    "block_type": ((None, "default"), "open_clip's default residual block"),
-    "qk_norm": ((False, None), "no q/k LayerNorm"),
-    "scaled_cosine_attn": ((False, None), "dot-product attention"),
-    "scale_heads": ((False, None), "no per-head scale"),
-    "scale_attn_inner": ((False, None), "no inner attention LayerNorm"),
-    "scale_attn": ((False, None), "no LayerNorm after attention"),
-    "scale_fc": ((False, None), "no LayerNorm in the MLP"),
+    **_BLOCK_OPTIONS,
     "hf_model_name": ((None, ""), "open_clip's own text transformer, not a Hugging Face one"),
     "hf_tokenizer_name": ((None, ""), "text tokenised by CLIP's BPE"),
     "tokenizer_type": ((None, ""), "text tokenised by CLIP's BPE"),

@@ -5,20 +5,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from multimodal_jax import config as cfg
 from multimodal_jax import loop
-from multimodal_jax.config import (
-  BOOL,
-  NON_NEGATIVE,
-  POSITIVE,
-  TEXT,
-  Key,
-  Rule,
-  declares,
-  make_config,
-  one_of,
-  remat_key,
-  rules_of,
-)
+from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Key, Rule, one_of
 from multimodal_jax.data import specs
 from multimodal_jax.fusion.data import EMBEDDED, MODALITIES_RULE
 from multimodal_jax.fusion.model import FUSIONS
@@ -54,16 +43,16 @@ KEYS = {
   "features": Key(64, POSITIVE, "width of each modality's encoding", "model"),
   "hidden": Key(128, POSITIVE, "hidden width of the encoders' and the fusion classifier's layers", "model"),
   "dropout": Key(0.1, Rule(lambda v: 0 <= v < 1, "a probability in [0, 1)"), "dropout rate", "model"),
-  "remat": remat_key(),
+  "remat": cfg.remat_key(),
   "late_learn_weights": Key(True, BOOL, "late fusion learns the weights of the modalities' logits", "model"),
   "unimodal_loss_weight": Key(1.0, NON_NEGATIVE, "weight of the per-modality head losses (joint, late)", "loss"),
   "eval_batch_size": Key(200, POSITIVE, "batch size of evaluation", "eval"),
 }
 
-RULES = rules_of(KEYS)
+RULES = cfg.rules_of(KEYS)
 
 
-@declares(KEYS)
+@cfg.declares(KEYS)
 def get_config() -> ml_collections.ConfigDict:
   """Fusion of AV-digits images and spoken digits, or of any TFDS dataset's features."""
-  return make_config(KEYS)
+  return cfg.make_config(KEYS)

@@ -12,25 +12,10 @@ import os
 
 import ml_collections
 
+from multimodal_jax import config as cfg
 from multimodal_jax import loop
 from multimodal_jax.attention import ATTENTION_IMPLEMENTATIONS
-from multimodal_jax.config import (
-  BOOL,
-  NON_NEGATIVE,
-  POSITIVE,
-  TEXT,
-  Key,
-  Rule,
-  between,
-  declares,
-  in_section,
-  keys_from,
-  make_config,
-  one_of,
-  remat_key,
-  rules_of,
-  source_needs,
-)
+from multimodal_jax.config import BOOL, NON_NEGATIVE, POSITIVE, TEXT, Key, Rule, between, one_of, source_needs
 from multimodal_jax.data import specs
 from multimodal_jax.errors import UserError
 from multimodal_jax.latent_diffusion import diffusion
@@ -118,7 +103,7 @@ KEYS = {
     f"{EMBEDDED}, or csv:PATH, folder:DIR or tfds:NAME at image_size x image_size x channels",
     "data",
   ),
-  **keys_from(
+  **cfg.keys_from(
     {k: v for k, v in specs.config_keys(**DATA_DEFAULTS).items() if k in DATA_KEYS},
     specs.config_rules(),
     DATA_HELP,
@@ -146,7 +131,7 @@ KEYS = {
   "text_layers": Key(2, POSITIVE, "condition=text: its layers", "model"),
   "text_heads": Key(4, POSITIVE, "condition=text: its attention heads", "model"),
   "dit": Key("tiny", one_of(*DIT_PRESETS), "DiT preset of multimodal_jax.latent_diffusion.dit", "model"),
-  "remat": remat_key(),
+  "remat": cfg.remat_key(),
   "patch_size": Key(2, one_of(1, 2, 4, 8), "the DiT's patch side, in latent pixels", "model"),
   "attention": Key(
     "auto",
@@ -165,7 +150,7 @@ KEYS = {
   "cond_drop_prob": Key(
     0.1, between(0, 1), "probability of dropping the condition in training (classifier-free guidance)", "model"
   ),
-  **in_section(
+  **cfg.in_section(
     "autoencoder", loop.base_keys(section=True, steps=600, warmup_steps=100, checkpoint_every=500, keep_checkpoints=2)
   ),
   "autoencoder.preset": Key(
@@ -187,7 +172,7 @@ KEYS = {
     "latent shift; set from a pretrained VAE's config",
     "autoencoder",
   ),
-  **in_section(
+  **cfg.in_section(
     "denoiser",
     loop.base_keys(section=True, steps=1500, batch_size=128, ema_decay=0.995, checkpoint_every=500, keep_checkpoints=2),
   ),
@@ -220,7 +205,7 @@ KEYS = {
   ),
 }
 
-RULES = rules_of(KEYS)
+RULES = cfg.rules_of(KEYS)
 
 
 def sample_steps_relation(config) -> None:
@@ -249,7 +234,7 @@ def stage_dir(workdir: str) -> str:
   return stage_dirs(workdir)[1]
 
 
-@declares(KEYS, GROUPS)
+@cfg.declares(KEYS, GROUPS)
 def get_config() -> ml_collections.ConfigDict:
   """Latent diffusion on captioned digits, or on your images: a KL autoencoder, then a DiT on its latents."""
-  return make_config(KEYS)
+  return cfg.make_config(KEYS)
