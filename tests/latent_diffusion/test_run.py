@@ -6,8 +6,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -31,15 +29,6 @@ TINY = [
     "--config.final_eval=false", "--config.train_images=256",
 ]  # fmt: skip
 FAST_SAMPLING = ["--config.sample_steps=2", "--config.eval_batch_size=40", "--config.eval_test_images=100"]
-
-
-@pytest.fixture(scope="module")
-def captioned_dir(tmp_path_factory):
-  from multimodal_jax.datasets import captioned_digits
-
-  data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
-  captioned_digits.load(data_dir)
-  return data_dir
 
 
 def _main(capsys, workdir, data_dir, *args):
@@ -137,7 +126,7 @@ def test_prompts_name_one_known_digit():
 
 
 @pytest.mark.slow
-def test_pulse_trains_both_stages_and_samples(trained, captioned_dir):
+def test_pulse_trains_both_stages_and_samples(trained, captioned_dir, capsys):
   for stage in ("autoencoder", "denoiser"):
     with open(trained / stage / "metrics.jsonl") as f:
       steps = [json.loads(line) for line in f]
@@ -147,14 +136,12 @@ def test_pulse_trains_both_stages_and_samples(trained, captioned_dir):
   latents, meta = files.load_tree(str(trained / "autoencoder" / ldm.LATENTS_FILE))  # the 256 images, encoded once
   assert latents["mean"].shape == latents["logvar"].shape == (256, 8, 8, 4) and meta == {"step": 4}
   assert scale["scale_factor"] == pytest.approx(1.0 / latents["mean"].std(), rel=1e-5)
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.latent_diffusion", "--workdir", str(trained), "--mode=sample",
-       f"--config.data_dir={captioned_dir}", "--config.prompt=a handwritten digit seven; the digit two",
-       "--config.num_samples=3", *FAST_SAMPLING],
-      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300,
-      check=False,
+  # what `python -m experiments.latent_diffusion --mode=sample ...` runs, in this process
+  status, _, err = _main(
+      capsys, trained, captioned_dir, "--mode=sample", "--config.prompt=a handwritten digit seven; the digit two",
+      "--config.num_samples=3", *FAST_SAMPLING,
   )  # fmt: skip
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert status == 0, err[-3000:]
   png = decode_png((trained / "samples.png").read_bytes())
   assert png.shape == (2 * 34 + 2, 3 * 34 + 2)  # 2 prompts x 3 seeds of 32x32, 2-pixel gaps
 
