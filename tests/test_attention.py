@@ -172,6 +172,7 @@ def _restacked(params, layers_):
   return {"params": {f"block_{i}": jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(layers_)}}
 
 
+@pytest.mark.slow  # ~75 s under load: compiles of every transformer option
 def test_transformer_options_change_the_computation_not_the_function():
   x = jax.random.normal(jax.random.key(0), (2, 6, 32))
   options = layers.TransformerOptions(activation="quick_gelu")

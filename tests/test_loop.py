@@ -115,6 +115,7 @@ def _double(record):
   return {"x": record["x"] * 2, "label": record["label"]}
 
 
+@pytest.mark.slow  # ~45 s under load: grain worker processes each pay their imports
 def test_worker_processes_give_the_same_stream_and_state():
   """grain worker processes build the same batches in the same order as the main process, and the
   saved state does not depend on their number: a stream resumes under another worker count."""

@@ -63,6 +63,7 @@ def clip_steps():
   return {"unrolled": _lowered_clip_step(True), "rolled": _lowered_clip_step(1)}  # (True == 1 as dict keys)
 
 
+@pytest.mark.slow  # ~30 s each under load: compiles of two CLIP steps (clip_steps)
 def test_cost_analysis_of_the_unrolled_clip_step_matches_the_analytic_count(clip_steps):
   cfg, lowered = clip_steps["unrolled"]
   analytic = _analytic_train_flops(cfg, BATCH)
@@ -70,6 +71,7 @@ def test_cost_analysis_of_the_unrolled_clip_step_matches_the_analytic_count(clip
   assert xla == pytest.approx(analytic, rel=0.10)
 
 
+@pytest.mark.slow
 def test_step_flops_counts_every_trip_of_a_rolled_scan(clip_steps):
   cfg, lowered = clip_steps["rolled"]
   analytic = _analytic_train_flops(cfg, BATCH)

@@ -159,6 +159,7 @@ def test_checkpoint_files(tmp_path, fmt):
   assert scale == pytest.approx(ref_scale, rel=1e-6)
 
 
+@pytest.mark.slow  # ~45 s under load: two whole-model conversions and applies
 def test_openai_marker_entries_select_quick_gelu_and_are_ignored():
   # catches quick_gelu inferred from anything but OpenAI's marker entries (the tensors are the same)
   sd = _exported_state_dict()

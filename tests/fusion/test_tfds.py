@@ -101,9 +101,8 @@ def test_encoders_follow_the_features_rank(sensors_dir):
   assert params["g"]["out"]["kernel"].shape[-1] == 3
 
 
-@pytest.mark.parametrize(
-  "fusion_kind", ["joint", pytest.param("early", marks=pytest.mark.slow), pytest.param("late", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("fusion_kind", ["joint", "early", "late"])
+@pytest.mark.slow  # ~50 s each under load: training and evaluation runs through main
 def test_train_and_evaluate_through_the_cli(tmp_path, sensors_dir, capsys, fusion_kind):
   modalities = "--config.modalities=picture:photo,summary:stats"
   status = fusion_run_mod.main(_args(tmp_path, sensors_dir, "--config.steps=6", f"--config.fusion={fusion_kind}", modalities))

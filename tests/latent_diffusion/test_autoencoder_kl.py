@@ -322,6 +322,7 @@ def digits_model():
   return model, params, jnp.asarray(x)
 
 
+@pytest.mark.slow  # ~65 s under load: a training run of the autoencoder
 def test_training_on_real_digits_lowers_reconstruction_error(digits_model):
   model, params, x = digits_model
   tx = optax.adam(2e-3)

@@ -22,6 +22,7 @@ def _params(seed=0):
   return jax.tree.map(lambda a: (a + 0.05 * rng.normal(size=a.shape)).astype(np.float32), params)
 
 
+@pytest.mark.slow  # ~85 s under load: a diffusers-layout save and load of a whole VAE
 def test_save_then_load_is_the_identity(tmp_path):
   params = _params()
   diffusers_vae.save_diffusers_vae(tmp_path / "vae", params, CONFIG)
