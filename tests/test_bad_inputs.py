@@ -121,7 +121,7 @@ CASES = [
   ("fusion", ["--config.eval_every=-5"], "--config.eval_every=-5"),
   ("fusion", ["--config.steps=0"], "--config.steps=0"),
   ("fusion", ["--config.steps=-3"], "--config.steps=-3"),
-  ("fusion", ["--config.dtype=fp7"], "--config.dtype=fp7: expected one of float32, bfloat16"),
+  ("fusion", ["--config.dtype=fp7"], "--config.dtype=fp7: expected auto, float32 or bfloat16"),
   ("fusion", ["--config.keep_checkpoints=0"], "--config.keep_checkpoints=0"),
   ("fusion", ["--config.keep_checkpoints=-1"], "--config.keep_checkpoints=-1"),
   ("fusion", ["--config.learning_rate=nan"], "--config.learning_rate=nan"),
