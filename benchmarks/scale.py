@@ -1,27 +1,41 @@
-"""A memory plan from compiled steps: the real train steps of large models lowered and compiled (never
-run) for simulated meshes of 8 and 64 CPU devices, and what XLA says each device would need.
+"""The memory plan, from the real compilers: large models' train steps lowered and compiled (never run) for
+TPU v5p and H100 targets this machine does not have (`multimodal_jax.targets`), and what each device
+would hold and do.
 
-  python -m benchmarks.scale            # every model and mesh (see docs/scale.md for the time it takes)
-  python -m benchmarks.scale --quick    # ViT-L/14 on data:64 and fsdp:64 and the loss plan only
-  python -m benchmarks.scale --rows-only --only DiT --meshes 'fsdp:8'   # some model/mesh rows alone
+  python -m benchmarks.scale                                   # every row on tpu:v5p and gpu:h100 (hours)
+  python -m benchmarks.scale --target tpu:v5p:2x2x2 --only ViT-B-16 --rows-only   # one row (~3 min)
+  python -m benchmarks.scale --target gpu:h100 --ratios-only    # the two JSON ratios only
+  python -m benchmarks.scale --target gpu:h100:8 --only ViT-B-16 --max-batch --remat none,full
+  python -m benchmarks.scale --target cpu --only ViT-B-16 --rows-only   # the CPU compiler's plan (docs/scale.md)
 
-Models (bfloat16 compute, float32 params and AdamW state, scanned layers with one layer per loop
-trip): CLIP ViT-B/16 at global batch 32,768 with the chunked (ring) contrastive loss, CLIP ViT-L/14
-at the same batch, DiT-XL/2 on 32x32x4 latents with cross-attention to 77 text tokens of width 768
-(batch 256), AVDCNN `wide` (batch 4,096). Attention is "xla" (jax.nn.dot_product_attention): the
-GPU default, cuDNN's, cannot be compiled on a CPU, so attention temporaries here are an upper bound.
+A target is a family (`tpu:v5p`: 8 chips `tpu:v5p:2x2x2` and 64 `tpu:v5p:4x4x4`; `gpu:h100`: `gpu:h100:8`
+and `gpu:h100:8x8`), one slice (`gpu:h100:8`: its size's rows only) or `cpu` (simulated CPU devices, 8
+and 64: the CPU compiler's plan, kept for the comparison in docs/scale.md; fits/roofline are None).
 
-Per model and mesh, per device: parameter + optimizer bytes (from the state's shardings), the
-compiled program's arguments and temporaries (`compiled.memory_analysis()`), matmul TFLOPs (the
-lowered HLO with loops counted in full, divided by the devices), the bytes each kind of collective
-moves (from the compiled HLO), and the compile time. Then the contrastive loss alone (forward and
-backward of the loss on `[batch, 512]` embeddings), gathered against chunked, at 512 rows per
-device on 8 to 64 devices and at 8k-32k rows on 64; and compile times of one tower against its
-depth, scanned and unrolled.
+Rows (bfloat16 compute, float32 params and AdamW state; attention "auto": cuDNN's fused kernel for
+unmasked self-attention on H100, XLA's on TPU):
+- CLIP ViT-B/16 at 4,096 on fsdp:8 (8 devices): the step of `python -m experiments.clip --mode=plan
+  --config.model=ViT-B-16 --config.image_tower=vit --config.tokenizer=clip_bpe --config.batch_size=4096
+  --config.mesh=fsdp:8`, built by `multimodal_jax.clip.plan.plan_steps` from that config, with
+  `channels=3` (RGB; the experiment's embedded digits give 1 channel) and its default loss (gathered).
+- CLIP ViT-L/14 at 32,768 on fsdp:64 and data:8,fsdp:8, ViT-B/16 at 32,768 on fsdp:64 (64 devices,
+  the chunked (ring) contrastive loss).
+- DiT-XL/2 on 32x32x4 latents with cross-attention to 77 tokens of width 768 (batch 256), AVDCNN `wide`
+  (batch 4,096), on fsdp:8.
 
-The last line printed is one JSON object: `state_ratio_fsdp64` (per-device parameter + optimizer
-bytes of CLIP ViT-L/14 on fsdp:64 over those on data:64) and `loss_temp_ratio_32k` (temporaries of
-the chunked loss over the gathered loss, batch 32,768 on 64 devices), with the rest of the table.
+Per row, per device: the target and its compiler's version, mesh, global batch, peak/temporaries/state
+GiB (XLA's memory analysis; peak = arguments + outputs - donated + temporaries), whether it fits (HBM
+minus the target's reserve), the attention kernel, the bf16 share of matmul FLOPs, executed TFLOP, the
+bytes each collective moves, the roofline step time (max(FLOPs / peak, HBM bytes / bandwidth), no
+collectives: a lower bound) and the MFU it bounds (model FLOPs: the step as written, without remat; over that time
+at the peak), compile seconds. `--max-batch` searches each row's largest global batch that fits
+(`planning.largest_batch`, 4-6 compiles) and reports it per data-parallel device.
+
+The last line printed is one JSON object: `state_ratio_fsdp64` (per-device parameter + AdamW bytes of
+CLIP ViT-L/14 on fsdp:64 over data:64, from the state's shardings: no compile) and `loss_temp_ratio_32k`
+(temporaries of the chunked over the gathered contrastive loss alone, forward + backward on
+`[32768, 512]` embeddings over 64 devices, from the first 64-device target's compile), with the rows.
+`--jsonl FILE` appends every row (and the ratios) to FILE as it finishes.
 """
 
 from __future__ import annotations
@@ -29,87 +43,104 @@ from __future__ import annotations
 import os
 import sys
 
-DEVICES = 64
+CPU_DEVICES = 64
 
 
-def _reexec_with_devices() -> None:
-  """XLA reads the simulated device count once, when JAX starts: set it and start again."""
-  flag = f"--xla_force_host_platform_device_count={DEVICES}"
-  if flag in os.environ.get("XLA_FLAGS", ""):
-    return
-  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip(), JAX_PLATFORMS="cpu")
-  os.execve(sys.executable, [sys.executable, "-m", "benchmarks.scale", *sys.argv[1:]], env)
+def _prepare() -> None:
+  """Before JAX starts: compile-only targets need `prepare_environment`; `--target cpu` needs simulated devices."""
+  if "cpu" in " ".join(sys.argv[1:]).replace("=", " ").split():
+    flag = f"--xla_force_host_platform_device_count={CPU_DEVICES}"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+      os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+  from multimodal_jax import targets
+
+  targets.prepare_environment()
 
 
 if __name__ == "__main__":
-  _reexec_with_devices()
+  _prepare()
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
-import platform
-import subprocess
+import re
 import time
+import types
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from multimodal_jax import profiling, train
+from multimodal_jax import planning, targets, train
 from multimodal_jax import sharding as shd
-from multimodal_jax.avdcnn import model as avdcnn
 from multimodal_jax.clip import losses
-from multimodal_jax.clip import model as clip
-from multimodal_jax.latent_diffusion import dit
+from multimodal_jax.targets import analysis
+from multimodal_jax.targets.hlo import arrays
 
 GiB = 2**30
-MESHES_64 = ("data:-1", "data:8,fsdp:8", "fsdp:64", "data:16,tensor:4")
-MESHES_8 = ("data:-1", "fsdp:8")
+FAMILIES = {"tpu:v5p": {8: "tpu:v5p:2x2x2", 64: "tpu:v5p:4x4x4"}, "gpu:h100": {8: "gpu:h100:8", 64: "gpu:h100:8x8"}}
+DEFAULT_TARGETS = ("tpu:v5p", "gpu:h100")
+_MATMUL_FLOPS, _TRIP_COUNT = analysis.matmul_flops, analysis._trip_count
+CPU_HBM = 96 * GiB  # no budget on a CPU: fits/roofline are dropped from CPU rows
 
 
 @dataclasses.dataclass
 class Workload:
-  """A train step to compile: params, loss and the global batch's shapes."""
+  """A train step to plan: `lower(batch, mesh) -> jax.stages.Lowered` at a global batch."""
 
   name: str
-  init_params: Callable
-  loss_fn_for: Callable  # mesh -> loss_fn(params, batch, rng)
-  batch: dict  # name -> (shape, dtype), global
+  devices: int  # the row's device count (8 or 64)
+  batch: int
+  meshes: tuple[str, ...]
+  lower: Callable[[int, jax.sharding.Mesh], object]
+  plain_lower: Callable | None = None  # the same step without remat: the model FLOPs an MFU counts
 
 
-def _sds(shape, dtype, mesh):
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=shd.batch_sharding(mesh, len(shape)))
+# ---------------------------------------------------------------------------------------------- workloads
 
 
-def clip_workload(preset: str, batch: int, loss_impl: str = "chunked", remat: bool = False) -> Workload:
-  cfg = dataclasses.replace(clip.PRESETS[preset], scan_unroll=1, attention="xla", remat=remat)
-  model = clip.CLIP(cfg)
-  size, context = cfg.vision.image_size, cfg.text.context_length
+def clip_config(preset: str, batch: int, mesh: str, loss_impl: str = "gather", remat="none"):
+  """The CLIP experiment's config of `--config.model=PRESET --config.image_tower=vit
+  --config.tokenizer=clip_bpe --config.channels=3`, batch, mesh, loss implementation and remat."""
+  from multimodal_jax.clip.config import get_config
 
-  def init_params(rng):
-    return model.init({"params": rng}, jnp.zeros((1, size, size, 3)), jnp.ones((1, context), jnp.int32))["params"]
-
-  def loss_fn_for(mesh):
-    loss = losses.clip_softmax_loss_chunked if loss_impl == "chunked" else losses.clip_softmax_loss_gathered
-
-    def loss_fn(params, batch, rng):
-      del rng
-      images = batch["image"].astype(jnp.bfloat16) / 127.5 - 1.0
-      img, txt, scale, _ = model.apply({"params": params}, images, batch["text"])
-      return loss(img.astype(jnp.float32), txt.astype(jnp.float32), scale, mesh, shd.BATCH_AXES), {}
-
-    return loss_fn
-
-  shapes = {"image": ((batch, size, size, 3), jnp.uint8), "text": ((batch, context), jnp.int32)}
-  label = f"CLIP {preset} b{batch} {loss_impl}" + (" remat" if remat else "")
-  return Workload(label, init_params, loss_fn_for, shapes)
+  config = get_config()
+  config.model, config.image_tower, config.tokenizer, config.channels = preset, "vit", "clip_bpe", 3
+  config.batch_size, config.mesh, config.loss_impl = batch, mesh, loss_impl
+  if isinstance(config.remat, bool):  # remat before the policy names: a boolean
+    config.remat = remat not in (False, "none")
+  else:
+    config.remat = {False: "none", True: "full"}.get(remat, remat)
+  return config
 
 
-def dit_workload(batch: int = 256) -> Workload:
-  cfg = dit.dit_config("XL", input_size=32, patch_size=2, context_dim=768, dtype="bfloat16", attention="xla")
+def clip_workload(preset: str, devices: int, batch: int, meshes, loss_impl="gather", remat="none") -> Workload:
+  """The CLIP experiment's own train step (`clip.plan.plan_steps`), bfloat16."""
+  from multimodal_jax.clip import plan as clip_plan
+
+  (step,) = clip_plan.plan_steps(clip_config(preset, batch, meshes[0], loss_impl, remat), "bfloat16")
+  plain = None
+  if remat not in (False, "none", ""):
+    (plain,) = clip_plan.plan_steps(clip_config(preset, batch, meshes[0], loss_impl, "none"), "bfloat16")
+  label = f"CLIP {preset} {loss_impl}" + (f" remat={remat}" if plain else "")
+  return Workload(label, devices, batch, tuple(meshes), step.lower, plain.lower if plain else None)
+
+
+def _optimizer_section():
+  """The trainer's optimizer keys (AdamW, warmup + cosine, clipping; weight decay 0.1) for DiT and AVDCNN."""
+  from multimodal_jax import loop
+  from multimodal_jax.config import make_config
+
+  return make_config(loop.base_keys(weight_decay=0.1))
+
+
+def dit_workload(devices: int = 8, batch: int = 256, meshes=("fsdp:8",)) -> Workload:
+  from multimodal_jax.latent_diffusion import dit
+
+  cfg = dit.dit_config("XL", input_size=32, patch_size=2, context_dim=768, dtype="bfloat16", attention="auto")
   model = dit.DiT(cfg)
   context = 77
 
@@ -117,248 +148,396 @@ def dit_workload(batch: int = 256) -> Workload:
     x, t = jnp.zeros((1, 32, 32, 4)), jnp.zeros((1,), jnp.int32)
     return model.init({"params": rng}, x, t, jnp.zeros((1, context, 768)), jnp.ones((1, context), bool))["params"]
 
-  def loss_fn_for(mesh):
-    del mesh
-    alphas = jnp.cos(jnp.linspace(0.0, 0.5 * math.pi, 1000)) ** 2  # a cosine schedule's alpha-bar
+  alphas = jnp.cos(jnp.linspace(0.0, 0.5 * math.pi, 1000)) ** 2  # a cosine schedule's alpha-bar
 
-    def loss_fn(params, batch, rng):
-      t_key, n_key = jax.random.split(rng)
-      x0 = batch["latents"]
-      t = jax.random.randint(t_key, (x0.shape[0],), 0, 1000)
-      noise = jax.random.normal(n_key, x0.shape, x0.dtype)
-      a = alphas[t][:, None, None, None].astype(x0.dtype)
-      x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
-      out = model.apply({"params": params}, x_t, t, batch["context"], batch["mask"])
-      return jnp.mean(jnp.square(out - noise.astype(jnp.float32))), {}
+  def loss_fn(params, batch, rng):
+    t_key, n_key = jax.random.split(rng)
+    x0 = batch["latents"]
+    t = jax.random.randint(t_key, (x0.shape[0],), 0, 1000)
+    noise = jax.random.normal(n_key, x0.shape, x0.dtype)
+    a = alphas[t][:, None, None, None].astype(x0.dtype)
+    x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
+    out = model.apply({"params": params}, x_t, t, batch["context"], batch["mask"])
+    return jnp.mean(jnp.square(out - noise.astype(jnp.float32))), {}
 
-    return loss_fn
+  def lower(b, mesh):
+    shapes = {"latents": ((b, 32, 32, 4), jnp.float32), "context": ((b, context, 768), jnp.float32)}
+    shapes["mask"] = ((b, context), jnp.bool_)
+    return planning.lower_train_step(mesh, loss_fn, init_params, shapes, dtype="bfloat16", section=_optimizer_section())
 
-  shapes = {
-    "latents": ((batch, 32, 32, 4), jnp.float32),
-    "context": ((batch, context, 768), jnp.float32),
-    "mask": ((batch, context), jnp.bool_),
-  }
-  return Workload(f"DiT-XL/2 b{batch}", init_params, loss_fn_for, shapes)
+  return Workload("DiT-XL/2", devices, batch, tuple(meshes), lower)
 
 
-def avdcnn_workload(batch: int = 4096) -> Workload:
-  from multimodal_jax.avdcnn import losses as exp_losses
+def avdcnn_workload(devices: int = 8, batch: int = 4096, meshes=("fsdp:8",)) -> Workload:
+  from multimodal_jax.avdcnn import losses as av_losses
+  from multimodal_jax.avdcnn import model as avdcnn
 
   model = avdcnn.AVDCNN(avdcnn.PRESETS["wide"])
   init_params = avdcnn.make_init_params(model)
-
-  def loss_fn_for(mesh):
-    del mesh
-    return exp_losses.make_loss_fn(model, mu=1.0, loss="compressed")
-
+  loss_fn = av_losses.make_loss_fn(model, mu=1.0, loss="compressed")
   bins, frames = avdcnn.BINS, avdcnn.CONTEXT
-  shapes = {
-    "audio": ((batch, bins, frames), jnp.float32),
-    "lips": ((batch, frames, *avdcnn.LIPS_SHAPE), jnp.uint8),
-    "target": ((batch, bins), jnp.float32),
-    "mean": ((batch, bins), jnp.float32),
-    "std": ((batch, bins), jnp.float32),
-  }
-  return Workload(f"AVDCNN wide b{batch}", init_params, loss_fn_for, shapes)
+
+  def lower(b, mesh):
+    shapes = {
+      "audio": ((b, bins, frames), jnp.float32),
+      "lips": ((b, frames, *avdcnn.LIPS_SHAPE), jnp.uint8),
+      "target": ((b, bins), jnp.float32),
+      "mean": ((b, bins), jnp.float32),
+      "std": ((b, bins), jnp.float32),
+    }
+    return planning.lower_train_step(mesh, loss_fn, init_params, shapes, dtype="bfloat16", section=_optimizer_section())
+
+  return Workload("AVDCNN wide", devices, batch, tuple(meshes), lower)
 
 
-def _state_bytes(abstract_state) -> int:
-  """Bytes of one device's shard of every leaf of the train state."""
+def workloads(remats) -> list[Workload]:
+  rows = [clip_workload("ViT-B-16", 8, 4096, ("fsdp:8",), remat=r) for r in remats]
+  rows += [clip_workload("ViT-L-14", 64, 32768, ("fsdp:64", "data:8,fsdp:8"), "chunked", remat=r) for r in remats]
+  rows += [clip_workload("ViT-B-16", 64, 32768, ("fsdp:64",), "chunked", remat=r) for r in remats]
+  return rows + [dit_workload(), avdcnn_workload()]
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+
+def cpu_target(n: int):
+  """A stand-in `Target` of n simulated CPU devices (the plan's memory fields only mean something)."""
+  devices = jax.devices("cpu")[:n]
+  if len(devices) < n:
+    raise SystemExit(
+      f"--target cpu needs {n} CPU devices, JAX has {len(devices)}: run it as python -m benchmarks.scale"
+    )
+  return types.SimpleNamespace(
+    text=f"cpu:{n}", platform="cpu", model="cpu", n_devices=n, hosts=1, device_kind=devices[0].device_kind,
+    hbm_bytes=CPU_HBM, reserve_bytes=0, peak_bf16_flops=1.0, hbm_bandwidth=1.0, devices=lambda: devices,
+  )  # fmt: skip
+
+
+def resolve_targets(names) -> dict[int, list]:
+  """{devices: [Target, ...]} of the --target arguments (families, slices or cpu)."""
+  out: dict[int, list] = {8: [], 64: []}
+  for name in names:
+    if name == "cpu":
+      for n in (8, 64):
+        out[n].append(cpu_target(n))
+      continue
+    texts = FAMILIES[name].values() if name in FAMILIES else [name]
+    for text in texts:
+      target = targets.parse_target(text)
+      out.setdefault(target.n_devices, []).append(target)
+  return out
+
+
+def version(target) -> str:
+  if target.platform == "cpu":
+    return f"jaxlib {jax.lib.__version__} (CPU)" if hasattr(jax.lib, "__version__") else f"jax {jax.__version__} (CPU)"
+  return targets.compiler_version(target)
+
+
+def mesh_of(target, spec: str):
+  if target.platform == "cpu":
+    return shd.make_mesh(spec, target.devices())
+  return targets.target_mesh(target, spec)
+
+
+@functools.cache
+def _taps(n_in: int, k: int, n_out: int, stride: int, lo: int, lhs_d: int, rhs_d: int) -> int:
+  """(output position, window tap) pairs of one spatial dim whose tap meets input data, not padding or a
+  dilation hole."""
+  span = (n_in - 1) * lhs_d + 1
   return sum(
-    math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state)
+    1 for o in range(n_out) for t in range(k) if 0 <= (x := o * stride + t * rhs_d - lo) < span and x % lhs_d == 0
   )
 
 
-def state_bytes(work: Workload, spec: str, devices) -> int:
-  """Per-device parameter + AdamW bytes of `work` on mesh `spec` (from the shardings alone)."""
-  abstract, _ = train.abstract_train_state(work.init_params, optax.adamw(1e-4), shd.make_mesh(spec, devices))
-  return _state_bytes(abstract)
+def _recount_conv_flops(ins, shape_of) -> tuple[float, bool]:
+  """`ops.matmul_flops` with a convolution counted tap by tap: libtpu writes batched matmuls and projections
+  as convolutions whose windows span batch or feature dims (attention's [batch, heads] with `lhs_dilate`
+  equal to the window, QKV's [3, heads] as a window over padding), where one tap per output meets data;
+  the plain count multiplies by the whole window (x6,144 for ViT-B/16's 512 x 12 at 512 images a device)."""
+  flops, bf16 = _MATMUL_FLOPS(ins, shape_of)
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+  if ins.op != "convolution" or not flops or not labels or len(ins.operands) < 2:
+    return flops, bf16
+  shapes = [arrays(t) for t in (shape_of(ins.operands[0]), shape_of(ins.operands[1]), ins.type)]
+  if not all(shapes):
+    return flops, bf16
+  lhs, rhs, out = (a[0][1] for a in shapes)
+  lhs_l, rhs_l, out_l = labels.groups()
+  window = re.search(r"window=\{([^}]*)\}", ins.attrs)
+  fields = dict(f.split("=", 1) for f in window.group(1).split() if "=" in f) if window else {}
+
+  def field(name: str, n: int, default: int) -> list:
+    text = fields.get(name)
+    return [default] * n if not text else text.split("x")
+
+  digits = [c for c in out_l if c.isdigit()]
+  n = len(digits)
+  strides = field("stride", n, 1)
+  pads, lhs_ds, rhs_ds = field("pad", n, "0_0"), field("lhs_dilate", n, 1), field("rhs_dilate", n, 1)
+  taps = 1
+  for j, d in enumerate(sorted(digits)):
+    lo = int(str(pads[j]).split("_")[0])
+    taps *= _taps(
+      lhs[lhs_l.index(d)], rhs[rhs_l.index(d)], out[out_l.index(d)], int(strides[j]), lo, int(lhs_ds[j]), int(rhs_ds[j])
+    )
+  return 2.0 * out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")] * taps, bf16
 
 
-def plan(work: Workload, spec: str, devices) -> dict:
-  """Lowers and compiles `work`'s train step on mesh `spec`; what each device would hold and do."""
-  mesh = shd.make_mesh(spec, devices)
-  tx = optax.adamw(1e-4, weight_decay=0.1)
-  t0 = time.perf_counter()
-  abstract, shardings = train.abstract_train_state(work.init_params, tx, mesh)
-  step = train.make_train_step(work.loss_fn_for(mesh), tx, mesh, shardings, compute_dtype=jnp.bfloat16)
-  batch = {k: _sds(shape, dtype, mesh) for k, (shape, dtype) in work.batch.items()}
-  lowered = step.lower(abstract, batch)
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
-  memory = compiled.memory_analysis()
-  n = len(devices)
-  flops = profiling.step_flops(lowered)
-  collectives = profiling.hlo_collective_bytes(compiled.as_text())
-  return {
-    "model": work.name,
-    "mesh": spec,
-    "devices": n,
-    "state_gib": _state_bytes(abstract) / GiB,
-    "args_gib": memory.argument_size_in_bytes / GiB,
-    "temp_gib": memory.temp_size_in_bytes / GiB,
-    "peak_gib": (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes) / GiB
-    + memory.temp_size_in_bytes / GiB,
-    "tflops_per_device": (flops or 0.0) / n / 1e12,
-    "collective_gib": {k: v / GiB for k, v in sorted(collectives.items())},
-    "lower_s": t1 - t0,
-    "compile_s": t2 - t1,
-  }
+def _stepped_trip_count(ins, comps) -> int:
+  """`analysis._trip_count`, divided by the loop counter's step when the count is a guess from the
+  condition's constant: libtpu's windowed einsum loops (FSDP's all-gather / reduce-scatter matmuls) are
+  unrolled twice and count 0, 2, ... < 4, which the plain guess takes for 4 trips."""
+  n = _TRIP_COUNT(ins, comps)
+  if re.search(r'"known_trip_count"', ins.attrs):
+    return n
+  cond = re.search(r"\bcondition=%?([\w.\-]+)", ins.attrs)
+  body = re.search(r"\bbody=%?([\w.\-]+)", ins.attrs)
+  cond_ops, body_ops = comps.get(cond.group(1) if cond else "", []), comps.get(body.group(1) if body else "", [])
+  by_name = {i.name: i for i in cond_ops}
+  compare = next((i for i in cond_ops if i.op == "compare"), None)
+  counter = next((by_name.get(o) for o in (compare.operands if compare else []) if o in by_name), None)
+  index = (
+    re.search(r"index=(\d+)", counter.attrs) if counter is not None and counter.op == "get-tuple-element" else None
+  )
+  if not index or not body_ops or body_ops[-1].op != "tuple" or len(body_ops[-1].operands) <= int(index.group(1)):
+    return n
+  body_by = {i.name: i for i in body_ops}
+  update = body_by.get(body_ops[-1].operands[int(index.group(1))])
+  if update is None or update.op != "add":
+    return n
+  steps = [body_by[o].operands[0] for o in update.operands if o in body_by and body_by[o].op == "constant"]
+  step = int(steps[0]) if steps and steps[0].lstrip("-").isdigit() else 1
+  return -(-n // step) if step > 1 else n
 
 
-def loss_plan(batch: int, devices, impl: str, dim: int = 512) -> dict:
-  """Temporaries of the contrastive loss's forward + backward alone on `[batch, dim]` embeddings."""
-  mesh = shd.make_mesh("data:-1", devices)
+def recount_flops(plan: dict, text: str, target) -> None:
+  """Adds `*_recounted` fields to a TPU plan: the executed TFLOP, their bf16 share and the roofline step time,
+  counted as `plan_compiled` counts them but for convolutions (`_recount_conv_flops`) and stepped loop
+  counters (`_stepped_trip_count`). libtpu 0.0.42.1's ViT-B/16 step: 15,300 TFLOP a device by the plain
+  count, 62.85 recounted, 62.83 in the program as written."""
+  analysis.matmul_flops, analysis._trip_count = _recount_conv_flops, _stepped_trip_count
+  try:
+    totals = analysis.analyze(text)
+  finally:
+    analysis.matmul_flops, analysis._trip_count = _MATMUL_FLOPS, _TRIP_COUNT
+  plan["tflops_per_device_recounted"] = totals.flops / 1e12
+  plan["bf16_flop_fraction_recounted"] = totals.bf16_flops / totals.flops if totals.flops else None
+  compute_s = totals.flops / target.peak_bf16_flops  # a TPU: every FLOP at the peak, as plan_compiled
+  plan["hbm_gib_accessed_recounted"] = totals.hbm_bytes / GiB
+  plan["collective_gib_recounted"] = {k: v / GiB for k, v in sorted(totals.collective_bytes().items())}
+  plan["step_s_lower_bound_recounted"] = max(compute_s, totals.hbm_bytes / target.hbm_bandwidth)
+
+
+def compile_plan(lowered, target, model_tflops: float | None = None) -> dict:
+  """The target compiler's plan of a lowered step (libtpu's refusal for memory is a plan too)."""
+  started = time.perf_counter()
+  if target.platform == "cpu":
+    compiled, options, oom = lowered.compile(), {}, ""
+  else:
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # a compile-only executable cannot be cached
+    try:
+      compiled, options, oom = targets.compile_lowered(lowered, target)
+    finally:
+      jax.config.update("jax_enable_compilation_cache", cache)
+  kwargs = {"compute_dtype": "bfloat16", "compile_s": time.perf_counter() - started}
+  if compiled is None:
+    plan = targets.plan_out_of_memory(lowered, target, oom, **kwargs)
+  else:
+    plan = targets.plan_compiled(lowered, compiled, target, **kwargs)
+  plan["compiler_options"] = options or {}
+  if compiled is not None and target.platform == "tpu":
+    recount_flops(plan, compiled.as_text(), target)
+  step_s = plan.get("step_s_lower_bound_recounted", plan.get("step_s_lower_bound"))
+  model = model_tflops if model_tflops is not None else plan.get("model_tflops_per_device")
+  plan["mfu_bound"] = model * 1e12 / (step_s * target.peak_bf16_flops) if step_s and model else None
+  if target.platform == "cpu":
+    plan.update(fits=None, hbm_gib=None, reserve_gib=None, step_s_lower_bound=None, mfu_bound=None)
+  return plan
+
+
+def plan_row(work: Workload, target, spec: str, batch: int) -> dict:
+  mesh = mesh_of(target, spec)
+  started = time.perf_counter()
+  lowered = work.lower(batch, mesh)
+  lower_s = time.perf_counter() - started
+  model = None
+  if work.plain_lower is not None:  # MFU counts the model's FLOPs, not remat's recomputation
+    plain = work.plain_lower(batch, mesh).as_text(dialect="hlo")
+    model = analysis.analyze(plain).flops / target.n_devices / 1e12
+  plan = compile_plan(lowered, target, model)
+  plan["model_tflops_no_remat"] = model
+  plan.update(model=work.name, mesh_spec=spec, mesh=dict(mesh.shape), batch_size=batch, lower_s=lower_s)
+  plan["per_device_batch"] = batch // shd.data_parallel_size(mesh)
+  plan["compiler"] = version(target)
+  return plan
+
+
+def max_batch_row(work: Workload, target, spec: str) -> dict:
+  """The largest global batch of `work` that fits (a multiple of the data-parallel size), its plan, the search."""
+  mesh = mesh_of(target, spec)
+  dp = shd.data_parallel_size(mesh)
+  best, tried = planning.largest_batch(lambda b: plan_row(work, target, spec, b), dp, start=work.batch)
+  plan = next((p for p in tried if p["batch_size"] == best), dict(tried[-1], batch_size=0, fits=False))
+  plan = dict(plan, max_batch=best, max_batch_per_device=best // dp)
+  plan["max_batch_search"] = [
+    {"batch_size": p["batch_size"], "peak_gib": p["peak_gib"], "fits": p["fits"]} for p in tried
+  ]
+  return plan
+
+
+# ---------------------------------------------------------------------------------------------- the ratios
+
+
+def vit_l_state_bytes(target, spec: str) -> int:
+  """Per-device parameter + optimizer bytes of the CLIP experiment's ViT-L/14 on `spec` (shardings only)."""
+  from multimodal_jax.clip import weights as clip_weights
+  from multimodal_jax.clip.run import build
+
+  config = clip_config("ViT-L-14", 32768, spec, "chunked")
+  _, _, init_params = build(config)
+  tx, _ = train.make_optimizer(config, freeze_aliases=clip_weights.FREEZE_ALIASES)
+  abstract, _ = train.abstract_train_state(init_params, tx, mesh_of(target, spec))
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract)
+  )
+
+
+def loss_plan(target, batch: int, impl: str, dim: int = 512) -> dict:
+  """Temporaries of the contrastive loss's forward + backward alone on `[batch, dim]` embeddings (data:-1)."""
+  mesh = mesh_of(target, "data:-1")
   loss = losses.clip_softmax_loss_chunked if impl == "chunked" else losses.clip_softmax_loss_gathered
 
   def f(img, txt, scale):
     return jax.value_and_grad(lambda i, t: loss(i, t, scale, mesh, shd.BATCH_AXES), argnums=(0, 1))(img, txt)
 
-  emb = _sds((batch, dim), jnp.float32, mesh)
-  t0 = time.perf_counter()
-  compiled = jax.jit(f).lower(emb, emb, jax.ShapeDtypeStruct((), jnp.float32)).compile()
-  memory = compiled.memory_analysis()
-  return {
-    "impl": impl,
-    "batch": batch,
-    "devices": len(devices),
-    "temp_mib": memory.temp_size_in_bytes / 2**20,
-    "compile_s": time.perf_counter() - t0,
-  }
+  emb = jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=shd.batch_sharding(mesh, 2))
+  lowered = jax.jit(f).lower(emb, emb, jax.ShapeDtypeStruct((), jnp.float32))
+  plan = compile_plan(lowered, target)
+  keep = ("target", "temp_gib", "peak_gib", "collective_gib", "compile_s")
+  return {"impl": impl, "batch": batch, "compiler": version(target), **{k: plan.get(k) for k in keep}}
 
 
-def depth_plan(layers: int, scanned: bool) -> dict:
-  """Compile time of a ViT-B/16 image tower's forward + backward (batch 8, float32, one device) at a depth."""
-  from multimodal_jax.layers import Transformer, TransformerOptions
-
-  model = Transformer(layers, 12, options=TransformerOptions(unroll=1 if scanned else True, attention="xla"))
-  x = jax.ShapeDtypeStruct((8, 197, 768), jnp.float32)
-  params = jax.eval_shape(model.init, jax.random.key(0), x)
-  t0 = time.perf_counter()
-  jax.jit(jax.grad(lambda p, x: model.apply(p, x).sum())).lower(params, x).compile()
-  return {"layers": layers, "scanned": scanned, "compile_s": time.perf_counter() - t0}
+# ---------------------------------------------------------------------------------------------- output
 
 
-def cpu_name() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-  except OSError:
-    out = ""
-  fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-  model = fields.get("Model name", platform.processor() or "unknown CPU").strip()
-  return f"{model}, {os.cpu_count()} CPUs, {platform.machine()}"
+def _fmt_collectives(c: dict | None) -> str:
+  short = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A"}
+  short["collective-permute"] = "CP"
+  return " ".join(f"{short.get(k, k)} {v:.2f}" for k, v in (c or {}).items() if v >= 0.005) or "-"
 
 
-def _fmt_collectives(c: dict) -> str:
-  short = {
-    "all-gather": "AG",
-    "reduce-scatter": "RS",
-    "all-reduce": "AR",
-    "all-to-all": "A2A",
-    "collective-permute": "CP",
-  }
-  return " ".join(f"{short[k]} {v:.2f}" for k, v in c.items() if v >= 0.005) or "-"
+def _f(value, form: str) -> str:
+  return "-" if value is None else form.format(value)
+
+
+def _u(r: dict, key: str):
+  """A TPU row's FLOP figure with convolutions counted tap by tap (`_recount_conv_flops`), else the plan's own."""
+  return r.get(f"{key}_recounted", r.get(key))
+
+
+COLUMNS = (
+  ("target", 14, lambda r: r["target"]),
+  ("model", 30, lambda r: r["model"]),
+  ("mesh", 14, lambda r: r["mesh_spec"]),
+  ("batch", 6, lambda r: str(r["batch_size"])),
+  ("/dev", 5, lambda r: str(r["per_device_batch"])),
+  ("peak", 7, lambda r: _f(r["peak_gib"], "{:.2f}")),
+  ("temp", 7, lambda r: _f(r["temp_gib"], "{:.2f}")),
+  ("state", 6, lambda r: _f(r["state_gib"], "{:.2f}")),
+  ("fits", 5, lambda r: str(r["fits"])),
+  ("attention", 9, lambda r: str(r["attention"])),
+  ("bf16", 5, lambda r: _f(_u(r, "bf16_flop_fraction"), "{:.3f}")),
+  ("TFLOP", 7, lambda r: _f(_u(r, "tflops_per_device"), "{:.2f}")),
+  ("step s", 7, lambda r: _f(_u(r, "step_s_lower_bound"), "{:.3f}")),
+  ("MFU<=", 5, lambda r: _f(r["mfu_bound"], "{:.2f}")),
+  ("comp s", 6, lambda r: _f(r["compile_s"], "{:.0f}")),
+)
 
 
 def print_header() -> None:
   print(
-    f"{'model':<30} | {'mesh':<16} | {'state GiB':>9} | {'args GiB':>8} | {'temp GiB':>8} | {'peak GiB':>8} | "
-    f"{'TFLOP/dev':>9} | {'compile s':>9} | collectives GiB/dev"
+    "\nper device; GiB; peak = arguments + outputs - donated + temporaries; TFLOP executed per step; step s: the "
+    "roofline lower bound; MFU<=: model FLOPs / (step s * peak); AG/RS/AR/A2A/CP: collective GiB",
+    flush=True,
   )
+  print(" | ".join(f"{name:>{w}}" for name, w, _ in COLUMNS) + " | collectives GiB | compiler", flush=True)
 
 
 def print_row(r: dict) -> None:
-  mesh = f"{r['mesh']} ({r['devices']})"
-  print(
-    f"{r['model']:<30} | {mesh:<16} | {r['state_gib']:>9.3f} | {r['args_gib']:>8.2f} | "
-    f"{r['temp_gib']:>8.2f} | {r['peak_gib']:>8.2f} | {r['tflops_per_device']:>9.2f} | {r['compile_s']:>9.1f} | "
-    f"{_fmt_collectives(r['collective_gib'])}",
-    flush=True,
-  )
+  cells = " | ".join(f"{get(r):>{w}}" for _, w, get in COLUMNS)
+  print(f"{cells} | {_fmt_collectives(_u(r, 'collective_gib'))} | {r['compiler']}", flush=True)
+
+
+def _remat_value(text: str):
+  """A `--remat` word: none|full|dots|dots_no_batch (true / false: full / none)."""
+  return {"false": "none", "true": "full"}.get(text.lower(), text)
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="ViT-L/14 on data:64 and fsdp:64 and the loss plan only")
+  parser.add_argument("--target", action="append", help="tpu:v5p, gpu:h100, a slice (gpu:h100:8) or cpu; repeatable")
+  parser.add_argument("--only", default="", help="comma list: keep the rows whose model contains one (ViT-L-14,DiT)")
+  parser.add_argument("--meshes", default="", help="';'-separated mesh specs to keep (e.g. 'fsdp:64')")
+  parser.add_argument("--devices", default="", help="comma list of row sizes to keep (8, 64)")
+  parser.add_argument("--batch", type=int, default=0, help="override every kept row's global batch")
   parser.add_argument(
-    "--only", default="", help="comma list: keep the models whose name contains one (e.g. DiT,AVDCNN)"
+    "--remat", default="none", help="comma list of CLIP remat policies (none,full,dots,dots_no_batch)"
   )
-  parser.add_argument("--meshes", default="", help="';'-separated mesh specs to keep (e.g. 'data:-1;fsdp:64')")
-  parser.add_argument(
-    "--rows-only", action="store_true", help="the model/mesh rows only: skip the loss and depth tables and the checks"
-  )
+  parser.add_argument("--max-batch", action="store_true", help="search each row's largest batch that fits")
+  parser.add_argument("--rows-only", action="store_true", help="skip the ratios")
+  parser.add_argument("--ratios-only", action="store_true", help="the two JSON ratios only")
+  parser.add_argument("--jsonl", default="", help="append every row and the ratios to this file as they finish")
   args = parser.parse_args(argv)
-  devices = jax.devices()
-  if len(devices) < DEVICES:
-    raise SystemExit(f"needs {DEVICES} devices, JAX has {len(devices)}: run it as python -m benchmarks.scale")
   started = time.perf_counter()
-  print(f"compiled on {cpu_name()}; jax {jax.__version__}; {len(devices)} simulated devices", flush=True)
+  by_size = resolve_targets(args.target or DEFAULT_TARGETS)
+
+  def record(obj: dict) -> None:
+    if args.jsonl:
+      with open(args.jsonl, "a") as f:
+        f.write(json.dumps(obj, default=float) + "\n")
 
   rows: list[dict] = []
-  vit_l = clip_workload("ViT-L-14", 32768)
-  if args.quick:
-    jobs = [(vit_l, "data:-1", devices), (vit_l, "fsdp:64", devices)]
-  else:
-    jobs = [(vit_l, spec, devices) for spec in MESHES_64]
-    jobs += [(clip_workload("ViT-L-14", 32768, remat=True), "fsdp:64", devices)]
-    vit_b = clip_workload("ViT-B-16", 32768)
-    jobs += [(vit_b, spec, devices) for spec in MESHES_64]
-    jobs += [(clip_workload("ViT-B-16", 32768, "gathered"), "fsdp:64", devices)]
-    jobs += [(clip_workload("ViT-B-16", 4096), spec, devices[:8]) for spec in MESHES_8]
-    for work in (dit_workload(), avdcnn_workload()):
-      jobs += [(work, spec, devices) for spec in MESHES_64]
-      jobs += [(work, spec, devices[:8]) for spec in MESHES_8]
-  keep = [k.strip() for k in args.only.split(",") if k.strip()]
-  meshes = [m.strip() for m in args.meshes.split(";") if m.strip()]
-  jobs = [
-    (w, spec, d) for w, spec, d in jobs if (not keep or any(k in w.name for k in keep)) and spec in (meshes or [spec])
-  ]
-  print(
-    "\nper device; peak = arguments + outputs - donated + temporaries; AG/RS/AR/A2A/CP: all-gather, "
-    "reduce-scatter, all-reduce, all-to-all, collective-permute"
-  )
-  print_header()
-  for work, spec, devs in jobs:
-    rows.append(plan(work, spec, devs))
-    print_row(rows[-1])
-  if args.rows_only:
-    print(
-      json.dumps({"cpu": cpu_name(), "seconds": round(time.perf_counter() - started, 1), "rows": rows}, default=float)
-    )
-    return
-  state = {spec: state_bytes(vit_l, spec, devices) for spec in ("data:-1", "fsdp:64")}  # shapes only, no compile
-
-  print("\ncontrastive loss alone (forward + backward, [batch, 512] float32 embeddings, mesh data:-1), per device")
-  print(f"{'batch':>6} | {'devices':>7} | {'gathered temp MiB':>17} | {'chunked temp MiB':>16} | ratio")
-  loss_rows = []
-  sizes = [(512 * n, n) for n in (8, 16, 32, 64)] + [(8192, 64), (16384, 64)]
-  for batch, n in sorted(set(sizes)):
-    pair = {impl: loss_plan(batch, devices[:n], impl) for impl in ("gathered", "chunked")}
-    loss_rows += list(pair.values())
-    g, c = pair["gathered"]["temp_mib"], pair["chunked"]["temp_mib"]
-    print(f"{batch:>6} | {n:>7} | {g:>17.1f} | {c:>16.1f} | {c / g:.4f}", flush=True)
-  at_32k = {r["impl"]: r["temp_mib"] for r in loss_rows if r["batch"] == 32768 and r["devices"] == 64}
-
-  depth_rows = []
-  if not args.quick:
-    print("\ncompile time of a ViT-B/16 tower's forward + backward against depth (batch 8, one device)")
-    print(f"{'layers':>6} | {'scanned s':>9} | {'unrolled s':>10}")
-    for layers in (6, 12, 24):
-      pair = [depth_plan(layers, scanned) for scanned in (True, False)]
-      depth_rows += pair
-      print(f"{layers:>6} | {pair[0]['compile_s']:>9.1f} | {pair[1]['compile_s']:>10.1f}", flush=True)
-
-  result = {
-    "state_ratio_fsdp64": state["fsdp:64"] / state["data:-1"],
-    "loss_temp_ratio_32k": at_32k["chunked"] / at_32k["gathered"],
-    "cpu": cpu_name(),
-    "seconds": round(time.perf_counter() - started, 1),
-    "rows": rows,
-    "loss": loss_rows,
-    "depth": depth_rows,
-  }
-  print(json.dumps(result, default=float))
+  if not args.ratios_only:
+    keep = [k.strip() for k in args.only.split(",") if k.strip()]
+    meshes = [m.strip() for m in args.meshes.split(";") if m.strip()]
+    sizes = [int(s) for s in args.devices.split(",") if s.strip()]
+    remats = [_remat_value(r.strip()) for r in args.remat.split(",") if r.strip()]
+    works = [w for w in workloads(remats) if (not keep or any(k in w.name for k in keep))]
+    works = [w for w in works if not sizes or w.devices in sizes]
+    print_header()
+    for work in works:
+      for target in by_size.get(work.devices, []):
+        for spec in work.meshes:
+          if meshes and spec not in meshes:
+            continue
+          if args.batch:
+            work = dataclasses.replace(work, batch=args.batch)
+          row = max_batch_row(work, target, spec) if args.max_batch else plan_row(work, target, spec, work.batch)
+          rows.append(row)
+          record(row)
+          print_row(row)
+  result: dict = {}
+  if not args.rows_only:
+    big = (by_size.get(64) or [None])[0]
+    if big is None:
+      raise SystemExit("the ratios need a 64-device target (tpu:v5p:4x4x4, gpu:h100:8x8 or cpu)")
+    state = {spec: vit_l_state_bytes(big, spec) for spec in ("data:-1", "fsdp:64")}
+    pair = {impl: loss_plan(big, 32768, impl) for impl in ("gathered", "chunked")}
+    print(f"\nstate of ViT-L/14 per device on {big.text}: data:64 {state['data:-1'] / GiB:.3f} GiB, "
+          f"fsdp:64 {state['fsdp:64'] / GiB:.3f} GiB")  # fmt: skip
+    for p in pair.values():
+      print(f"contrastive loss alone at 32,768 on {big.text}, {p['impl']}: temporaries {p['temp_gib'] * 1024:.1f} MiB")
+    result = {
+      "state_ratio_fsdp64": state["fsdp:64"] / state["data:-1"],
+      "loss_temp_ratio_32k": pair["chunked"]["temp_gib"] / pair["gathered"]["temp_gib"],
+      "ratio_target": big.text,
+      "ratio_compiler": version(big),
+      "loss": list(pair.values()),
+    }
+    record(result)
+  print(json.dumps({**result, "seconds": round(time.perf_counter() - started, 1), "rows": rows}, default=float))
 
 
 if __name__ == "__main__":
