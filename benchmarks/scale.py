@@ -62,10 +62,8 @@ if __name__ == "__main__":
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
-import re
 import time
 import types
 from collections.abc import Callable
@@ -78,12 +76,10 @@ from multimodal_jax import planning, targets, train
 from multimodal_jax import sharding as shd
 from multimodal_jax.clip import losses
 from multimodal_jax.targets import analysis
-from multimodal_jax.targets.hlo import arrays
 
 GiB = 2**30
 FAMILIES = {"tpu:v5p": {8: "tpu:v5p:2x2x2", 64: "tpu:v5p:4x4x4"}, "gpu:h100": {8: "gpu:h100:8", 64: "gpu:h100:8x8"}}
 DEFAULT_TARGETS = ("tpu:v5p", "gpu:h100")
-_MATMUL_FLOPS, _TRIP_COUNT = analysis.matmul_flops, analysis._trip_count
 CPU_HBM = 96 * GiB  # no budget on a CPU: fits/roofline are dropped from CPU rows
 
 
@@ -240,87 +236,12 @@ def mesh_of(target, spec: str):
   return targets.target_mesh(target, spec)
 
 
-@functools.cache
-def _taps(n_in: int, k: int, n_out: int, stride: int, lo: int, lhs_d: int, rhs_d: int) -> int:
-  """(output position, window tap) pairs of one spatial dim whose tap meets input data, not padding or a
-  dilation hole."""
-  span = (n_in - 1) * lhs_d + 1
-  return sum(
-    1 for o in range(n_out) for t in range(k) if 0 <= (x := o * stride + t * rhs_d - lo) < span and x % lhs_d == 0
-  )
-
-
-def _recount_conv_flops(ins, shape_of) -> tuple[float, bool]:
-  """`ops.matmul_flops` with a convolution counted tap by tap: libtpu writes batched matmuls and projections
-  as convolutions whose windows span batch or feature dims (attention's [batch, heads] with `lhs_dilate`
-  equal to the window, QKV's [3, heads] as a window over padding), where one tap per output meets data;
-  the plain count multiplies by the whole window (x6,144 for ViT-B/16's 512 x 12 at 512 images a device)."""
-  flops, bf16 = _MATMUL_FLOPS(ins, shape_of)
-  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
-  if ins.op != "convolution" or not flops or not labels or len(ins.operands) < 2:
-    return flops, bf16
-  shapes = [arrays(t) for t in (shape_of(ins.operands[0]), shape_of(ins.operands[1]), ins.type)]
-  if not all(shapes):
-    return flops, bf16
-  lhs, rhs, out = (a[0][1] for a in shapes)
-  lhs_l, rhs_l, out_l = labels.groups()
-  window = re.search(r"window=\{([^}]*)\}", ins.attrs)
-  fields = dict(f.split("=", 1) for f in window.group(1).split() if "=" in f) if window else {}
-
-  def field(name: str, n: int, default: int) -> list:
-    text = fields.get(name)
-    return [default] * n if not text else text.split("x")
-
-  digits = [c for c in out_l if c.isdigit()]
-  n = len(digits)
-  strides = field("stride", n, 1)
-  pads, lhs_ds, rhs_ds = field("pad", n, "0_0"), field("lhs_dilate", n, 1), field("rhs_dilate", n, 1)
-  taps = 1
-  for j, d in enumerate(sorted(digits)):
-    lo = int(str(pads[j]).split("_")[0])
-    taps *= _taps(
-      lhs[lhs_l.index(d)], rhs[rhs_l.index(d)], out[out_l.index(d)], int(strides[j]), lo, int(lhs_ds[j]), int(rhs_ds[j])
-    )
-  return 2.0 * out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")] * taps, bf16
-
-
-def _stepped_trip_count(ins, comps) -> int:
-  """`analysis._trip_count`, divided by the loop counter's step when the count is a guess from the
-  condition's constant: libtpu's windowed einsum loops (FSDP's all-gather / reduce-scatter matmuls) are
-  unrolled twice and count 0, 2, ... < 4, which the plain guess takes for 4 trips."""
-  n = _TRIP_COUNT(ins, comps)
-  if re.search(r'"known_trip_count"', ins.attrs):
-    return n
-  cond = re.search(r"\bcondition=%?([\w.\-]+)", ins.attrs)
-  body = re.search(r"\bbody=%?([\w.\-]+)", ins.attrs)
-  cond_ops, body_ops = comps.get(cond.group(1) if cond else "", []), comps.get(body.group(1) if body else "", [])
-  by_name = {i.name: i for i in cond_ops}
-  compare = next((i for i in cond_ops if i.op == "compare"), None)
-  counter = next((by_name.get(o) for o in (compare.operands if compare else []) if o in by_name), None)
-  index = (
-    re.search(r"index=(\d+)", counter.attrs) if counter is not None and counter.op == "get-tuple-element" else None
-  )
-  if not index or not body_ops or body_ops[-1].op != "tuple" or len(body_ops[-1].operands) <= int(index.group(1)):
-    return n
-  body_by = {i.name: i for i in body_ops}
-  update = body_by.get(body_ops[-1].operands[int(index.group(1))])
-  if update is None or update.op != "add":
-    return n
-  steps = [body_by[o].operands[0] for o in update.operands if o in body_by and body_by[o].op == "constant"]
-  step = int(steps[0]) if steps and steps[0].lstrip("-").isdigit() else 1
-  return -(-n // step) if step > 1 else n
-
-
 def recount_flops(plan: dict, text: str, target) -> None:
   """Adds `*_recounted` fields to a TPU plan: the executed TFLOP, their bf16 share and the roofline step time,
   counted as `plan_compiled` counts them but for convolutions (`_recount_conv_flops`) and stepped loop
   counters (`_stepped_trip_count`). libtpu 0.0.42.1's ViT-B/16 step: 15,300 TFLOP a device by the plain
   count, 62.85 recounted, 62.83 in the program as written."""
-  analysis.matmul_flops, analysis._trip_count = _recount_conv_flops, _stepped_trip_count
-  try:
-    totals = analysis.analyze(text)
-  finally:
-    analysis.matmul_flops, analysis._trip_count = _MATMUL_FLOPS, _TRIP_COUNT
+  totals = analysis.analyze(text)  # targets now counts libtpu convolutions by taps and stepped loops
   plan["tflops_per_device_recounted"] = totals.flops / 1e12
   plan["bf16_flop_fraction_recounted"] = totals.bf16_flops / totals.flops if totals.flops else None
   compute_s = totals.flops / target.peak_bf16_flops  # a TPU: every FLOP at the peak, as plan_compiled
