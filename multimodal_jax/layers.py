@@ -167,35 +167,32 @@ ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
-def remat(module: type[nn.Module], policy: str | bool) -> type[nn.Module]:
-  """`module` wrapped for the REMAT_POLICIES name `policy` (True / False: "full" / "none", as configs
-  saved before the names existed say)."""
+def _checkpoint_policy(policy: str | bool):
+  """`(remat on?, jax.checkpoint policy)` of a REMAT_POLICIES name (True / False: "full" / "none", as
+  configs saved before the names existed say)."""
   policy = {True: "full", False: "none"}.get(policy, policy) if isinstance(policy, bool) else policy
-  if policy == "none":
-    return module
-  if policy == "full":
-    return nn.remat(module)
-  if policy == "dots":
-    return nn.remat(module, policy=jax.checkpoint_policies.checkpoint_dots)
-  if policy == "dots_no_batch":
-    return nn.remat(module, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  raise ValueError(f"remat={policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
+  policies = {
+    "none": (False, None),
+    "full": (True, None),
+    "dots": (True, jax.checkpoint_policies.checkpoint_dots),
+    "dots_no_batch": (True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+  }
+  if policy not in policies:
+    raise ValueError(f"remat={policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
+  return policies[policy]
+
+
+def remat(module: type[nn.Module], policy: str | bool) -> type[nn.Module]:
+  """`module` wrapped for the REMAT_POLICIES name `policy` (per block: a scanned layer)."""
+  on, checkpoint_policy = _checkpoint_policy(policy)
+  return nn.remat(module, policy=checkpoint_policy) if on else module
 
 
 def checkpointed(fn, policy: str | bool):
   """`fn` under `jax.checkpoint` with the REMAT_POLICIES name `policy`: remat at the granularity of a
   whole function (a shallow model's forward pass, where per-block remat would save little more)."""
-  policy = {True: "full", False: "none"}.get(policy, policy) if isinstance(policy, bool) else policy
-  if policy == "none":
-    return fn
-  policies = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  }
-  if policy not in policies:
-    raise ValueError(f"remat={policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
-  return jax.checkpoint(fn, policy=policies[policy])
+  on, checkpoint_policy = _checkpoint_policy(policy)
+  return jax.checkpoint(fn, policy=checkpoint_policy) if on else fn
 
 
 @dataclasses.dataclass(frozen=True)

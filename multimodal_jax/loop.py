@@ -33,7 +33,6 @@ from multimodal_jax.loop_config import (  # noqa: F401
   base_rules,
   batch_relation,
   check_batch,
-  mesh_platform,
   resolve_dtype,
 )
 
@@ -94,7 +93,7 @@ def fit(
   NonFiniteLossError (after keeping the last good checkpoint) if a step's loss is NaN/Inf.
   """
   cfg = LoopConfig.from_config(config, section)
-  cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, mesh_platform(mesh)))
+  cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, shd.mesh_platform(mesh)))
   config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   config_dict["dtype"] = cfg.dtype  # recorded resolved: evaluation uses what training did
   is_main = jax.process_index() == 0

@@ -39,12 +39,6 @@ def resolve_dtype(setting: str, platform: str) -> str:
   return "float32" if platform == "cpu" else "bfloat16"
 
 
-def mesh_platform(mesh: jax.sharding.Mesh) -> str:
-  """ "cpu", "gpu" or "tpu": the platform of a mesh's devices."""
-  platform = mesh.devices.flat[0].platform
-  return "gpu" if platform in ("cuda", "rocm") else platform
-
-
 # The loop's and the optimizer's keys, shared by every experiment, declared in `base_keys()`.
 # `SECTION_KEYS` may also live in a sub-config of their own (one per training stage, e.g.
 # `autoencoder.steps`); seed, mesh and dtype stay at the top.

@@ -51,14 +51,23 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 def current_platform() -> str:
   """The platform ("cpu", "gpu" or "tpu") of the mesh being traced for (the abstract mesh that
-  `jax.sharding.use_abstract_mesh` set: the train step sets it from its mesh), else JAX's default
-  backend. Backend choices in model code (attention kernels, CPU-only layouts) ask this, not
-  `jax.default_backend()`, so that a step compiled for compile-only TPU or GPU devices on a CPU host
-  is the step those devices would run."""
+  `jax.sharding.use_abstract_mesh` set: the train step sets it from its mesh), else that of this
+  process's devices. Backend choices in model code (attention kernels, CPU-only layouts) ask this, not
+  the process's default backend, so that a step compiled for compile-only TPU or GPU devices on a CPU
+  host is the step those devices would run."""
   mesh = jax.sharding.get_abstract_mesh()
   device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
-  platform = device.platform if device is not None else jax.default_backend()
+  return platform_name(device.platform if device is not None else jax.devices()[0].platform)
+
+
+def platform_name(platform: str) -> str:
+  """A device's platform as the choices above name it: "cpu", "gpu" (CUDA or ROCm) or "tpu"."""
   return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
+def mesh_platform(mesh: Mesh) -> str:
+  """The platform of a mesh's devices ("cpu", "gpu" or "tpu")."""
+  return platform_name(mesh.devices.flat[0].platform)
 
 
 class MeshSpecError(ValueError):

@@ -88,7 +88,11 @@ def run_train(config, workdir):
     init_params=init_params,
     tx=tx,
     train_data=GrainBatches(
-      source, config.batch_size, config.seed, transform=transform, workers=worker_count(config.data_workers)
+      source,
+      config.batch_size,
+      config.seed,
+      transform=transform,
+      workers=worker_count(config.data_workers, shd.mesh_platform(mesh)),
     ),
     eval_fn=eval_fn,
     learning_rate_fn=schedule,

@@ -42,13 +42,13 @@ class _RowGroups:
     return f"_RowGroups({self._source!r}, size={self._groups.shape[1]})"
 
 
-def worker_count(setting: int) -> int:
+def worker_count(setting: int, platform: str) -> int:
   """grain worker processes for `--config.data_workers=setting`; -1 (auto) is 0 when JAX computes
   on the CPU (the train step uses every core, and workers slowed it on 2 cores: docs/data.md),
   else half the host's cores up to 4, to decode and transform beside the accelerator's step."""
   if setting >= 0:
     return setting
-  if jax.default_backend() == "cpu":
+  if platform == "cpu":
     return 0
   return max(1, min(4, (os.cpu_count() or 2) // 2))
 

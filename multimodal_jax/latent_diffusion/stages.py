@@ -34,6 +34,7 @@ from multimodal_jax.latent_diffusion.data import load_image_set
 from multimodal_jax.latent_diffusion.dit import dit_config
 from multimodal_jax.latent_diffusion.prompt_encoder import ConditionedDenoiser
 from multimodal_jax.latent_diffusion.prompts import Prompts, check_clip_step, make_prompts
+from multimodal_jax.sharding import mesh_platform
 
 
 def autoencoder_model(config, dtype: str = "float32") -> akl.AutoencoderKL:
@@ -148,7 +149,7 @@ def train_autoencoder(config, workdir: str, mesh) -> None:
   latent scale factor of the final step."""
   ae_dir, _ = stage_dirs(workdir)
   section = config.autoencoder
-  model = autoencoder_model(config, loop.resolve_dtype(config.dtype, loop.mesh_platform(mesh)))
+  model = autoencoder_model(config, loop.resolve_dtype(config.dtype, mesh_platform(mesh)))
   tx, schedule = train.make_optimizer(section)
   loss_fn = autoencoder_loss_fn(model, section.kl_weight)
   images = load_image_set(config).limited(config.train_images).images
@@ -218,7 +219,7 @@ def train_denoiser(config, workdir: str, mesh) -> None:
     latent_mean=mean[index], latent_std=np.exp(0.5 * logvar)[index],
     prompt=np.asarray([row[c] for c in captions], np.int32), label=train_set.labels[index],
   )  # fmt: skip
-  model = denoiser_model(config, prompts, ae, loop.resolve_dtype(config.dtype, loop.mesh_platform(mesh)))
+  model = denoiser_model(config, prompts, ae, loop.resolve_dtype(config.dtype, mesh_platform(mesh)))
   tx, lr = train.make_optimizer(config.denoiser)
   saved = {**config.to_dict(), "autoencoder_step": ae_step}  # recorded with the denoiser
   if prompts.clip is not None:
