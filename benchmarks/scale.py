@@ -207,11 +207,12 @@ def max_batch_row(work: Workload, target, spec: str) -> dict:
 
 def vit_l_state_bytes(target, spec: str) -> int:
   """Per-device parameter + optimizer bytes of the CLIP experiment's ViT-L/14 on `spec` (shardings only)."""
+  from multimodal_jax.clip import settings as clip_settings
   from multimodal_jax.clip import weights as clip_weights
-  from multimodal_jax.clip.run import build
+  from multimodal_jax.clip.build import build
 
   config = clip_config("ViT-L-14", 32768, spec, "chunked")
-  _, _, init_params = build(config)
+  _, _, init_params = build(clip_settings.resolve(config))
   tx, _ = train.make_optimizer(config, freeze_aliases=clip_weights.FREEZE_ALIASES)
   abstract, _ = train.abstract_train_state(init_params, tx, mesh_of(target, spec))
   return sum(

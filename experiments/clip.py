@@ -10,7 +10,7 @@
   python -m experiments.clip --workdir /tmp/clip --config=my_config.py --config.steps=100   # a config file + a key
   python -m experiments.clip --help                               # every key: default, rule, help
 
-Empty (auto) keys resolve in multimodal_jax.clip.data. Evaluation of the embedded digits
+Empty (auto) keys resolve once, at the start of a run, into multimodal_jax.clip.settings.ClipSettings. Evaluation of the embedded digits
 (multimodal_jax.clip.evaluate): zero-shot accuracy with held-out templates, retrieval recall@k among the
 distinct test captions, a linear probe; of other sets multimodal_jax.clip.evaluate; both write
 WORKDIR/predictions.jsonl. Results: README.md and docs/results/clip.md.

@@ -118,6 +118,7 @@ def run(
       fixed = list(dict.fromkeys(file_keys + overridden_keys(overrides)))
       check_fixed_keys(saved_run(args.workdir), fixed, config, eval_keys, args.mode)
     if not planning:
+      distributed.cpu_without_accelerators()  # the [plan] extra's plugins stay quiet on a CPU host
       distributed.maybe_initialize()
     setup_compile_cache(config.get("compile_cache", ""))  # before anything compiles
     modes[args.mode](config, args.workdir)

@@ -10,9 +10,42 @@ several, and does nothing for a single process:
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import importlib.util
 import os
 
 import jax
+
+# Device nodes of the accelerators JAX's plugins drive: NVIDIA GPUs, AMD GPUs (ROCm), TPU v2-v5e
+# (/dev/accel*) and TPU v5p/v6e (/dev/vfio/N).
+ACCELERATOR_NODES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+ACCELERATOR_PLUGINS = ("libtpu", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13", "jax_plugins.xla_rocm")
+
+
+def cpu_without_accelerators() -> bool:
+  """Runs JAX on the CPU when the host has no accelerator device but an accelerator plugin is installed
+  (the `[plan]` extra's libtpu and CUDA plugin, for compiling to a target); returns whether it did. JAX
+  would otherwise start every installed plugin and print its failure (a CUDA traceback, libtpu's TPU
+  probing) above the run's own output. A JAX_PLATFORMS that is set is left alone; call it before the
+  backends start (importing JAX is fine)."""
+  if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+    return False
+  if any(glob.glob(pattern) for pattern in ACCELERATOR_NODES):
+    return False
+  if not any(_installed(name) for name in ACCELERATOR_PLUGINS):
+    return False
+  with contextlib.suppress(Exception):  # backends already started: nothing to change
+    jax.config.update("jax_platforms", "cpu")
+    return True
+  return False
+
+
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # the parent package (jax_plugins) is absent
+    return False
 
 
 def maybe_initialize() -> bool:

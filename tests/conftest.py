@@ -17,15 +17,19 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = " ".join(
-  [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
-).strip()
+if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit it
+  os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+  ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 SESSION_COMPILE_CACHE = os.environ.get("MMJ_TEST_COMPILE_CACHE", "").strip()
 if not SESSION_COMPILE_CACHE:
   SESSION_COMPILE_CACHE = tempfile.mkdtemp(prefix="mmj-test-jax-cache-")
   atexit.register(shutil.rmtree, SESSION_COMPILE_CACHE, ignore_errors=True)
+  # pytest-xdist's workers start after this module ran in the controller and inherit its environment:
+  # they share the controller's cache (JAX writes its entries atomically), which it removes at the end.
+  os.environ["MMJ_TEST_COMPILE_CACHE"] = SESSION_COMPILE_CACHE
 os.environ["MMJ_COMPILE_CACHE"] = SESSION_COMPILE_CACHE
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # JAX would read it at import: the caller's cache
 
@@ -33,8 +37,15 @@ from multimodal_jax import profiling  # after the flags above: it imports JAX
 
 profiling.setup_compile_cache(SESSION_COMPILE_CACHE)  # before the first test compiles anything ("off": stays off)
 
+import filelock
 import pytest
 from hypothesis import HealthCheck, settings
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (the default, pyproject.toml): one worker a core, at most 4. Every worker holds its own 8
+  simulated devices and compiles alone; more workers than that on a big host only add startup time."""
+  return max(1, min(4, len(os.sched_getaffinity(0))))
 
 # Property tests: few, reproducible examples by default (they are in the fast subset); no example
 # database in the tree. `pytest --hypothesis-profile=thorough` draws many fresh random examples.
@@ -48,17 +59,27 @@ settings.load_profile("fast")
 @pytest.fixture(scope="session")
 def session_data_dir(tmp_path_factory):
   """The one TFDS data dir of the session (MMJ_TEST_DATA_DIR reuses one): each embedded dataset is built
-  into it at most once, by the fixtures below, whichever test asks first."""
-  return os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
+  into it at most once, by the fixtures below, whichever test asks first. Under pytest-xdist the workers
+  share one, in the session's common temp dir (`_build` serialises the builds)."""
+  if os.environ.get("MMJ_TEST_DATA_DIR"):
+    return os.environ["MMJ_TEST_DATA_DIR"]
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    return str(tmp_path_factory.mktemp("tensorflow_datasets"))
+  path = tmp_path_factory.getbasetemp().parent / "tensorflow_datasets"
+  path.mkdir(exist_ok=True)
+  return str(path)
 
 
 def _build(load, data_dir, what, **kw):
+  """Builds (or, once built, loads) one embedded dataset into `data_dir`, one process at a time: another
+  xdist worker asking for the same data waits for the first build and then reads it."""
   from multimodal_jax.errors import MissingDataPackageError
 
-  try:
-    load(data_dir, **kw)
-  except MissingDataPackageError as e:
-    pytest.fail(f"{what} cannot be built: {e}", pytrace=False)
+  with filelock.FileLock(os.path.join(data_dir, f".build-{what.replace(' ', '_')}.lock")):
+    try:
+      load(data_dir, **kw)
+    except MissingDataPackageError as e:
+      pytest.fail(f"{what} cannot be built: {e}", pytrace=False)
   return data_dir
 
 

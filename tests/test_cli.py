@@ -170,6 +170,7 @@ def test_workdir_still_required(capsys):
 
 # Catches a library import (or a checkpoint save / restore from a notebook) replacing the process's
 # sys.unraisablehook / threading.excepthook or adding logging filters: only the command line may.
+@pytest.mark.slow
 def test_checkpoint_import_and_use_leave_process_hooks(tmp_path):
   code = textwrap.dedent(f"""
     import logging, sys, threading

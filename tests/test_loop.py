@@ -39,6 +39,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
   assert os.listdir(tmp_path / "full" / "tensorboard" / "metrics")
 
 
+@pytest.mark.slow
 def test_a_run_killed_between_checkpoints_logs_no_step_twice(tmp_path):
   _fit(tmp_path, steps=10, checkpoint_every=4)  # checkpoints at 4, 8, 10
   # Simulate a crash after step 10's log but before its checkpoint: drop checkpoint 10.

@@ -192,6 +192,7 @@ def test_accelerator_check_summary_of_a_run():
   assert ac.overrides("clip", 200) == ["--config.dtype=bfloat16", "--config.steps=200"]
 
 
+@pytest.mark.slow
 def test_fit_logs_tflops_and_writes_a_profile_for_its_window(tmp_path):
   import json
 

@@ -21,6 +21,7 @@ def _transformer_loss(policy):
   return loss, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", True])
 def test_remat_policies_keep_the_gradients(policy):
   # Catches a policy that changes the math (a dropped residual, a wrong checkpoint boundary), not just the memory.
@@ -31,6 +32,7 @@ def test_remat_policies_keep_the_gradients(policy):
                jax.grad(ref_loss)(params))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_full_remat_lowers_the_step_temporaries():
   # Catches a remat setting that is accepted but not applied (the same program compiled either way).
   def temps(policy):

@@ -213,6 +213,7 @@ def _check_fresh_and_flagged(proc: subprocess.CompletedProcess) -> dict[str, lis
   return found
 
 
+@pytest.mark.slow
 def test_the_control_is_compiled_and_flagged_even_where_the_callers_environment_would_hide_it(tmp_path, monkeypatch):
   # catches a subprocess environment inherited from the caller: a warm persistent cache there holds the
   # control (so it would load, not compile) and TF_CPP_MIN_LOG_LEVEL=2 drops warnings, yet it must be flagged

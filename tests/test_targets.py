@@ -49,6 +49,7 @@ def _compile_mlp(text):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", [TPU, GPU])
 def test_train_step_plan_matches_memory_analysis(text):
   # Catches: peak computed from the wrong fields (aliased donated params counted twice, temps left out),
@@ -226,6 +227,7 @@ def test_collectives_deduplicated_by_channel_and_counted_per_trip():
   assert totals.collective_bytes() == {"all-gather": 3 * 32 * 8 * 2}
 
 
+@pytest.mark.slow
 @needs_cuda
 def test_gpu_target_after_jax_started_without_the_cuda_plugin():
   # Catches: "topology not implemented for cuda" when JAX started before JAX_PLATFORMS or the CUDA

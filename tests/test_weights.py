@@ -22,6 +22,7 @@ def _initial(seed=3):
                                                is_leaf=lambda x: hasattr(x, "names")))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_frozen_params_are_bit_identical_and_have_no_moments(tmp_path):
   result = _fit(tmp_path, freeze="^hidden_0/")
   params, start = toy.params_of(result.state), _initial()
@@ -60,6 +61,7 @@ def test_weight_decay_mask_in_the_optimizer(mask, bias_moved_by_decay):
   assert (np.abs(updates["dense"]["bias"]).max() > 0) == bias_moved_by_decay
 
 
+@pytest.mark.slow
 def test_init_from_another_run_starts_at_step_zero_with_its_params(tmp_path):
   source = _fit(tmp_path / "source")  # checkpoints at steps 3 and 6
   mesh = shd.make_mesh("data:4,fsdp:2")
@@ -78,6 +80,7 @@ def test_init_from_another_run_starts_at_step_zero_with_its_params(tmp_path):
   assert not np.array_equal(want["out"]["kernel"], toy.params_of(source.state)["out"]["kernel"])  # not step 6
 
 
+@pytest.mark.slow
 def test_init_from_a_converter_is_sharded_and_checked(tmp_path):
   start = jax.tree.map(lambda x: x + 1.0, _initial())
   calls = []

@@ -1,6 +1,6 @@
 """CLIP's config: every key declared once in `KEYS` (default, rule, help, group), from which
 `get_config()` and `RULES` derive; `EVAL_KEYS` are the keys an evaluation may change. Empty (auto)
-keys resolve in `multimodal_jax.clip.data`."""
+keys resolve once per run, in `multimodal_jax.clip.settings` (`resolve` -> the frozen `ClipSettings`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from multimodal_jax import loop
 from multimodal_jax.attention import ATTENTION_IMPLEMENTATIONS
 from multimodal_jax.clip import data as cdata
 from multimodal_jax.clip import model as clip_model
+from multimodal_jax.clip.settings import tokenizer_rule
 from multimodal_jax.config import NON_NEGATIVE, POSITIVE, TEXT, Key, Rule, one_of
 from multimodal_jax.data import specs
 
@@ -59,7 +60,7 @@ KEYS = {
   "augment_shift": Key(3, NON_NEGATIVE, "random translation of training images by up to this many pixels", "data"),
   "tokenizer": Key(
     "",
-    Rule(cdata.tokenizer_rule, "words, clip_bpe or hf:PATH (a tokenizer.json), or empty"),
+    Rule(tokenizer_rule, "words, clip_bpe or hf:PATH (a tokenizer.json), or empty"),
     "words, clip_bpe or hf:PATH; empty: words for the embedded captions, clip_bpe otherwise",
     "model",
   ),

@@ -142,10 +142,11 @@ def evaluate_set(
   return scores, rows
 
 
-def evaluate(model, params, config, mesh, text_inputs, normalize, workdir: str | None = None) -> dict:
+def evaluate(model, params, config, settings, mesh, text_inputs, normalize, workdir: str | None = None) -> dict:
   """Zero-shot and retrieval scores of the run's eval set (the embedded digits' test split, with
-  the linear probe as before, or `--config.eval_dataset`); with `workdir`, its predictions.jsonl."""
-  size, chans = cdata.image_size(config), cdata.channels(config)
+  the linear probe as before, or `--config.eval_dataset`); with `workdir`, its predictions.jsonl.
+  `settings`: the run's `ClipSettings` (image size, channels, templates); `config` its eval keys."""
+  size, chans = settings.image_size, settings.channels
   encode_text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode_text))
   scale = float(jnp.minimum(jnp.exp(params["logit_scale"]), model.config.max_logit_scale))
   if not config.eval_dataset or config.eval_dataset in cdata.EMBEDDED:
@@ -157,13 +158,13 @@ def evaluate(model, params, config, mesh, text_inputs, normalize, workdir: str |
       for s in ("test", "train")
     }
     encode_texts = lambda texts: np.asarray(encode_text(params, jnp.asarray(text_inputs(texts))))
-    templates = cdata.templates_for(config) if config.templates else cd.HELD_OUT_TEMPLATES
+    templates = settings.zero_shot_templates(digits=True)
     scores = image_text_scores(splits.get, encode_texts, cd.CLASS_NAMES, templates, cd.TRAIN_TEMPLATES)
     classifier = zero_shot_classifier(encode_texts, cd.CLASS_NAMES, templates)
     img, _, labels, _ = splits["test"]
     rows = prediction_rows(labels, *zero_shot_predictions(img, classifier, scale))
   else:
-    source, class_names, paths, fields = cdata.eval_source(config)
+    source, class_names, paths, fields = cdata.eval_source(config, settings)
     encode = jax.jit(lambda p, b: model.apply({"params": p}, normalize(b["image"]), method=model.encode_image))
 
     def transform(record):
@@ -178,7 +179,7 @@ def evaluate(model, params, config, mesh, text_inputs, normalize, workdir: str |
       scale,
       labels=others.get("label"),
       class_names=class_names,
-      templates=cdata.templates_for(config),
+      templates=settings.zero_shot_templates(digits=False),
       captions=captions,
       paths=paths,
     )

@@ -11,9 +11,9 @@ import ml_collections
 import numpy as np
 
 from multimodal_jax import checkpoint
-from multimodal_jax.clip import data as clip_data
 from multimodal_jax.clip.build import make_init_params
 from multimodal_jax.clip.model import CLIP, ClipConfig
+from multimodal_jax.clip.settings import resolve
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import from_checkpoint
 from multimodal_jax.text.featurisers import CachedTextFeatures
@@ -84,6 +84,6 @@ def describe_run(config: ml_collections.ConfigDict):
       f"clip_workdir holds a CLIP run with text_tower={config.text_tower}, which has no token features: "
       "train one with the default text_tower=clip (python -m experiments.clip --workdir DIR)"
     )
-  model_config = clip_data.model_config(config)
-  tokenizer = clip_data.tokenizer_for(config)
-  return model_config, tokenizer, make_init_params(CLIP(model_config), config, tokenizer.encode)
+  settings = resolve(config)
+  tokenizer = settings.text_tokenizer()
+  return settings.model, tokenizer, make_init_params(CLIP(settings.model), settings, tokenizer.encode)

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 from multimodal_jax import sharding as shd
 from multimodal_jax import train
 from multimodal_jax.arrays import floating_dtype
-from multimodal_jax.clip import data as cdata
 from multimodal_jax.losses import softmax_cross_entropy
 
 # --- Contrastive losses (CLIP, SigLIP, pairwise) -------------------------------------------------------------------
@@ -336,9 +335,9 @@ def logit_scale_and_bias(config, params) -> tuple[jnp.ndarray, jnp.ndarray | Non
   return scale, params["logit_bias"] if config.init_logit_bias is not None else None
 
 
-def make_loss_fn(model, config, mesh, normalize=None) -> train.EmbeddingLoss:
-  """The contrastive loss of a batch `{"image": uint8, "text": ids}` (images normalized by `normalize`,
-  default the run's own `clip_data.normalization`, and randomly shifted), as a `train.EmbeddingLoss`.
+def make_loss_fn(model, config, mesh, normalize) -> train.EmbeddingLoss:
+  """The contrastive loss of a batch `{"image": uint8, "text": ids}` (images normalized by `normalize`, the
+  run's `ClipSettings.normalizer()`, and randomly shifted), as a `train.EmbeddingLoss`.
 
   `embed` gives the L2-normalized image and text embeddings `{"image", "text"}` `[b, embed_dim]`;
   `loss_from_embeddings` the softmax or sigmoid loss (`config.loss`, `config.loss_impl`) of all of
@@ -346,7 +345,6 @@ def make_loss_fn(model, config, mesh, normalize=None) -> train.EmbeddingLoss:
   the loss of the whole batch, every example a negative of every other, as without accumulation
   (open_clip's `--accum-freq`), and not the mean of each microbatch's own loss.
   """
-  normalize = normalize or cdata.make_normalizer(*cdata.normalization(config))
   axes = shd.BATCH_AXES
 
   def contrastive(img, txt, scale, bias):

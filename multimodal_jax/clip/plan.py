@@ -1,7 +1,7 @@
 """CLIP's steps for `--mode=plan` (`multimodal_jax.planning`): the train step exactly as `run_train`
-builds it (model, contrastive loss over the mesh, optimizer, accumulation, EMA), on abstract batches of
-the config's shapes. No data is read: the image normalization's values do not change the compiled step,
-so the plan uses a fixed one."""
+builds it (model, contrastive loss over the mesh, optimizer, accumulation, EMA, from the config's
+`clip.settings.resolve`), on abstract batches of the config's shapes. No data is read: the image
+normalization's values do not change the compiled step, so the plan uses a fixed one."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from multimodal_jax.clip import data as cdata
 from multimodal_jax.clip import weights as clip_weights
 from multimodal_jax.clip.build import build
 from multimodal_jax.clip.losses import make_loss_fn
+from multimodal_jax.clip.settings import resolve
 
 
 def plan_steps(config: Any, dtype: str) -> Sequence[planning.PlanStep]:
-  model, text_inputs, init_params = build(config)
-  size, chans = cdata.image_size(config), cdata.channels(config)
+  settings = resolve(config)
+  model, text_inputs, init_params = build(settings)
+  size, chans = settings.image_size, settings.channels
   text = np.asarray(text_inputs(["a"]))
   normalize = cdata.make_normalizer((0.5,) * chans, (0.5,) * chans)
 

@@ -126,10 +126,10 @@ def _numpy(value: Any) -> np.ndarray:
   return np.asarray(value)
 
 
-def load_diffusers_vae(path: str | os.PathLike) -> tuple[AutoencoderKLConfig, dict[str, Any]]:
-  """(config, params) from a diffusers AutoencoderKL folder (`save_pretrained`, or a pipeline's `vae/`),
-  or from a Hub name `hf-hub:ORG/NAME[@REVISION]` in the local Hugging Face cache: a VAE repo, or a
-  pipeline's `vae/` subfolder (`convert.hf_hub`, offline)."""
+def read_diffusers_vae_config(path: str | os.PathLike) -> tuple[AutoencoderKLConfig, str, str]:
+  """(config, folder, weights file) of a diffusers AutoencoderKL folder or Hub name, without reading the
+  weights: the checks a run makes before it loads any data. UserError for a missing folder, config.json or
+  weights file, and for a config.json that is not JSON."""
   from multimodal_jax.convert import hf_hub
 
   path = hf_hub.local_path(path, "diffusers_vae", "autoencoder_from")
@@ -147,6 +147,14 @@ def load_diffusers_vae(path: str | os.PathLike) -> tuple[AutoencoderKLConfig, di
   weights = next((os.path.join(path, w) for w in WEIGHT_FILES if os.path.isfile(os.path.join(path, w))), None)
   if weights is None:
     raise UserError(f"{path!r} has no {' or '.join(WEIGHT_FILES)}: the folder holds no AutoencoderKL weights")
+  return config, path, weights
+
+
+def load_diffusers_vae(path: str | os.PathLike) -> tuple[AutoencoderKLConfig, dict[str, Any]]:
+  """(config, params) from a diffusers AutoencoderKL folder (`save_pretrained`, or a pipeline's `vae/`),
+  or from a Hub name `hf-hub:ORG/NAME[@REVISION]` in the local Hugging Face cache: a VAE repo, or a
+  pipeline's `vae/` subfolder (`convert.hf_hub`, offline)."""
+  config, _, weights = read_diffusers_vae_config(path)
   if weights.endswith(".safetensors"):
     state_dict = torch_files.read_safetensors(weights)
   else:

@@ -15,7 +15,7 @@ from multimodal_jax.latent_diffusion import plan as latent_diffusion_plan
 from multimodal_jax.latent_diffusion.config import EVAL_KEYS, RELATIONS, RULES, STAGES, get_config, stage_dir
 from multimodal_jax.latent_diffusion.generate import run_eval, run_export, run_sample
 from multimodal_jax.latent_diffusion.prompts import make_prompts
-from multimodal_jax.latent_diffusion.stages import train_autoencoder, train_denoiser
+from multimodal_jax.latent_diffusion.stages import check_pretrained_vae, train_autoencoder, train_denoiser
 
 
 def run_train(config, workdir: str):
@@ -31,6 +31,7 @@ def run_train(config, workdir: str):
     if config.stage == "autoencoder":
       raise UserError("stage=autoencoder with autoencoder_from: the pretrained VAE is stage 1; train stage=denoiser")
     stages = stages[1:]
+    check_pretrained_vae(config)  # a bad folder fails before the data loads
   for name, fn in stages:
     if config.stage in ("all", name):
       start = time.time()

@@ -96,19 +96,30 @@ def make_schedule(config) -> diffusion.Schedule:
   return diffusion.make_schedule(config.schedule, config.num_train_timesteps)
 
 
-def pretrained_vae(config, mesh):
-  """`(model, params)` of `config.autoencoder_from` (`diffusers_vae:DIR`), params replicated on `mesh`;
-  UserError when it does not take `channels` or its downsampling does not divide `image_size`."""
-  from multimodal_jax.latent_diffusion.diffusers_vae import load_diffusers_vae
+def check_pretrained_vae(config, vae_config: akl.AutoencoderKLConfig | None = None) -> akl.AutoencoderKLConfig:
+  """The `AutoencoderKLConfig` of `config.autoencoder_from` (`diffusers_vae:DIR`), read from its config.json
+  alone (cheap: a run checks it before it loads any data); UserError when the folder is not a VAE, when the
+  VAE does not take `channels` or when its downsampling does not divide `image_size`."""
+  if vae_config is None:
+    from multimodal_jax.latent_diffusion.diffusers_vae import read_diffusers_vae_config
 
-  vae_config, params = load_diffusers_vae(source_path(config.autoencoder_from, "diffusers_vae"))
+    vae_config = read_diffusers_vae_config(source_path(config.autoencoder_from, "diffusers_vae"))[0]
   if vae_config.in_channels != config.channels or vae_config.out_channels != config.channels:
     raise UserError(
       f"{config.autoencoder_from} takes {vae_config.in_channels}-channel images and the data has "
       f"{config.channels}: set --config.channels={vae_config.in_channels}"
     )
-  model = akl.AutoencoderKL(vae_config)
-  latent_side(config, model)
+  latent_side(config, akl.AutoencoderKL(vae_config))
+  return vae_config
+
+
+def pretrained_vae(config, mesh):
+  """`(model, params)` of `config.autoencoder_from` (`diffusers_vae:DIR`), params replicated on `mesh`;
+  UserError as `check_pretrained_vae`, and when the weights do not fit the config."""
+  from multimodal_jax.latent_diffusion.diffusers_vae import load_diffusers_vae
+
+  vae_config, params = load_diffusers_vae(source_path(config.autoencoder_from, "diffusers_vae"))
+  model = akl.AutoencoderKL(check_pretrained_vae(config, vae_config))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return model, jax.device_put(params, replicated)
 

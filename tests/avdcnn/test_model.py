@@ -98,7 +98,11 @@ def test_av_width_differs_from_the_papers_2804():
 
 @pytest.mark.parametrize(
   "x_shape, kernel_shape",
-  [((3, 257, 5, 1), (12, 2, 1, 10)), ((3, 24, 80, 3), (15, 2, 3, 12)), ((2, 10, 79, 12), (7, 2, 12, 10))],
+  [
+    ((3, 257, 5, 1), (12, 2, 1, 10)),
+    pytest.param((3, 24, 80, 3), (15, 2, 3, 12), marks=pytest.mark.slow),
+    pytest.param((2, 10, 79, 12), (7, 2, 12, 10), marks=pytest.mark.slow),
+  ],
 )
 def test_banded_conv_equals_lax_conv_with_gradients(x_shape, kernel_shape):
   rng = np.random.default_rng(0)

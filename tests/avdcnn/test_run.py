@@ -224,16 +224,18 @@ def test_bad_enhance_directories_are_one_line(trained, av_speech_dir, tmp_path, 
   assert not (tmp_path / "out").exists()
 
 
-def test_bad_choices_are_one_line(tmp_path, av_speech_dir, capsys):
+def test_bad_choices_are_one_line(tmp_path, capsys):
+  # Catches a bad choice noticed only after the data is built or the workdir written (neither may exist).
   choices = [
     ("modalities", "visual", "--config.modalities=visual: expected one of"),
     ("fusion", "late", "--config.fusion=late: expected one of"),
     ("loss", "l1", "--config.loss=l1: expected one of"),
   ]
+  data_dir, workdir = tmp_path / "tfds", tmp_path / "run"
   for key, value, message in choices:
-    status, _, err = _run(capsys, tmp_path, av_speech_dir, f"--config.{key}={value}", *PULSE)
+    status, _, err = _run(capsys, workdir, data_dir, f"--config.{key}={value}", *PULSE)
     assert status == 2 and len(err) == 1 and message in err[0], err
-  assert not (tmp_path / "checkpoints").exists()
+  assert not workdir.exists() and not data_dir.exists()
 
 
 @pytest.mark.parametrize("own_noise", [False, True])

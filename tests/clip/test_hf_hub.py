@@ -227,6 +227,7 @@ def test_model_config_options_that_change_the_features_are_refused(tmp_path, cac
   _one_line(excinfo, f"{field}={value!r}", "open_clip_config.json")
 
 
+@pytest.mark.slow
 def test_model_config_options_that_keep_the_features_are_honoured(tmp_path, cache):
   # catches: refusing fields that change nothing here, or ignoring GELU's tanh form set by act_kwargs
   tanh = {"approximate": "tanh"}
@@ -356,11 +357,14 @@ def test_bare_hub_name_is_the_run_architecture(tmp_path, cache):
   # catches: a bare `init_from=hf-hub:ORG/NAME` of a CLIP run not taken as open_clip weights (the run would
   # train the preset from scratch, or read its architecture from the wrong place)
   from multimodal_jax.clip import config as clip_config
-  from multimodal_jax.clip import data as clip_data
+  from multimodal_jax.clip import settings as clip_settings
   from multimodal_jax.config import apply_overrides
 
   files, path = _open_clip_files(tmp_path)
   _cache_model(cache, "org/tiny-clip", files)
   config = apply_overrides(clip_config.get_config(), ["init_from=hf-hub:org/tiny-clip", "dataset=csv:x.tsv"])
-  assert clip_data.from_open_clip(config) and clip_data.model_name(config) == "init_from"
-  assert clip_data.base_model(config) == clip_weights.open_clip_architecture(str(path))
+  settings = clip_settings.resolve(config)
+  assert settings.from_open_clip and settings.model_name == "init_from" and settings.image_tower == "vit"
+  architecture = clip_weights.open_clip_architecture(str(path))
+  assert clip_weights.open_clip_architecture(settings.open_clip_file) == architecture
+  assert settings.model.vision == architecture.vision and settings.context_length == architecture.text.context_length

@@ -52,8 +52,12 @@ def _torch_clip(quick_gelu=False, vision_head_width=64, text_heads=2, seed=0):
 
 
 @functools.cache
+@functools.cache
 def _small_state_dict() -> dict:
-  params = CLIP(SMALL).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 16), jnp.int32))["params"]
+  """Built once a session (jitted init: eager Flax init of the two towers takes many seconds on CPU);
+  callers copy it before they edit it."""
+  init = jax.jit(lambda key: CLIP(SMALL).init(key, jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 16), jnp.int32)))
+  params = init(jax.random.key(0))["params"]
   unboxed = jax.tree.map(lambda b: b.value if hasattr(b, "names") else b, params, is_leaf=lambda x: hasattr(x, "names"))
   return convert.export_state_dict(unboxed, SMALL)
 
@@ -169,6 +173,7 @@ def test_openai_marker_entries_select_quick_gelu_and_are_ignored():
   assert cfg.activation == "quick_gelu"
 
 
+@pytest.mark.slow
 def test_logit_bias_is_imported():
   sd = _exported_state_dict()
   sd["logit_bias"] = np.float32(-10.0)

@@ -53,6 +53,7 @@ def test_export_then_import_is_the_identity(tmp_path, scan):
   jax.tree.map(np.testing.assert_array_equal, params2, jax.tree.map(np.asarray, params))
 
 
+@pytest.mark.slow
 def test_model_config_beside_the_weights_is_checked(tmp_path):
   params = _random_params(CFG)
   config_path = convert.save_open_clip(tmp_path / "m.safetensors", params, CFG)

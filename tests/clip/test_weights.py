@@ -93,6 +93,7 @@ def _our_predictions(params, cfg, folder, templates):
   return paths, (np.asarray(img) @ cls.T).argmax(-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["", "init_from"])
 def test_eval_of_imported_weights_needs_no_training(tmp_path, folder, weights, model, capsys):
   path, cfg, params = weights
@@ -126,6 +127,7 @@ def _eval_error(tmp_path, folder, source, *extra):
   return clip_run_mod.main([*args, *extra])
 
 
+@pytest.mark.slow
 def test_bad_sources_are_one_line(tmp_path, folder, weights, capsys):
   path = weights[0]
   cases = []
@@ -190,6 +192,7 @@ def test_lit_from_open_clip_weights_then_export_round_trip(tmp_path, weights, ca
   assert cfg_back.vision == cfg.vision and cfg_back.text == cfg.text
 
 
+@pytest.mark.slow
 def test_freeze_keeps_no_adam_moments_for_the_frozen_tower():
   config = clip_config.get_config()
   config.freeze = "image"
@@ -228,6 +231,7 @@ def test_export_refuses_what_open_clip_cannot_use(tmp_path, extra, needle, capsy
   assert len(err) == 1 and needle in err[0] and not out.exists()
 
 
+@pytest.mark.slow
 def test_open_clip_zero_shot_agrees(tmp_path, folder, weights):
   torch = pytest.importorskip("torch", reason="the parity extra (torch) is not installed")
   open_clip = pytest.importorskip("open_clip", reason="the parity extra (open_clip_torch) is not installed")

@@ -31,6 +31,7 @@ def _log_energy(clean: np.ndarray) -> np.ndarray:
   return np.log10(np.maximum(power, power.max() * 1e-6))
 
 
+@pytest.mark.slow
 def test_sizes_shapes_and_dtypes(examples):
   sizes = av_speech.CONFIGS["tiny"]
   assert len(examples["train"]) == sizes.train_synth + sizes.train_real
@@ -52,6 +53,7 @@ def test_sizes_shapes_and_dtypes(examples):
   assert any(ex["text"] for ex in examples["train"])
 
 
+@pytest.mark.slow
 def test_noisy_is_clean_plus_noise_at_the_labelled_snr(examples):
   for split in ("train", "test"):
     for ex in examples[split]:
@@ -63,6 +65,7 @@ def test_noisy_is_clean_plus_noise_at_the_labelled_snr(examples):
   assert {float(ex["snr"]) for ex in examples["train"]} <= set(av_speech.TRAIN_SNRS)
 
 
+@pytest.mark.slow
 def test_test_speakers_and_noises_are_unseen_in_training(examples):
   assert not set(noise_bank.TRAIN_NOISES) & set(noise_bank.TEST_NOISES)
   train_speakers = {ex["speaker"] for ex in examples["train"]}
@@ -77,6 +80,7 @@ def test_test_speakers_and_noises_are_unseen_in_training(examples):
   assert not set(av_speech.TRAIN_VARIANTS) & set(av_speech.TEST_VARIANTS)
 
 
+@pytest.mark.slow
 def test_rendered_lips_follow_the_speech(examples):
   recorded = [ex for ex in examples["train"] if not ex["speaker"].startswith("espeak/")]
   synthesised = [ex for ex in examples["train"] if ex["speaker"].startswith("espeak/")]

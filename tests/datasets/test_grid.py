@@ -69,6 +69,7 @@ def built(corpus, tmp_path_factory):
   return grid.load(str(root), str(tmp_path_factory.mktemp("tfds")), test_speakers=("s2",), noise_config="tiny")
 
 
+@pytest.mark.slow
 def test_fake_corpus_builds_with_av_speech_features(built):
   from multimodal_jax.datasets import av_speech, noise_bank
 
@@ -90,6 +91,7 @@ def test_fake_corpus_builds_with_av_speech_features(built):
   assert {built["test"][i]["noise"] for i in range(len(built["test"]))} == set(noise_bank.TEST_NOISES)
 
 
+@pytest.mark.slow
 def test_lips_are_the_mouth_box_at_50_fps(built, corpus):
   _, frames = corpus
   ex = next(built["train"][i] for i in range(2) if built["train"][i]["text"] == "bin blue")

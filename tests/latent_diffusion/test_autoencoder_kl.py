@@ -268,6 +268,7 @@ def test_unsupported_configs_are_refused_in_one_line(change, message):
   assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_images_of_the_wrong_size_are_refused(digits_model):
   model, params, _ = digits_model
   with pytest.raises(UserError, match="multiples of 2"):
@@ -292,6 +293,7 @@ def test_kl_divergence_matches_torch_and_diffusers():
   assert float(kl_divergence(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1)))[0]) == 0.0
 
 
+@pytest.mark.slow
 def test_posterior_sample_uses_the_rng(digits_model):
   model, params, x = digits_model
   run = jax.jit(lambda rng: model.apply({"params": params}, x[:2], sample_rng=rng)[0])

@@ -18,8 +18,8 @@ from multimodal_jax import sharding as shd
 from multimodal_jax.checkpoint import read_config
 from multimodal_jax.clip import build as clip_build
 from multimodal_jax.clip import config as clip_config
-from multimodal_jax.clip import data as clip_data
 from multimodal_jax.clip import model as clip_model
+from multimodal_jax.clip import settings as clip_settings
 from multimodal_jax.clip.features import ClipTokenFeatures, describe_run
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval import from_checkpoint
@@ -100,9 +100,10 @@ def test_clip_features_are_the_runs_own_text_tower(clip_dir):
   # The CLIP run's params restored on their own, through the CLIP experiment's eval path: its text
   # embeddings are these features at the end token, projected.
   config = from_checkpoint.saved_config(str(clip_dir), clip_config.get_config(), clip_config.EVAL_KEYS)
-  model = clip_model.CLIP(clip_data.model_config(config))
-  tokenizer = clip_data.tokenizer_for(config)
-  init = clip_build.make_init_params(model, config, tokenizer.encode)
+  settings = clip_settings.resolve(config)
+  model = clip_model.CLIP(settings.model)
+  tokenizer = settings.text_tokenizer()
+  init = clip_build.make_init_params(model, settings, tokenizer.encode)
   _, params = from_checkpoint.restore_params(str(clip_dir), init, mesh, ema=False)
   own = model.apply({"params": params}, jnp.asarray(tokenizer.encode(texts[:2])), False, method=model.encode_text)
   eot = mask.sum(axis=1)[:2] - 1

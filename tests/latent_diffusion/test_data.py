@@ -3,6 +3,7 @@ made in the test (captions from class names, held-out images, sizes and channels
 train / sample / eval on it, `autoencoder_from=diffusers_vae:DIR` and `--mode=export` as a round trip,
 and the one-line errors of bad VAE sources."""
 
+import dataclasses
 import json
 import os
 
@@ -20,7 +21,7 @@ from multimodal_jax.latent_diffusion import config as ld_config
 from multimodal_jax.latent_diffusion import data as ldd
 from multimodal_jax.latent_diffusion import run as ld_run
 from multimodal_jax.latent_diffusion import stages as ldr
-from multimodal_jax.latent_diffusion.diffusers_vae import load_diffusers_vae, save_diffusers_vae
+from multimodal_jax.latent_diffusion.diffusers_vae import diffusers_config, load_diffusers_vae, save_diffusers_vae
 from multimodal_jax.latent_diffusion.generate import Generator
 
 TINY = [
@@ -163,25 +164,43 @@ def test_pretrained_vae_replaces_stage_one_and_export_round_trips(tmp_path, caps
   assert again_config.shift_factor == 0.25 and _tree_equal(again_params, vae_params)
 
 
-def test_bad_vae_sources_are_one_line(tmp_path, capsys, captioned_dir):
-  data_dir = captioned_dir  # the session's, built before this test: its progress output is not part of the errors
-  capsys.readouterr()
-  empty = tmp_path / "empty"
+def test_bad_vae_folders_are_one_line_before_any_data_loads(tmp_path, capsys):
+  """A missing folder, one without config.json, one without weights, a VAE of the wrong channels and one whose
+  downsampling does not divide the image size: one line each, checked from config.json alone before the data
+  is built or anything is written. Catches a check moved back behind the data (the data dir would fill)."""
+  data_dir, workdir = tmp_path / "tfds", tmp_path / "w"
+  empty, no_weights, rgb, coarse = (tmp_path / n for n in ("empty", "no_weights", "rgb", "coarse"))
+  for folder, config in (
+    (no_weights, akl.PRESETS["small_f8"]),
+    (rgb, akl.PRESETS["small_f8"]),  # 3 channels; the digits have 1
+    (coarse, dataclasses.replace(akl.PRESETS["small_f8"], in_channels=1, out_channels=1, block_out_channels=(8,) * 7)),
+  ):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(diffusers_config(config)))
+    if folder != no_weights:
+      (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # never read by these checks
   empty.mkdir()
-  wrong = tmp_path / "wrong"  # weights of a 3-channel VAE under a config.json that says 1 channel
-  model = akl.AutoencoderKL(akl.PRESETS["small_f8"])
+  for source, message in (
+    (tmp_path / "missing", "no diffusers model folder"),
+    (empty, "has no config.json"),
+    (no_weights, "the folder holds no AutoencoderKL weights"),
+    (rgb, "set --config.channels=3"),
+    (coarse, "image_size"),
+  ):
+    status, _, err = _main(capsys, workdir, data_dir, *TINY, f"--config.autoencoder_from=diffusers_vae:{source}")
+    assert status == 2 and len(err) == 1 and message in err[0], (source, err)
+    assert not data_dir.exists() and not workdir.exists(), source
+
+
+@pytest.mark.slow
+def test_vae_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys, captioned_dir):
+  wrong = tmp_path / "wrong"  # a grey VAE's weights under a config.json with other widths
+  model = akl.AutoencoderKL(dataclasses.replace(akl.PRESETS["small_f8"], in_channels=1, out_channels=1))
   params = nn.meta.unbox(jax.jit(ldr.autoencoder_init(model))(jax.random.key(0)))
   save_diffusers_vae(wrong, jax.device_get(params), model.config)
   config = json.loads((wrong / "config.json").read_text())
   (wrong / "config.json").write_text(json.dumps({**config, "block_out_channels": [16, 32, 64, 128]}))
-  rgb = tmp_path / "rgb"
-  save_diffusers_vae(rgb, jax.device_get(params), model.config)
-  for source, message in (
-    (tmp_path / "missing", "no diffusers model folder"),
-    (empty, "has no config.json"),
-    (wrong, "does not fit the parameter"),
-    (rgb, "set --config.channels=3"),
-  ):
-    status, _, err = _main(capsys, tmp_path / "w", data_dir, *TINY, f"--config.autoencoder_from=diffusers_vae:{source}")
-    assert status == 2 and len(err) == 1 and message in err[0], err
-    assert not os.path.exists(tmp_path / "w" / "denoiser")
+  capsys.readouterr()  # the session data's build output is not part of the error
+  status, _, err = _main(capsys, tmp_path / "w", captioned_dir, *TINY, f"--config.autoencoder_from=diffusers_vae:{wrong}")
+  assert status == 2 and len(err) == 1 and "does not fit the parameter" in err[0], err
+  assert not os.path.exists(tmp_path / "w" / "denoiser")

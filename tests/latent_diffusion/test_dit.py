@@ -60,7 +60,12 @@ def test_presets_have_the_paper_sizes_and_output_shapes(preset):
 
 
 @pytest.mark.parametrize(
-  "overrides", [{}, {"patch_size": 1, "learn_sigma": True}, {"input_size": 8, "patch_size": 4, "remat": True}]
+  "overrides",
+  [
+    {},
+    pytest.param({"patch_size": 1, "learn_sigma": True}, marks=pytest.mark.slow),
+    pytest.param({"input_size": 8, "patch_size": 4, "remat": True}, marks=pytest.mark.slow),
+  ],
 )
 def test_small_variants_run_with_exact_shapes_and_zero_output_at_init(overrides):
   cfg = dataclasses.replace(SMALL, **overrides)
@@ -70,6 +75,7 @@ def test_small_variants_run_with_exact_shapes_and_zero_output_at_init(overrides)
   np.testing.assert_array_equal(out, 0.0)  # adaLN-zero and the zero output layer
 
 
+@pytest.mark.slow
 def test_tiny_preset_runs_on_8x8x4_latents():
   cfg = dit.dit_config("tiny")
   x, t, ctx, mask = _inputs(cfg, batch=2, length=8)
@@ -79,6 +85,7 @@ def test_tiny_preset_runs_on_8x8x4_latents():
   assert out.shape == (2, 8, 8, 4) and np.all(np.isfinite(out)) and np.abs(out).max() > 0
 
 
+@pytest.mark.slow
 def test_masked_context_tokens_have_no_effect_and_all_false_is_unconditional():
   cfg = SMALL
   x, t, ctx, mask = _inputs(cfg)

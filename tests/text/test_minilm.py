@@ -123,6 +123,7 @@ def reference_bert(state, cfg, ids, mask):
   return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_converted_params_match_model_and_reference(scan):
   cfg = dataclasses.replace(TINY, scan=scan)
@@ -160,6 +161,7 @@ def test_broken_state_dicts():
   np.testing.assert_array_equal(ok["layer_1"]["output"]["bias"], state["encoder.layer.1.output.dense.bias"])
 
 
+@pytest.mark.slow
 def test_text_tower_is_frozen_and_pools():
   params = minilm.convert_bert_state_dict(random_state_dict(TINY), TINY)
   ids = jnp.array([[2, 5, 7, 3, 0], [2, 9, 3, 0, 0]])
@@ -182,6 +184,7 @@ def test_text_tower_is_frozen_and_pools():
   assert any(jnp.abs(g).max() for g in jax.tree.leaves(trainable))
 
 
+@pytest.mark.slow
 def test_load_minilm_reads_a_sentence_transformers_folder(tmp_path):
   # catches load_minilm misreading a minilm:DIR folder (config.json's shape, the weights, its tokenizer.json);
   # runs without the minilm extra: the folder's tokenizer.json is built here
