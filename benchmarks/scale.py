@@ -146,21 +146,14 @@ def recount_flops(plan: dict, text: str, target) -> None:
 
 def compile_plan(lowered, target, model_tflops: float | None = None) -> dict:
   """The target compiler's plan of a lowered step (libtpu's refusal for memory is a plan too)."""
-  started = time.perf_counter()
-  if target.platform == "cpu":
-    compiled, options, oom = lowered.compile(), {}, ""
+  if target.platform == "cpu":  # compiled as usual: the compilation cache stays on
+    started = time.perf_counter()
+    compiled, options = lowered.compile(), {}
+    plan = targets.plan_compiled(
+      lowered, compiled, target, compute_dtype="bfloat16", compile_s=time.perf_counter() - started
+    )
   else:
-    cache = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)  # a compile-only executable cannot be cached
-    try:
-      compiled, options, oom = targets.compile_lowered(lowered, target)
-    finally:
-      jax.config.update("jax_enable_compilation_cache", cache)
-  kwargs = {"compute_dtype": "bfloat16", "compile_s": time.perf_counter() - started}
-  if compiled is None:
-    plan = targets.plan_out_of_memory(lowered, target, oom, **kwargs)
-  else:
-    plan = targets.plan_compiled(lowered, compiled, target, **kwargs)
+    plan, compiled, options = planning.plan_lowered(lowered, target, "bfloat16")
   plan["compiler_options"] = options or {}
   if compiled is not None and target.platform == "tpu":
     recount_flops(plan, compiled.as_text(), target)

@@ -88,23 +88,32 @@ def lower_train_step(
   return step.lower(state, batch)
 
 
-def _compile(step: PlanStep, batch: int, mesh, target, dtype: str) -> tuple[dict, Any]:
+def plan_lowered(lowered: Any, target: Any, dtype: str) -> tuple[dict, Any, dict | None]:
+  """`(plan, compiled, compiler options used)` of a step lowered on `target`'s mesh, compiled by its compiler
+  (`compiled` None and the plan `fits: False` when libtpu refused it for memory). JAX's persistent compilation
+  cache is off meanwhile: a compile-only executable cannot be cached. Shared with benchmarks/scale.py."""
   from multimodal_jax import targets
 
   started = time.perf_counter()
-  lowered = step.lower(batch, mesh)
-  lowered_at = time.perf_counter()
   cache = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)  # a compile-only executable cannot be cached
+  jax.config.update("jax_enable_compilation_cache", False)
   try:
     compiled, options, out_of_memory = targets.compile_lowered(lowered, target)
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)
-  kwargs = {"compute_dtype": dtype, "compile_s": time.perf_counter() - lowered_at}
+  kwargs = {"compute_dtype": dtype, "compile_s": time.perf_counter() - started}
   if compiled is None:
     plan = targets.plan_out_of_memory(lowered, target, out_of_memory, **kwargs)
   else:
     plan = targets.plan_compiled(lowered, compiled, target, **kwargs)
+  return plan, compiled, options
+
+
+def _compile(step: PlanStep, batch: int, mesh, target, dtype: str) -> tuple[dict, Any]:
+  started = time.perf_counter()
+  lowered = step.lower(batch, mesh)
+  lowered_at = time.perf_counter()
+  plan, compiled, options = plan_lowered(lowered, target, dtype)
   plan.update(step=step.name, batch_size=batch, lower_s=lowered_at - started, mesh=dict(mesh.shape))
   plan["compiler_options"] = options or {}
   return plan, compiled

@@ -205,15 +205,15 @@ def test_transformer_options_change_the_computation_not_the_function():
   assert abs(float(loss(tanh, params) - ref)) > 1e-3 * abs(float(ref))
 
 
-@pytest.mark.slow
 def test_transformer_dtype_option_computes_projections_in_that_dtype():
+  # Catches a dtype option that is dropped (b equal to a) or that changes the params' dtype or tree.
   x = jax.random.normal(jax.random.key(0), (2, 6, 32))
   f32 = layers.Transformer(2, 4)
   bf16 = layers.Transformer(2, 4, options=layers.TransformerOptions(dtype=jnp.bfloat16))
-  params = nn.meta.unbox(f32.init(jax.random.key(1), x))
-  bf16_params = nn.meta.unbox(bf16.init(jax.random.key(1), x))
+  params = nn.meta.unbox(jax.jit(f32.init)(jax.random.key(1), x))  # jitted: eager Flax is slow on CPU
+  bf16_params = nn.meta.unbox(jax.jit(bf16.init)(jax.random.key(1), x))
   assert jax.tree.structure(bf16_params) == jax.tree.structure(params)
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(bf16_params))
-  a, b = f32.apply(params, x), bf16.apply(params, x)
+  a, b = jax.jit(f32.apply)(params, x), jax.jit(bf16.apply)(params, x)
   np.testing.assert_allclose(b.astype(jnp.float32), a, atol=0.1)  # the same function, rounded to bfloat16
   assert not np.allclose(b.astype(jnp.float32), a, atol=1e-4)  # which it was

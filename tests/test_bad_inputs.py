@@ -265,6 +265,7 @@ def test_keep_checkpoints_cannot_delete_the_runs_checkpoints(runs, av_digits_dir
   assert checkpoint.saved_steps(str(workdir)) == steps == [2, 4]
 
 
+@pytest.mark.slow
 def test_damaged_tfds_data_is_one_line_naming_the_fix(av_digits_dir, tmp_path, capsys):
   copy = tmp_path / "tfds"
   shutil.copytree(os.path.join(av_digits_dir, "av_digits"), copy / "av_digits")

@@ -52,6 +52,7 @@ def test_a_run_killed_between_checkpoints_logs_no_step_twice(tmp_path):
   assert len(steps) == len(set(steps)) and steps == sorted(steps) and steps[-1] == 12
 
 
+@pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
   _fit(tmp_path, steps=8, checkpoint_every=4)
   latest = tmp_path / "checkpoints" / "8" / "state"

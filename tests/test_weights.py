@@ -22,7 +22,6 @@ def _initial(seed=3):
                                                is_leaf=lambda x: hasattr(x, "names")))  # fmt: skip
 
 
-@pytest.mark.slow
 def test_frozen_params_are_bit_identical_and_have_no_moments(tmp_path):
   result = _fit(tmp_path, freeze="^hidden_0/")
   params, start = toy.params_of(result.state), _initial()

@@ -1,6 +1,6 @@
 """What a CLIP run reads: the training pairs, the evaluation set, and the image pipeline's pure helpers
 (fitting an embedded digit to the run's size, the per-record transform, the normalizer). The config's
-auto values are resolved once, in `multimodal_jax.clip.settings` (`ClipSettings`), which these read.
+auto values are resolved once, in `multimodal_jax.clip.settings` (`ClipSettings`); its `data` part comes in here.
 
 The embedded captioned digits (`dataset=captioned_digits`, the default) keep their own word
 tokenizer, MNIST statistics and 32 px single-channel images; any other SPEC (`csv:`, `tfds:`,
@@ -12,7 +12,7 @@ shards, training replaces an unusable sample by a usable one and counts it in th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +23,6 @@ from multimodal_jax.data import image_files, specs
 from multimodal_jax.datasets import captioned_digits as cd
 from multimodal_jax.errors import UserError
 from multimodal_jax.loop import SKIPPED_KEY
-
-if TYPE_CHECKING:
-  from multimodal_jax.clip.settings import ClipSettings
 
 EMBEDDED = ("captioned_digits",)  # the datasets that ship with the package (`datasets.captioned_digits`)
 
@@ -64,16 +61,16 @@ def fit_image(image: np.ndarray, size: int, chans: int) -> np.ndarray:
   return image_files.preprocess_array(image[..., 0] if image.shape[-1] == 1 else image, size, chans)
 
 
-def train_source(config: Any, settings: ClipSettings) -> tuple[Any, str, specs.Dataset | None]:
+def train_source(config: Any, data_settings: specs.DataSettings) -> tuple[Any, str, specs.Dataset | None]:
   """(random-access training records, their caption key, the opened SPEC or None): the embedded
   digits' train split (records with `caption`) or the SPEC's training split (records with `text`),
-  at the run's image size and channels (`settings.data`)."""
+  at the run's image size and channels (`data_settings`, a `ClipSettings.data`)."""
   from multimodal_jax.data.pipeline import load_on_every_process
 
-  if settings.embedded:
+  if config.dataset in EMBEDDED:
     return load_on_every_process(lambda: cd.load(config.data_dir or None))["train"], "caption", None
   data = load_on_every_process(
-    lambda: specs.open_dataset(config.dataset, settings.data, need=("image", "text"), resample=True)
+    lambda: specs.open_dataset(config.dataset, data_settings, need=("image", "text"), resample=True)
   )
   return data.split("train"), "text", data
 
@@ -94,17 +91,17 @@ def make_transform(text_inputs: Callable, size: int, chans: int, caption_key: st
 
 
 def eval_source(
-  config: Any, settings: ClipSettings
+  config: Any, data_settings: specs.DataSettings
 ) -> tuple[Any, tuple[str, ...] | None, list[str] | None, tuple[str, ...]]:
   """(records, class names or None, image paths or None, fields) of `--config.eval_dataset`: a
   TFDS dataset's test split (else validation), or every image of a folder / CSV, or every usable sample
   of wds shards (clip_benchmark's layout: KEY.cls class indexes, classnames.txt beside the shards or one
-  folder up; the paths are SHARD#KEY), at the run's image size and channels (`settings.data`)."""
+  folder up; the paths are SHARD#KEY), at the run's image size and channels (`data_settings`)."""
   from multimodal_jax.data.pipeline import load_on_every_process
 
   spec = specs.parse_spec(config.eval_dataset, EMBEDDED, key="eval_dataset")
   data = load_on_every_process(
-    lambda: specs.open_dataset(spec, settings.data, need=("image",), want=("label", "text"), resample=False)
+    lambda: specs.open_dataset(spec, data_settings, need=("image",), want=("label", "text"), resample=False)
   )
   split = "all"
   if spec.kind == "tfds":

@@ -164,7 +164,7 @@ def evaluate(model, params, config, settings, mesh, text_inputs, normalize, work
     img, _, labels, _ = splits["test"]
     rows = prediction_rows(labels, *zero_shot_predictions(img, classifier, scale))
   else:
-    source, class_names, paths, fields = cdata.eval_source(config, settings)
+    source, class_names, paths, fields = cdata.eval_source(config, settings.data)
     encode = jax.jit(lambda p, b: model.apply({"params": p}, normalize(b["image"]), method=model.encode_image))
 
     def transform(record):

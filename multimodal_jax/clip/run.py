@@ -73,7 +73,7 @@ def run_train(config, workdir):
   loop.check_batch(config, mesh)
   settings = clip_settings.resolve(config)
   model, text_inputs, init_params = build(settings)
-  source, caption_key, dataset = cdata.train_source(config, settings)
+  source, caption_key, dataset = cdata.train_source(config, settings.data)
   images = lambda: dataset if dataset is not None else (r["image"] for r in source)
   settings = settings.with_training_images(config, images)  # image_mean/std=dataset: their statistics
   normalize = settings.normalizer()

@@ -160,22 +160,22 @@ def resolve(config: Any, train_images: Callable[[], Any] | None = None) -> ClipS
     remat=config.remat,
     attention=config.get("attention", "auto"),
   )
-  mean_std = _normalization(config, digits, chans, train_images)
-  return ClipSettings(
+  mean, std = _normalization(config, digits, chans, train_images) or (None, None)
+  return ClipSettings(  # by what they set: where the run starts, the model, its text, its images
     embedded=embedded,
     open_clip_file=open_clip,
     minilm_dir=source_path(config.get("init_from", ""), "minilm"),
     model_name=name,
     image_tower=tower,
+    model=model,
     tokenizer=kind,
     context_length=context,
+    templates=config.templates or ("" if embedded else "openai"),
     image_size=size,
     channels=chans,
-    templates=config.templates or ("" if embedded else "openai"),
-    model=model,
     data=dataclasses.replace(specs.DataSettings.from_config(config), image_size=size, channels=chans),
-    image_mean=None if mean_std is None else mean_std[0],
-    image_std=None if mean_std is None else mean_std[1],
+    image_mean=mean,
+    image_std=std,
   )
 
 

@@ -276,6 +276,18 @@ def make_splits(seed: int = SEED) -> dict[str, dict[str, np.ndarray]]:
 # ---------------------------------------------------------------- TFDS
 
 
+def labelled_info(builder: tfds.core.DatasetBuilder, description: str, features: dict) -> tfds.core.DatasetInfo:
+  """The DatasetInfo of a digits builder (this one, captioned_digits): `features`, then an int64 scalar `label`.
+
+  DatasetInfo directly: dataset_info_from_configs() would read metadata files (README, citations) from
+  this package folder. The label is BYTES-encoded: a scalar read back with the default encoding is a
+  Python int; as bytes it comes back as a 0-d int64 numpy array."""
+  label = tfds.features.Tensor(shape=(), dtype=np.int64, encoding=tfds.features.Encoding.BYTES)
+  return tfds.core.DatasetInfo(
+    builder=builder, description=description, features=tfds.features.FeaturesDict({**features, "label": label})
+  )
+
+
 class AvDigits(tfds.core.GeneratorBasedBuilder):
   """AV-digits: degraded MNIST images paired with noisy spoken digits."""
 
@@ -287,21 +299,10 @@ class AvDigits(tfds.core.GeneratorBasedBuilder):
   code_path = None
 
   def _info(self) -> tfds.core.DatasetInfo:
-    # DatasetInfo directly: dataset_info_from_configs() would read metadata
-    # files (README, citations) from this package folder.
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description="Degraded MNIST images paired with noisy spoken digits (AV-MNIST protocol).",
-      features=tfds.features.FeaturesDict(
-        {
-          "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-          "audio": tfds.features.Tensor(shape=(AUDIO_FRAMES, MEL_BINS), dtype=np.float32),
-          # BYTES: a scalar read back with the default encoding is a Python
-          # int; as bytes it comes back as a 0-d int64 numpy array.
-          "label": tfds.features.Tensor(shape=(), dtype=np.int64, encoding=tfds.features.Encoding.BYTES),
-        }
-      ),
-    )
+    image = tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8)
+    audio = tfds.features.Tensor(shape=(AUDIO_FRAMES, MEL_BINS), dtype=np.float32)
+    description = "Degraded MNIST images paired with noisy spoken digits (AV-MNIST protocol)."
+    return labelled_info(self, description, {"image": image, "audio": audio})
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local.

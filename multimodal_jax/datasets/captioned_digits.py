@@ -115,17 +115,9 @@ class CaptionedDigits(tfds.core.GeneratorBasedBuilder):
   code_path = None  # see AvDigits: nothing is downloaded
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description="Real MNIST digits with captions from class names and templates.",
-      features=tfds.features.FeaturesDict(
-        {
-          "image": tfds.features.Tensor(shape=(32, 32, 1), dtype=np.uint8),
-          "caption": tfds.features.Text(),
-          "label": tfds.features.Tensor(shape=(), dtype=np.int64, encoding=tfds.features.Encoding.BYTES),
-        }
-      ),
-    )
+    image = tfds.features.Tensor(shape=(32, 32, 1), dtype=np.uint8)
+    description = "Real MNIST digits with captions from class names and templates."
+    return av_digits.labelled_info(self, description, {"image": image, "caption": tfds.features.Text()})
 
   def _split_generators(self, dl_manager):
     del dl_manager

@@ -87,19 +87,8 @@ def _dims(text: str, topology: str, want: int | None) -> list[int]:
 
 
 def _make(text: str, platform: str, model: str, topology: str, n: int, hosts: int, chip: Chip) -> Target:
-  return Target(
-    text=text,
-    platform=platform,
-    model=model,
-    topology=topology,
-    n_devices=n,
-    hosts=hosts,
-    device_kind=chip.device_kind,
-    hbm_bytes=chip.hbm_bytes,
-    peak_bf16_flops=chip.peak_bf16_flops,
-    hbm_bandwidth=chip.hbm_bandwidth,
-    reserve_bytes=chip.reserve_bytes,
-  )
+  """The target with `chip`'s facts: a Chip's fields are the Target's device fields, by the same names."""
+  return Target(text, platform, model, topology, n_devices=n, hosts=hosts, **dataclasses.asdict(chip))
 
 
 def parse_target(text: str) -> Target:
