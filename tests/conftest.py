@@ -1,5 +1,5 @@
-"""Test setup: 8 simulated CPU devices, forced before JAX starts; a compilation cache of the session's
-own; hypothesis profiles; the embedded data, built once.
+"""Test setup: 8 simulated CPU devices and quick CPU compiles, forced before JAX starts; a compilation
+cache of the session's own; hypothesis profiles; the embedded data, built once.
 
 Compilation cache: experiments launched through `multimodal_jax.cli` turn on JAX's persistent cache,
 by default in the user's ~/.cache, and once on it stays on for the rest of the process. So the
@@ -17,10 +17,19 @@ import os
 import shutil
 import tempfile
 
-if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit it
-  os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
-  ).strip()
+# XLA flags of the session (a flag the caller already set is kept; xdist workers inherit the result):
+# - 8 simulated CPU devices, for the meshes.
+# - LLVM at -O0 for XLA:CPU's generated code: most of the suite's CPU time is compiling small programs
+#   that then run a few steps, and -O0 cuts that time by about a quarter (docs/testing.md). The HLO
+#   passes (fusion, SPMD partitioning, buffer assignment: what the memory and resharding tests read) are
+#   not LLVM's and run as always; float results do not change, as XLA:CPU keeps fast-math off either way.
+TEST_XLA_FLAGS = {
+  "--xla_force_host_platform_device_count": "--xla_force_host_platform_device_count=8",
+  "--xla_backend_optimization_level": "--xla_backend_optimization_level=0",
+}
+for _name, _flag in TEST_XLA_FLAGS.items():
+  if _name not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 SESSION_COMPILE_CACHE = os.environ.get("MMJ_TEST_COMPILE_CACHE", "").strip()
@@ -46,6 +55,7 @@ def pytest_xdist_auto_num_workers(config):
   """`-n auto` (the default, pyproject.toml): one worker a core, at most 4. Every worker holds its own 8
   simulated devices and compiles alone; more workers than that on a big host only add startup time."""
   return max(1, min(4, len(os.sched_getaffinity(0))))
+
 
 # Property tests: few, reproducible examples by default (they are in the fast subset); no example
 # database in the tree. `pytest --hypothesis-profile=thorough` draws many fresh random examples.

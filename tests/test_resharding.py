@@ -172,7 +172,11 @@ def clean_env() -> dict[str, str]:
   """The subprocess's environment, built explicitly: 8 CPU devices, every C++ log level shown, no
   persistent compilation cache (JAX's and ours off)."""
   env = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
-  env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  # LLVM at -O0 as in conftest.py: the warning comes from the SPMD partitioner, an HLO pass that runs either way.
+  env |= {
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+  }
   env |= {"TF_CPP_MIN_LOG_LEVEL": "0", "JAX_ENABLE_COMPILATION_CACHE": "false", "MMJ_COMPILE_CACHE": "off"}
   return env
 

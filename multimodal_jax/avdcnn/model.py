@@ -45,6 +45,7 @@ Chosen here, where the paper is not specific:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -177,13 +178,25 @@ def use_banded(height: int, kernel_height: int, impl: str) -> bool:
 
 
 def max_pool(x: jnp.ndarray, window: tuple[int, int]) -> jnp.ndarray:
-  """Non-overlapping max pooling (stride = window, VALID) of `[batch, H, W, C]` by reshape and max:
-  equal to `nn.max_pool(x, window, strides=window)`, and its gradient is far cheaper on CPU than
-  XLA's select-and-scatter (the audio CNN's train step: 82 -> 40 ms for conv + pool at batch 256)."""
+  """Non-overlapping max pooling (stride = window, VALID) of `[batch, H, W, C]`, equal to
+  `nn.max_pool(x, window, strides=window)` but for a NaN, which it keeps (a NaN in a window gives NaN,
+  where XLA:CPU's reduce-window would drop it and hide the fault): the window's elements, split out by a
+  reshape, are compared in turn and the larger kept (`where`). The gradient flows to the kept element
+  alone, elementwise (XLA's select-and-scatter gradient costs more than the convolution on CPU).
+
+  Not `.max()`: the gradient of a max finds its argmax again by comparing the input with the output
+  and divides by the number of equal elements. When XLA recomputes a fused producer (the conv's batch
+  norm) once for the max and once for the comparison, the two may differ in the last bit, no element
+  matches, and the gradient is 0/0 = NaN (XLA:CPU at `--xla_backend_optimization_level=0` does this
+  to the audio CNN). A `where` gives its cotangent to one side whatever it compares."""
   b, h, w, c = x.shape
   ph, pw = window
-  x = x[:, : h // ph * ph, : w // pw * pw]
-  return x.reshape(b, h // ph, ph, w // pw, pw, c).max(axis=(2, 4))
+  x = x[:, : h // ph * ph, : w // pw * pw].reshape(b, h // ph, ph, w // pw, pw, c)
+  out = x[:, :, 0, :, 0]
+  for i, j in list(itertools.product(range(ph), range(pw)))[1:]:
+    other = x[:, :, i, :, j]
+    out = jnp.where((other > out) | jnp.isnan(other), other, out)
+  return out
 
 
 class _BandedConv(nn.Module):

@@ -73,9 +73,9 @@ def _bound_trip_count(ins: Instr, comps: dict[str, list[Instr]]) -> int:
 
 def _trip_count(ins: Instr, comps: dict[str, list[Instr]]) -> int:
   """A while loop's trip count: XLA's known_trip_count, else the bound in its condition, divided by the loop
-counter's step when the count is a guess from the
-  condition's constant: libtpu's windowed einsum loops (FSDP's all-gather / reduce-scatter matmuls) are
-  unrolled twice and count 0, 2, ... < 4, which the plain guess takes for 4 trips."""
+  counter's step when the count is a guess from the condition's constant: libtpu's windowed einsum loops
+  (FSDP's all-gather / reduce-scatter matmuls) are unrolled twice and count 0, 2, ... < 4, which the plain
+  guess takes for 4 trips."""
   n = _bound_trip_count(ins, comps)
   if re.search(r'"known_trip_count"', ins.attrs):
     return n
@@ -97,7 +97,6 @@ counter's step when the count is a guess from the
   steps = [body_by[o].operands[0] for o in update.operands if o in body_by and body_by[o].op == "constant"]
   step = int(steps[0]) if steps and steps[0].lstrip("-").isdigit() else 1
   return -(-n // step) if step > 1 else n
-
 
 
 def _kernel_bytes(ins: Instr, comps: dict[str, list[Instr]], shape_of) -> float:

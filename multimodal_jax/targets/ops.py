@@ -90,7 +90,6 @@ def _conv_flops_by_taps(ins: Instr, shape_of, flops: float, bf16: bool) -> tuple
   return 2.0 * out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")] * taps, bf16
 
 
-
 def matmul_flops(ins: Instr, shape_of) -> tuple[float, bool]:
   """(FLOPs, both operands bfloat16) of a matmul-like instruction; (0, False) for anything else."""
   ops = [arrays(shape_of(o)) for o in ins.operands]

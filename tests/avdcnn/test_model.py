@@ -124,10 +124,37 @@ def test_banded_conv_equals_lax_conv_with_gradients(x_shape, kernel_shape):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * float(jnp.abs(theirs).max()))
 
 
-def test_max_pool_equals_flax_max_pool():
-  x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 245, 4, 10)), jnp.float32)
+def test_max_pool_equals_flax_max_pool_in_values_and_gradients():
+  # Catches a wrong window layout (values), a gradient spread over a window or given to the wrong element, and a
+  # NaN activation that pooling hides (nn.max_pool on XLA:CPU does: the NaN check is against numpy's max).
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(3, 245, 4, 10)), jnp.float32)
   for window in ((2, 1), (3, 2)):
-    np.testing.assert_array_equal(avdcnn.max_pool(x, window), nn.max_pool(x, window, strides=window))
+    ours, theirs = avdcnn.max_pool(x, window), nn.max_pool(x, window, strides=window)
+    np.testing.assert_array_equal(ours, theirs)
+    pooled = np.asarray(avdcnn.max_pool(x.at[0, 7, 1, 3].set(jnp.nan), window))  # a NaN is not hidden
+    assert np.argwhere(np.isnan(pooled)).tolist() == [[0, 7 // window[0], 1 // window[1], 3]]
+    cotangent = jnp.asarray(rng.normal(size=ours.shape), jnp.float32)
+    ours, theirs = (
+      jax.grad(lambda x: jnp.sum(avdcnn.max_pool(x, window) * cotangent))(x),
+      jax.grad(lambda x: jnp.sum(nn.max_pool(x, window, strides=window) * cotangent))(x),
+    )
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_conv_bn_then_max_pool_has_finite_gradients_when_xla_recomputes_the_producer():
+  # Catches max_pool as `.max()` again: under the suite's XLA:CPU -O0 (tests/conftest.py) the batch norm is
+  # recomputed for the max's gradient, differs in the last bit, and the first audio conv's gradients are all NaN.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 257, 5, 1)), jnp.float32)
+  conv = avdcnn.ConvBN(10, (12, 2), "xla")
+  variables = conv.init(jax.random.key(0), x, True)
+
+  def loss(params):
+    y, _ = conv.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
+    return jnp.sum(avdcnn.max_pool(y, (2, 1)) ** 2)
+
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads)), grads
 
 
 @pytest.mark.slow

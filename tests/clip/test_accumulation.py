@@ -128,9 +128,7 @@ CASES = [
 CHECKED = (FSDP, "softmax", "gather", 2)
 
 
-@pytest.mark.parametrize(
-  "spec, loss, impl, k", [pytest.param(*c, marks=pytest.mark.slow) for c in CASES]
-)
+@pytest.mark.parametrize("spec, loss, impl, k", [pytest.param(*c, marks=pytest.mark.slow) for c in CASES])
 def test_accumulated_gradient_is_the_whole_batch_gradient(spec, loss, impl, k):
   # catches accumulation that trains each microbatch's own loss (its negatives only), a second pass that draws
   # other augmentation shifts than the first, a k = 1 step whose randomness is not today's, a microbatch's

@@ -226,7 +226,9 @@ def test_export_refuses_what_open_clip_cannot_use(tmp_path, extra, needle, capsy
   assert _train(tmp_path, tmp_path / "w", *extra) == 0
   capsys.readouterr()
   out = tmp_path / "x.safetensors"
-  assert clip_run_mod.main(["--workdir", str(tmp_path / "w"), "--mode=export", f"--config.export_to=open_clip:{out}"]) == 2
+  assert (
+    clip_run_mod.main(["--workdir", str(tmp_path / "w"), "--mode=export", f"--config.export_to=open_clip:{out}"]) == 2
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and needle in err[0] and not out.exists()
 

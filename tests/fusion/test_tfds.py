@@ -105,7 +105,9 @@ def test_encoders_follow_the_features_rank(sensors_dir):
 @pytest.mark.slow  # ~50 s each under load: training and evaluation runs through main
 def test_train_and_evaluate_through_the_cli(tmp_path, sensors_dir, capsys, fusion_kind):
   modalities = "--config.modalities=picture:photo,summary:stats"
-  status = fusion_run_mod.main(_args(tmp_path, sensors_dir, "--config.steps=6", f"--config.fusion={fusion_kind}", modalities))
+  status = fusion_run_mod.main(
+    _args(tmp_path, sensors_dir, "--config.steps=6", f"--config.fusion={fusion_kind}", modalities)
+  )
   out = capsys.readouterr()
   assert status == 0, out.err[-2000:]
   trained = json.loads(out.out.strip().splitlines()[-1])
@@ -155,7 +157,9 @@ def test_bad_keys_are_one_line(tmp_path, sensors_dir, capsys, extra, message):
 
 
 def test_unknown_tfds_name_and_av_digits_modalities_are_one_line(tmp_path, sensors_dir, capsys):
-  status = fusion_run_mod.main(_args(tmp_path, sensors_dir, "--config.dataset=tfds:nothing_here", "--config.modalities=a"))
+  status = fusion_run_mod.main(
+    _args(tmp_path, sensors_dir, "--config.dataset=tfds:nothing_here", "--config.modalities=a")
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert status == 2 and len(err) == 1 and "no prepared dataset 'nothing_here'" in err[0]
   assert "fusion_test_sensors" in err[0]  # what the data dir does hold

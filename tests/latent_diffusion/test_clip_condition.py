@@ -52,7 +52,7 @@ def _one_device(module, workdir, data_dir, *args, cwd=ROOT):
   """`python -m experiments.<module>` on one CPU device; its stderr when it fails."""
   result = subprocess.run(
       [sys.executable, "-m", f"experiments.{module}", "--workdir", str(workdir), f"--config.data_dir={data_dir}", *args],
-      cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+      cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"),
       capture_output=True, text=True, timeout=300, check=False,
   )  # fmt: skip
   assert result.returncode == 0, result.stderr[-3000:]

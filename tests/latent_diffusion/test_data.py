@@ -201,6 +201,8 @@ def test_vae_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys,
   config = json.loads((wrong / "config.json").read_text())
   (wrong / "config.json").write_text(json.dumps({**config, "block_out_channels": [16, 32, 64, 128]}))
   capsys.readouterr()  # the session data's build output is not part of the error
-  status, _, err = _main(capsys, tmp_path / "w", captioned_dir, *TINY, f"--config.autoencoder_from=diffusers_vae:{wrong}")
+  status, _, err = _main(
+    capsys, tmp_path / "w", captioned_dir, *TINY, f"--config.autoencoder_from=diffusers_vae:{wrong}"
+  )
   assert status == 2 and len(err) == 1 and "does not fit the parameter" in err[0], err
   assert not os.path.exists(tmp_path / "w" / "denoiser")
