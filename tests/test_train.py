@@ -80,6 +80,31 @@ def test_gradient_accumulation_matches_the_full_batch():
   np.testing.assert_allclose(results[0][1:], results[1][1:], rtol=1e-5)
 
 
+def test_accumulated_microbatch_i_draws_fold_in_of_the_step_rng_and_i():
+  # Catches microbatches that share the step's rng (the same dropout masks k times), draw fold_in(rng, i) in another
+  # order, take other rows than i, i + k, ..., or sum instead of averaging: with dropout on, the accumulated gradient
+  # equals the mean of the k microbatch gradients computed one by one with fold_in(rng, i).
+  mesh = shd.make_mesh("data:4,fsdp:2")
+  params = jax.jit(lambda: jax.tree.map(jnp.asarray, toy.init_params(jax.random.key(0))))()
+  batch, rng, k = shd.host_to_global_batch(_batch(64), mesh), jax.random.key(7), 4
+  loss, _, grads = jax.jit(train.make_grad_fn(toy.loss_fn, mesh, grad_accum_steps=k))(params, batch, rng)
+
+  @jax.jit
+  def by_hand(params, batch, rng):
+    parts = [
+      jax.value_and_grad(lambda p, i=i: toy.loss_fn(p, jax.tree.map(lambda x: x[i::k], batch), jax.random.fold_in(rng, i))[0])(params)
+      for i in range(k)
+    ]  # fmt: skip
+    return jax.tree.map(lambda *xs: sum(xs) / k, *parts)
+
+  want_loss, want_grads = by_hand(params, batch, rng)
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+  chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-7)
+  shared = jax.jit(train.make_grad_fn(lambda p, b, r: toy.loss_fn(p, b, rng), mesh, grad_accum_steps=k))
+  # control: the same rng in every microbatch gives another gradient, so the comparison above can tell them apart
+  assert not np.allclose(jax.tree.leaves(shared(params, batch, rng)[2])[0], jax.tree.leaves(want_grads)[0], atol=1e-6)
+
+
 _DOT_OPERANDS = re.compile(r"stablehlo\.dot_general .*: \(tensor<[\dx]*x(\w+)>, tensor<[\dx]*x(\w+)>\)")
 
 
