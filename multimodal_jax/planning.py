@@ -91,7 +91,8 @@ def lower_train_step(
 def plan_lowered(lowered: Any, target: Any, dtype: str) -> tuple[dict, Any, dict | None]:
   """`(plan, compiled, compiler options used)` of a step lowered on `target`'s mesh, compiled by its compiler
   (`compiled` None and the plan `fits: False` when libtpu refused it for memory). JAX's persistent compilation
-  cache is off meanwhile: a compile-only executable cannot be cached. Shared with benchmarks/scale.py."""
+  cache is turned off meanwhile, as a compile-only executable cannot be loaded from it; JAX reads that setting
+  once a process, so after an earlier compile it may still try, warn and compile. Shared with benchmarks/scale.py."""
   from multimodal_jax import targets
 
   started = time.perf_counter()

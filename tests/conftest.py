@@ -17,18 +17,12 @@ import os
 import shutil
 import tempfile
 
-# XLA flags of the session (a flag the caller already set is kept; xdist workers inherit the result):
-# - 8 simulated CPU devices, for the meshes.
-# - LLVM at -O0 for XLA:CPU's generated code: most of the suite's CPU time is compiling small programs
-#   that then run a few steps, and -O0 cuts that time by about a quarter (docs/testing.md). The HLO
-#   passes (fusion, SPMD partitioning, buffer assignment: what the memory and resharding tests read) are
-#   not LLVM's and run as always; float results do not change, as XLA:CPU keeps fast-math off either way.
-TEST_XLA_FLAGS = {
-  "--xla_force_host_platform_device_count": "--xla_force_host_platform_device_count=8",
-  "--xla_backend_optimization_level": "--xla_backend_optimization_level=0",
-}
-for _name, _flag in TEST_XLA_FLAGS.items():
-  if _name not in os.environ.get("XLA_FLAGS", ""):
+from tests.xla_flags import OPTIMIZATION, device_count_flag
+
+# The XLA flags of the session (tests/xla_flags.py: 8 devices for the meshes, -O0 for quick compiles); a flag
+# the caller already set is kept, and xdist workers inherit the result.
+for _flag in (device_count_flag(8), OPTIMIZATION):
+  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -7,9 +7,9 @@ has 4 CPU devices, reads its own half of the data and trains on the global 8-dev
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (
-  "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"  # -O0: conftest.py
-)
+from tests.xla_flags import xla_flags
+
+os.environ["XLA_FLAGS"] = xla_flags(4)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax

@@ -18,6 +18,8 @@ import sys
 
 import pytest
 
+from tests.xla_flags import xla_flags
+
 MESHES = ("data:8", "data:4,fsdp:2", "data:2,fsdp:2,tensor:2")
 WARNING = "Involuntary full rematerialization"
 BATCH = 128  # the warning of the CLIP text tower (fixed) showed at 128, not at 16
@@ -172,11 +174,8 @@ def clean_env() -> dict[str, str]:
   """The subprocess's environment, built explicitly: 8 CPU devices, every C++ log level shown, no
   persistent compilation cache (JAX's and ours off)."""
   env = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
-  # LLVM at -O0 as in conftest.py: the warning comes from the SPMD partitioner, an HLO pass that runs either way.
-  env |= {
-    "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-  }
+  # -O0 as everywhere in the tests: the warning comes from the SPMD partitioner, an HLO pass that runs either way.
+  env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(8)}
   env |= {"TF_CPP_MIN_LOG_LEVEL": "0", "JAX_ENABLE_COMPILATION_CACHE": "false", "MMJ_COMPILE_CACHE": "off"}
   return env
 

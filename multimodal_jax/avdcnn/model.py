@@ -21,8 +21,7 @@ Chosen here, where the paper is not specific:
   side by side along the other axis: a `[24, 80, 3]` input. The visual CNN then gives 2×77×6 = 924
   units, and the concatenation 2,828 units, not the paper's 2,804 (which no VALID layout of these
   kernels reproduces exactly; `flat_widths` derives the sizes from the input shapes).
-- Head widths are the data's: 257 (one frame) and 1152 (one 16×24×3 image), not the paper's 600
-  and 1500.
+- Head widths are the data's, 257 (a frame) and 1152 (a 16×24×3 image), not the paper's 600 and 1500.
 - `fusion="early"`: one CNN (the audio CNN's layers) on the stacked inputs: the 5 mouth frames,
   each flattened to 1152 values, are appended to the 257 bins along the feature axis, giving a
   `[1409, 5]` input with the context frames along the width as for audio alone.
@@ -34,18 +33,16 @@ Chosen here, where the paper is not specific:
   paper's linear head. (How they compare: docs/results/avdcnn.md.)
 - Presets: `paper` (the layers above), `wide` (2,048 + 2,048 shared sigmoid units instead of
   1,000 + 800), `tiny` (tests).
-- Batch norm: the train step is a pure function, so training normalizes with the statistics of
-  the current batch and discards the running averages (`apply(..., mutable=["batch_stats"])`).
-  Inference uses population statistics computed once from training batches with the final params
-  (`population_batch_stats`, "precise BN"): per layer the mean of the batch means and the pooled
-  variance. Inference therefore never depends on which frames share a test batch. The trainer keeps
-  them as the train state's `model_state`, computed from the params of every checkpoint it saves.
+- Batch norm: training normalizes with the current batch's statistics (the step is pure; running
+  averages are discarded). Inference uses population statistics from training batches with the
+  final params (`population_batch_stats`, "precise BN": the mean of the batch means, the pooled
+  variance), kept as the train state's `model_state` for every checkpoint the trainer saves, so it
+  never depends on which frames share a test batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -178,23 +175,15 @@ def use_banded(height: int, kernel_height: int, impl: str) -> bool:
 
 
 def max_pool(x: jnp.ndarray, window: tuple[int, int]) -> jnp.ndarray:
-  """Non-overlapping max pooling (stride = window, VALID) of `[batch, H, W, C]`, equal to
-  `nn.max_pool(x, window, strides=window)` but for a NaN, which it keeps (a NaN in a window gives NaN,
-  where XLA:CPU's reduce-window would drop it and hide the fault): the window's elements, split out by a
-  reshape, are compared in turn and the larger kept (`where`). The gradient flows to the kept element
-  alone, elementwise (XLA's select-and-scatter gradient costs more than the convolution on CPU).
-
-  Not `.max()`: the gradient of a max finds its argmax again by comparing the input with the output
-  and divides by the number of equal elements. When XLA recomputes a fused producer (the conv's batch
-  norm) once for the max and once for the comparison, the two may differ in the last bit, no element
-  matches, and the gradient is 0/0 = NaN (XLA:CPU at `--xla_backend_optimization_level=0` does this
-  to the audio CNN). A `where` gives its cotangent to one side whatever it compares."""
+  """Non-overlapping max pooling (stride = window, VALID) of `[batch, H, W, C]`: `nn.max_pool(x, window,
+  strides=window)`, but a NaN in a window gives NaN. The window's elements (a reshape) are compared in turn
+  and the larger kept by `where`, so the gradient goes to that element, elementwise: cheaper on CPU than
+  select-and-scatter, and never NaN, as `.max()`'s can be when XLA recomputes the input (docs/avdcnn.md)."""
   b, h, w, c = x.shape
   ph, pw = window
   x = x[:, : h // ph * ph, : w // pw * pw].reshape(b, h // ph, ph, w // pw, pw, c)
-  out = x[:, :, 0, :, 0]
-  for i, j in list(itertools.product(range(ph), range(pw)))[1:]:
-    other = x[:, :, i, :, j]
+  out, *others = (x[:, :, i, :, j] for i in range(ph) for j in range(pw))
+  for other in others:
     out = jnp.where((other > out) | jnp.isnan(other), other, out)
   return out
 

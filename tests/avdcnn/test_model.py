@@ -136,8 +136,8 @@ def test_max_pool_equals_flax_max_pool_in_values_and_gradients():
     assert np.argwhere(np.isnan(pooled)).tolist() == [[0, 7 // window[0], 1 // window[1], 3]]
     cotangent = jnp.asarray(rng.normal(size=ours.shape), jnp.float32)
     ours, theirs = (
-      jax.grad(lambda x: jnp.sum(avdcnn.max_pool(x, window) * cotangent))(x),
-      jax.grad(lambda x: jnp.sum(nn.max_pool(x, window, strides=window) * cotangent))(x),
+      jax.grad(lambda x, w=window, c=cotangent: jnp.sum(avdcnn.max_pool(x, w) * c))(x),
+      jax.grad(lambda x, w=window, c=cotangent: jnp.sum(nn.max_pool(x, w, strides=w) * c))(x),
     )
     np.testing.assert_array_equal(ours, theirs)
 

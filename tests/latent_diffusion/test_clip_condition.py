@@ -27,6 +27,7 @@ from multimodal_jax.eval.images import decode_png
 from multimodal_jax.latent_diffusion import config as ld_config
 from multimodal_jax.latent_diffusion import prompts as ldp
 from multimodal_jax.latent_diffusion import run as ld
+from tests.xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLIP_TINY = ["--config.steps=2", "--config.batch_size=16", "--config.log_every=1", "--config.checkpoint_every=2"]
@@ -52,7 +53,7 @@ def _one_device(module, workdir, data_dir, *args, cwd=ROOT):
   """`python -m experiments.<module>` on one CPU device; its stderr when it fails."""
   result = subprocess.run(
       [sys.executable, "-m", f"experiments.{module}", "--workdir", str(workdir), f"--config.data_dir={data_dir}", *args],
-      cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"),
+      cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(1)),
       capture_output=True, text=True, timeout=300, check=False,
   )  # fmt: skip
   assert result.returncode == 0, result.stderr[-3000:]
