@@ -60,6 +60,15 @@ settings.register_profile("thorough", max_examples=500, deadline=None, database=
 settings.load_profile("fast")
 
 
+def _session_dir(tmp_path_factory, name: str) -> str:
+  """A directory of the session that every pytest-xdist worker sees (in the session's common temp dir)."""
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    return str(tmp_path_factory.mktemp(name))
+  path = tmp_path_factory.getbasetemp().parent / name
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
 @pytest.fixture(scope="session")
 def session_data_dir(tmp_path_factory):
   """The one TFDS data dir of the session (MMJ_TEST_DATA_DIR reuses one): each embedded dataset is built
@@ -67,11 +76,7 @@ def session_data_dir(tmp_path_factory):
   share one, in the session's common temp dir (`_build` serialises the builds)."""
   if os.environ.get("MMJ_TEST_DATA_DIR"):
     return os.environ["MMJ_TEST_DATA_DIR"]
-  if not os.environ.get("PYTEST_XDIST_WORKER"):
-    return str(tmp_path_factory.mktemp("tensorflow_datasets"))
-  path = tmp_path_factory.getbasetemp().parent / "tensorflow_datasets"
-  path.mkdir(exist_ok=True)
-  return str(path)
+  return _session_dir(tmp_path_factory, "tensorflow_datasets")
 
 
 def _build(load, data_dir, what, **kw):
@@ -110,3 +115,29 @@ def av_speech_dir(session_data_dir):
   from multimodal_jax.datasets import av_speech
 
   return _build(av_speech.load, session_data_dir, "the embedded speech data", config="tiny")
+
+
+@pytest.fixture(scope="session")
+def trained_runs(request, tmp_path_factory):
+  """`get(name)`: a fresh copy of the session's tiny trained run of experiment `name` (arguments in
+  tests/runs.py), in a new temp dir the caller may change. The run is trained once a session, by the first
+  test that asks, on the session's data; other xdist workers wait for it (a file lock) and copy it."""
+  from tests import runs
+
+  root = _session_dir(tmp_path_factory, "trained_runs")
+
+  def get(name: str):
+    data_dir = request.getfixturevalue(runs.DATA_FIXTURE[name])
+    built = os.path.join(root, name)
+    with filelock.FileLock(built + ".lock"):
+      if not os.path.exists(built + ".done"):  # a run left half-trained by a failed build is trained again
+        shutil.rmtree(built, ignore_errors=True)
+        status = runs.experiment(name).main(["--workdir", built, f"--config.data_dir={data_dir}", *runs.TRAIN_ARGS[name]])
+        if status != 0:
+          pytest.fail(f"the session's {name} run did not train (exit status {status})", pytrace=False)
+        open(built + ".done", "w").close()
+    copy = tmp_path_factory.mktemp(name)
+    shutil.copytree(built, copy, dirs_exist_ok=True)
+    return copy
+
+  return get

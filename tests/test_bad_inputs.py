@@ -19,22 +19,10 @@ from multimodal_jax.clip import run as clip
 from multimodal_jax.files import atomic_write
 from multimodal_jax.fusion import run as fusion
 from multimodal_jax.latent_diffusion import run as ld
+from tests import runs as session_runs
 
 EXPERIMENTS = {"fusion": fusion, "clip": clip, "avdcnn": avdcnn, "latent_diffusion": ld}
-TRAIN_ARGS = {
-  "fusion": ["--config.steps=4", "--config.checkpoint_every=2", "--config.log_every=1", "--config.eval_every=0"],
-  "clip": ["--config.steps=2", "--config.batch_size=16", "--config.checkpoint_every=2", "--config.log_every=1"],
-  "avdcnn": [
-    "--config.data_config=tiny", "--config.model=tiny", "--config.steps=2", "--config.batch_size=64",
-    "--config.checkpoint_every=2", "--config.log_every=1", "--config.bn_batches=1",
-  ],
-  "latent_diffusion": [
-    "--config.autoencoder.steps=2", "--config.autoencoder.batch_size=16", "--config.autoencoder.checkpoint_every=2",
-    "--config.denoiser.steps=2", "--config.denoiser.batch_size=16", "--config.denoiser.checkpoint_every=2",
-    "--config.autoencoder.log_every=1", "--config.denoiser.log_every=1", "--config.final_eval=false",
-    "--config.train_images=64", "--config.text_layers=1",
-  ],
-}  # fmt: skip
+TRAIN_ARGS = session_runs.TRAIN_ARGS  # the session's trained runs (tests/runs.py), which the cases below are given
 # Every case needs trained runs and built data, so the table runs in the whole suite only; the fast subset keeps
 # one bad-input test per experiment that needs neither (docs/testing.md).
 FAST = ()
@@ -43,27 +31,19 @@ FAST = ()
 @pytest.fixture(scope="module")
 def data_dirs(request):
   """The TFDS data dir of each experiment: the session's, with each dataset built only when a case of an
-  experiment that reads it runs (the fast subset's fusion cases need AV-digits alone)."""
-  fixture = {"fusion": "av_digits_dir", "avdcnn": "av_speech_dir", "clip": "captioned_dir"}
+  experiment that reads it runs."""
+  return lambda name: request.getfixturevalue(session_runs.DATA_FIXTURE[name])
+
+
+@pytest.fixture(scope="module", name="runs")
+def runs_fixture(trained_runs):
+  """This module's copy of the session's trained run of each experiment, taken the first time a case needs it."""
+  copied = {}
 
   def get(name):
-    return request.getfixturevalue(fixture.get(name, "captioned_dir"))
-
-  return get
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_dirs):
-  """A trained tiny run of each experiment, built the first time a case needs it."""
-  built = {}
-
-  def get(name):
-    if name not in built:
-      workdir = tmp_path_factory.mktemp(name)
-      argv = ["--workdir", str(workdir), f"--config.data_dir={data_dirs(name)}", *TRAIN_ARGS[name]]
-      assert EXPERIMENTS[name].main(argv) == 0
-      built[name] = workdir
-    return built[name]
+    if name not in copied:
+      copied[name] = trained_runs(name)
+    return copied[name]
 
   return get
 

@@ -184,3 +184,27 @@ def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, monkeypatch
     _fit(tmp_path, steps=8)
   assert ckpt.Checkpointer(str(tmp_path)).all_steps() == [4]
   assert not (tmp_path / "checkpoints_unreadable").exists()
+
+
+def test_one_process_saves_without_replica_slices_and_restores_a_replica_parallel_checkpoint(tmp_path, monkeypatch):
+  import jax
+  import orbax.checkpoint as ocp
+
+  sliced = []
+  slice_in_dim = jax.lax.slice_in_dim
+
+  def counted(*args, **kw):
+    sliced.append(args[0].shape)
+    return slice_in_dim(*args, **kw)
+
+  monkeypatch.setattr(jax.lax, "slice_in_dim", counted)
+  full = _fit(tmp_path / "full", steps=8)  # checkpoints at 4 and 8, written by `_state_handler`
+  # catches replica-parallel left on: every replicated array would be sliced once a replica before its write
+  assert sliced == []
+  with monkeypatch.context() as m:  # orbax's default handler: how several processes write (the control)
+    m.setattr(ckpt, "_state_handler", ocp.StandardCheckpointHandler)
+    _fit(tmp_path / "resumed", steps=4)
+  assert sliced, "the control wrote no replica slices: the count above proves nothing"
+  resumed = _fit(tmp_path / "resumed", steps=8)  # restores the replica-parallel checkpoint with ours
+  assert resumed.start_step == 4
+  chex.assert_trees_all_equal(toy.params_of(resumed.state), toy.params_of(full.state))

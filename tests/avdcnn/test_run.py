@@ -13,25 +13,15 @@ import pytest
 from multimodal_jax import audio
 from multimodal_jax.avdcnn import config as exp_config
 from multimodal_jax.avdcnn import run as exp_run
+from tests import runs
 
-PULSE = [
-  "--config.data_config=tiny",
-  "--config.model=tiny",
-  "--config.steps=4",
-  "--config.batch_size=64",
-  "--config.checkpoint_every=4",
-  "--config.log_every=1",
-  "--config.bn_batches=2",
-]
+PULSE = runs.TRAIN_ARGS["avdcnn"]  # the session's trained run: 4 steps of the tiny model on the tiny data
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, av_speech_dir):
-  """A workdir with 4 steps of the tiny AV model on the tiny data (trained in this process)."""
-  workdir = tmp_path_factory.mktemp("avdcnn")
-  status = exp_run.main(["--workdir", str(workdir), f"--config.data_dir={av_speech_dir}", *PULSE])
-  assert status == 0
-  return workdir
+def trained(trained_runs):
+  """This module's copy of the session's AVDCNN run: 4 steps of the tiny AV model on the tiny data."""
+  return trained_runs("avdcnn")
 
 
 def _run(capsys, workdir, data_dir, *args):

@@ -22,6 +22,7 @@ from multimodal_jax.clip import run as clip_run_mod
 from multimodal_jax.clip import weights as clip_weights
 from multimodal_jax.data import image_files
 from multimodal_jax.text import ClipBPETokenizer
+from tests import runs
 
 CLASSES = ("blue bar", "green circle", "red square")  # sorted, as the folder's classes are
 
@@ -168,18 +169,18 @@ def test_check_fits_names_the_first_difference():
     clip_weights.check_fits(cfg, _tiny_bpe(vision=vision), "open_clip:f", "init_from")
 
 
-def _train(tmp_path, workdir, *extra):
-  args = ["--workdir", str(workdir), f"--config.data_dir={os.environ.get('MMJ_TEST_DATA_DIR') or tmp_path / 'data'}"]
-  args += ["--config.steps=2", "--config.batch_size=16", "--config.checkpoint_every=2", "--config.log_every=1"]
+def _train(data_dir, workdir, *extra):
+  """A run of the session's CLIP run's settings (tests/runs.py) with `extra` settings."""
+  args = ["--workdir", str(workdir), f"--config.data_dir={data_dir}", *runs.TRAIN_ARGS["clip"]]
   return clip_run_mod.main([*args, *extra])
 
 
 @pytest.mark.slow
-def test_lit_from_open_clip_weights_then_export_round_trip(tmp_path, weights, capsys):
+def test_lit_from_open_clip_weights_then_export_round_trip(tmp_path, weights, captioned_dir, capsys):
   path, cfg, params = weights
   workdir = tmp_path / "lit"
   init = [f"--config.init_from=open_clip:{path}", "--config.freeze=image"]
-  assert _train(tmp_path, workdir, *init, "--config.channels=3") == 0, capsys.readouterr().err
+  assert _train(captioned_dir, workdir, *init, "--config.channels=3") == 0, capsys.readouterr().err
   out = tmp_path / "exported" / "lit.safetensors"
   assert clip_run_mod.main(["--workdir", str(workdir), "--mode=export", f"--config.export_to=open_clip:{out}"]) == 0
   cfg_back, exported = oc.load_open_clip(str(out))
@@ -222,13 +223,15 @@ def test_freeze_keeps_no_adam_moments_for_the_frozen_tower():
   ],
 )
 @pytest.mark.slow
-def test_export_refuses_what_open_clip_cannot_use(tmp_path, extra, needle, capsys):
-  assert _train(tmp_path, tmp_path / "w", *extra) == 0
+def test_export_refuses_what_open_clip_cannot_use(tmp_path, extra, needle, captioned_dir, trained_runs, capsys):
+  if extra:
+    workdir = tmp_path / "w"
+    assert _train(captioned_dir, workdir, *extra) == 0
+  else:
+    workdir = trained_runs("clip")  # the default run: these settings
   capsys.readouterr()
   out = tmp_path / "x.safetensors"
-  assert (
-    clip_run_mod.main(["--workdir", str(tmp_path / "w"), "--mode=export", f"--config.export_to=open_clip:{out}"]) == 2
-  )
+  assert clip_run_mod.main(["--workdir", str(workdir), "--mode=export", f"--config.export_to=open_clip:{out}"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and needle in err[0] and not out.exists()
 

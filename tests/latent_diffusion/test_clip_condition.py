@@ -1,8 +1,9 @@
 """Latent diffusion conditioned on a trained CLIP run's text tower: the locked token features
 restored from a CLIP workdir (on 8 devices) against the CLIP model's own text embeddings, the
-one-line errors, and a pulse of both experiments through their command lines: CLIP, then both LD
-stages with condition=clip (subprocesses on one CPU device, whose programs compile about twice as
-fast as the 8-device ones), then sampling from the LD workdir alone (in-process, 8 devices)."""
+one-line errors, and a pulse through the command line on the session's CLIP run (tests/runs.py, 8
+devices): both LD stages with condition=clip (a subprocess on one CPU device, whose programs compile
+about twice as fast as the 8-device ones), then sampling from the LD workdir alone (in-process, 8
+devices)."""
 
 import json
 import os
@@ -30,7 +31,6 @@ from multimodal_jax.latent_diffusion import run as ld
 from tests.xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CLIP_TINY = ["--config.steps=2", "--config.batch_size=16", "--config.log_every=1", "--config.checkpoint_every=2"]
 LD_TINY = [
     "--config.autoencoder.steps=2", "--config.autoencoder.batch_size=16", "--config.autoencoder.checkpoint_every=2",
     "--config.denoiser.steps=2", "--config.denoiser.batch_size=16", "--config.denoiser.checkpoint_every=2",
@@ -38,15 +38,6 @@ LD_TINY = [
     "--config.train_images=64", "--config.dit=tiny", "--config.condition=clip",
 ]  # fmt: skip
 FAST_SAMPLING = ["--config.sample_steps=2", "--config.eval_batch_size=16"]
-
-
-@pytest.fixture(scope="module")
-def captioned_dir(tmp_path_factory):
-  from multimodal_jax.datasets import captioned_digits
-
-  data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
-  captioned_digits.load(data_dir)
-  return data_dir
 
 
 def _one_device(module, workdir, data_dir, *args, cwd=ROOT):
@@ -66,11 +57,9 @@ def _main(module, capsys, workdir, data_dir, *args):
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory, captioned_dir):
-  """A CLIP workdir trained for 2 steps (the default tiny model)."""
-  workdir = tmp_path_factory.mktemp("clip")
-  _one_device("clip", workdir, captioned_dir, *CLIP_TINY)
-  return workdir
+def clip_dir(trained_runs):
+  """This module's copy of the session's CLIP run: the default tiny model trained for 2 steps on 8 devices."""
+  return trained_runs("clip")
 
 
 @pytest.mark.slow

@@ -130,13 +130,11 @@ def _tree_equal(a, b) -> bool:
 
 
 @pytest.mark.slow
-def test_pretrained_vae_replaces_stage_one_and_export_round_trips(tmp_path, capsys):
-  data_dir = os.environ.get("MMJ_TEST_DATA_DIR") or str(tmp_path / "tfds")
+def test_pretrained_vae_replaces_stage_one_and_export_round_trips(tmp_path, capsys, captioned_dir, trained_runs):
+  data_dir = captioned_dir
   digits = ["--config.train_images=64", *TINY]
-  # Stage 1 of our own, exported as a diffusers folder with its measured scale.
-  own = tmp_path / "own"
-  status, _, err = _main(capsys, own, data_dir, *digits, "--config.stage=autoencoder")
-  assert status == 0, err
+  # Stage 1 of our own (the session's run, tests/runs.py), exported as a diffusers folder with its measured scale.
+  own = trained_runs("latent_diffusion")
   vae = tmp_path / "vae"
   status, _, err = _main(capsys, own, data_dir, "--mode=export", f"--config.export_to=diffusers_vae:{vae}")
   assert status == 0, err

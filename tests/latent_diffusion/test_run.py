@@ -20,14 +20,10 @@ from multimodal_jax.latent_diffusion import evaluate as generative
 from multimodal_jax.latent_diffusion import pipeline as ldm
 from multimodal_jax.latent_diffusion import prompts as ldp
 from multimodal_jax.latent_diffusion import run as ld_run
+from tests import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = [
-    "--config.autoencoder.steps=4", "--config.autoencoder.batch_size=16", "--config.autoencoder.checkpoint_every=2",
-    "--config.denoiser.steps=4", "--config.denoiser.batch_size=16", "--config.denoiser.checkpoint_every=2",
-    "--config.autoencoder.log_every=1", "--config.denoiser.log_every=1", "--config.text_layers=1",
-    "--config.final_eval=false", "--config.train_images=256",
-]  # fmt: skip
+TINY = runs.TRAIN_ARGS["latent_diffusion"]  # the session's trained run: both stages, 4 steps each, 256 images
 FAST_SAMPLING = ["--config.sample_steps=2", "--config.eval_batch_size=40", "--config.eval_test_images=100"]
 
 
@@ -38,12 +34,10 @@ def _main(capsys, workdir, data_dir, *args):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, captioned_dir):
-  """A workdir with both stages trained for 4 steps each (8 devices, data:-1)."""
-  workdir = tmp_path_factory.mktemp("latent_diffusion")
-  status = ld_run.main(["--workdir", str(workdir), f"--config.data_dir={captioned_dir}", *TINY])
-  assert status == 0
-  return workdir
+def trained(trained_runs):
+  """This module's copy of the session's latent diffusion run: both stages trained for 4 steps each (8
+  devices, data:-1)."""
+  return trained_runs("latent_diffusion")
 
 
 # ------------------------------------------------------------------------------------- scores
