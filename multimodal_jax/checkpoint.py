@@ -200,12 +200,12 @@ def _state_handler() -> ocp.StandardCheckpointHandler:
     return handler
   th = ocp.type_handlers
   arrays = copy.copy(th.get_type_handler(jax.Array))
-  arrays._use_replica_parallel = False  # noqa: SLF001 - orbax reads this attribute; it has no public setter
+  arrays._use_replica_parallel = False  # orbax reads this attribute; it has no public setter
   registry = th.create_type_handler_registry(
     *((ty, th.get_type_handler(ty)) for ty in (int, float, bytes, np.number, np.ndarray, str)), (jax.Array, arrays)
   )
   # the arguments StandardCheckpointHandler gives the PyTreeCheckpointHandler it wraps, and the registry
-  handler._impl = ocp.PyTreeCheckpointHandler(  # noqa: SLF001 - see above
+  handler._impl = ocp.PyTreeCheckpointHandler(  # private too: see above
     save_concurrent_gb=96, restore_concurrent_gb=96, type_handler_registry=registry
   )
   return handler
