@@ -132,7 +132,9 @@ def trained_runs(request, tmp_path_factory):
     with filelock.FileLock(built + ".lock"):
       if not os.path.exists(built + ".done"):  # a run left half-trained by a failed build is trained again
         shutil.rmtree(built, ignore_errors=True)
-        status = runs.experiment(name).main(["--workdir", built, f"--config.data_dir={data_dir}", *runs.TRAIN_ARGS[name]])
+        status = runs.experiment(name).main(
+          ["--workdir", built, f"--config.data_dir={data_dir}", *runs.TRAIN_ARGS[name]]
+        )
         if status != 0:
           pytest.fail(f"the session's {name} run did not train (exit status {status})", pytrace=False)
         open(built + ".done", "w").close()
