@@ -16,10 +16,10 @@ from jax.sharding import PartitionSpec as P
 
 from multimodal_jax import targets
 from multimodal_jax.errors import UserError
-from multimodal_jax.targets import analysis
+from multimodal_jax.targets import analysis, devices
 
-HAVE_TPU = importlib.util.find_spec("libtpu") is not None
-HAVE_CUDA = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+HAVE_TPU = devices.installed("libtpu")
+HAVE_CUDA = devices.installed("jax_plugins.xla_cuda12")
 needs_tpu = pytest.mark.skipif(not HAVE_TPU, reason='libtpu not installed (pip install -e ".[plan]")')
 needs_cuda = pytest.mark.skipif(not HAVE_CUDA, reason='CUDA plugin not installed (pip install -e ".[plan]")')
 TPU = pytest.param("tpu:v5e:2x4", marks=needs_tpu, id="tpu")
@@ -174,11 +174,17 @@ def test_targets_parse_to_their_device_counts():
 
 
 def test_missing_compiler_names_the_install(monkeypatch):
-  # Catches: a missing libtpu / CUDA plugin surfacing as an import traceback instead of the fix.
-  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-  for text in ("tpu:v5e:2x4", "gpu:h100:8"):
-    with pytest.raises(UserError, match=r'pip install -e "\.\[plan\]"'):
-      targets.require_compiler(targets.parse_target(text))
+  # Catches: a missing libtpu / CUDA plugin surfacing as an import traceback instead of the fix, also where no
+  # PJRT plugin at all is installed: then find_spec("jax_plugins.xla_cuda12") raises, it does not return None
+  def no_plugins(name, *args):
+    if "." in name:
+      raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
+
+  for find_spec in (lambda name, *a: None, no_plugins):
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    for text in ("tpu:v5e:2x4", "gpu:h100:8"):
+      with pytest.raises(UserError, match=r'pip install -e "\.\[plan\]"'):
+        targets.require_compiler(targets.parse_target(text))
 
 
 SCANNED_ALL_GATHER = """

@@ -80,13 +80,22 @@ def prepare_environment() -> None:
       jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
 
 
+def installed(module: str) -> bool:
+  """Whether `module` (dotted names too) can be imported. `find_spec` of "a.b" raises when package "a" itself
+  is missing, as the namespace package `jax_plugins` is where no PJRT plugin is installed."""
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:
+    return False
+
+
 def require_compiler(target: Target) -> None:
   """Raises UserError naming the install command when the target's compiler package is missing."""
   if target.platform == "tpu":
-    missing = importlib.util.find_spec("libtpu") is None
+    missing = not installed("libtpu")
     what = "libtpu (jax[tpu])"
   else:
-    missing = importlib.util.find_spec("jax_plugins.xla_cuda12") is None
+    missing = not installed("jax_plugins.xla_cuda12")
     what = "the CUDA plugin (jax-cuda12-plugin, jax-cuda12-pjrt)"
   if missing:
     raise UserError(f"--config.target={target.text}: compiling for it needs {what}: {INSTALL}")

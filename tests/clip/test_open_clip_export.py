@@ -33,7 +33,7 @@ def _inputs(batch=3, seed=0):
 
 def _random_params(cfg, seed=0):
   images, tokens = _inputs(1)
-  params = CLIP(cfg).init(jax.random.key(seed), jnp.asarray(images), jnp.asarray(tokens))["params"]
+  params = jax.jit(CLIP(cfg).init)(jax.random.key(seed), jnp.asarray(images), jnp.asarray(tokens))["params"]
   params = jax.tree.map(lambda b: b.value if hasattr(b, "names") else b, params, is_leaf=lambda x: hasattr(x, "names"))
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))  # move every leaf off its initial value

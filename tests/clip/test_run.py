@@ -25,8 +25,8 @@ def test_clip_towers_give_normalized_embeddings(tower):
   cfg = clip_model.ClipConfig(vision=clip_model.VisionConfig(tower=tower), text=cfg.text)
   model = clip_model.CLIP(cfg)
   images, tokens = jnp.ones((3, 32, 32, 1)), jnp.array([[1, 5, 2] + [0] * 13] * 3, jnp.int32)
-  params = model.init(jax.random.key(0), images, tokens)
-  img, txt, scale, bias = model.apply(params, images, tokens)
+  params = jax.jit(model.init)(jax.random.key(0), images, tokens)  # jit: one compile, not one an op
+  img, txt, scale, bias = jax.jit(model.apply)(params, images, tokens)
   assert img.shape == txt.shape == (3, 128) and bias is None
   np.testing.assert_allclose(jnp.linalg.norm(img, axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(scale, 1 / 0.07, rtol=1e-5)
@@ -42,10 +42,11 @@ def test_wrong_image_size_is_explained():
 def test_text_is_pooled_at_the_end_token():
   model = clip_model.CLIP(clip_model.PRESETS["tiny"])
   tokens = jnp.array([[1, 7, 9, 2] + [0] * 12], jnp.int32)
-  params = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 1)), tokens)
-  a = model.apply(params, tokens, method=model.encode_text)
-  b = model.apply(params, tokens.at[0, 6].set(0), method=model.encode_text)  # padding changes nothing
-  c = model.apply(params, tokens.at[0, 2].set(8), method=model.encode_text)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 32, 32, 1)), tokens)
+  encode_text = jax.jit(functools.partial(model.apply, method=model.encode_text))
+  a = encode_text(params, tokens)
+  b = encode_text(params, tokens.at[0, 6].set(0))  # padding changes nothing
+  c = encode_text(params, tokens.at[0, 2].set(8))
   np.testing.assert_allclose(a, b, rtol=1e-6)
   assert not np.allclose(a, c)
 

@@ -36,7 +36,7 @@ def _tiny_bpe(**changes) -> clip_model.ClipConfig:
 
 def _save_random(path, cfg, seed=0):
   model = clip_model.CLIP(cfg)
-  variables = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 77), jnp.int32))
+  variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 77), jnp.int32))
   params = jax.tree.map(np.asarray, nn_unbox(variables["params"]))
   oc.save_open_clip(str(path), params, cfg)
   return params

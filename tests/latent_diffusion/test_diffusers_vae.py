@@ -16,7 +16,7 @@ CONFIG = dataclasses.replace(PRESETS["digits"], scaling_factor=0.7, shift_factor
 
 def _params(seed=0):
   x = jnp.zeros((1, 8, 8, CONFIG.in_channels))
-  params = jax.tree.map(np.asarray, AutoencoderKL(CONFIG).init(jax.random.key(seed), x)["params"])
+  params = jax.tree.map(np.asarray, jax.jit(AutoencoderKL(CONFIG).init)(jax.random.key(seed), x)["params"])
   params = jax.tree.map(lambda b: b.value if hasattr(b, "names") else b, params, is_leaf=lambda b: hasattr(b, "names"))
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda a: (a + 0.05 * rng.normal(size=a.shape)).astype(np.float32), params)
