@@ -19,6 +19,9 @@ TRAIN_ARGS = {
     "--config.final_eval=false", "--config.train_images=256",
   ],
 }  # fmt: skip
+# In the session's data dir: the in-memory splits its AV-digits build wrote (conftest.av_digits_dir), which
+# tests/datasets/test_av_digits.py compares the written records with.
+AV_DIGITS_SPLITS = "av_digits_splits.npz"
 DATA_FIXTURE = {
   "fusion": "av_digits_dir",
   "clip": "captioned_dir",

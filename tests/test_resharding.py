@@ -47,9 +47,7 @@ def _compile(name, init_params, loss_fn_for, batch_shapes, spec):
 
 def _clip(image_tower):
   """The CLIP experiment's default step (tiny model, 32x32 grey images, 16 word tokens, the gathered
-  softmax loss over the batch axes), built from the library so it does not follow the CLI's churn. Its
-  layers run in a scan of one layer a trip, the program TPU and GPU compile (CPU unrolls the scan by
-  default): the meshes here are the pods', and the rolled loop compiles in about half the time."""
+  softmax loss over the batch axes), built from the library so it does not follow the CLI's churn."""
   import dataclasses
 
   import jax.numpy as jnp
@@ -60,7 +58,7 @@ def _clip(image_tower):
 
   base = clip_model.PRESETS["tiny"]
   cfg = dataclasses.replace(
-    base, vision=dataclasses.replace(base.vision, tower=image_tower, channels=1), text=base.text, scan_unroll=1
+    base, vision=dataclasses.replace(base.vision, tower=image_tower, channels=1), text=base.text
   )
   model = clip_model.CLIP(cfg)
   context = cfg.text.context_length

@@ -1,12 +1,14 @@
-"""Tests for the embedded AV-digits dataset (builds it once, about 15-25 s)."""
+"""Tests for the embedded AV-digits dataset (the session's build: about 15-25 s, once)."""
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
 
 from multimodal_jax import errors
 from multimodal_jax.datasets import av_digits, digit_sources, noise_sources
+from tests import runs
 
 
 @pytest.fixture
@@ -19,8 +21,17 @@ def packages():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-  """(data sources, in-memory splits that were written) of one build."""
+def built(av_digits_dir, tmp_path_factory):
+  """(data sources, in-memory splits that were written) of one build: the session's, whose splits conftest keeps,
+  or, where the session's data was built without them (an earlier MMJ_TEST_DATA_DIR), a build of this module's."""
+  kept = os.path.join(av_digits_dir, runs.AV_DIGITS_SPLITS)
+  if os.path.exists(kept):
+    splits = {}
+    with np.load(kept) as arrays:
+      for key in arrays.files:
+        split, name = key.split("/")
+        splits.setdefault(split, {})[name] = arrays[key]
+    return av_digits.load(av_digits_dir), splits
   try:
     digit_sources.check_packages(noise_sources.music_files())
   except errors.MissingDataPackageError as e:

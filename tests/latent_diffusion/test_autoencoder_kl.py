@@ -33,7 +33,9 @@ except ImportError:
 # term's zero, sampling, training on digits) where PyTorch is missing.
 needs_diffusers = pytest.mark.skipif(torch is None, reason="needs PyTorch and diffusers (pip install torch diffusers)")
 
-STEPS = 150
+# Training steps of the digits test, at learning rate 3e-3: its MSE ends at 0.015 of the start and 0.16 of the mean
+# image's (measured; the bounds are 0.05 and 0.25).
+STEPS = 100
 # Relative error allowed against diffusers: 10x the 1.5e-6 the README states for encode and decode (was 1e-4,
 # ~70x), so the test holds the figure the README claims.
 PARITY = 1.5e-5
@@ -324,10 +326,10 @@ def digits_model():
   return model, params, jnp.asarray(x)
 
 
-@pytest.mark.slow  # ~65 s under load: a training run of the autoencoder
+@pytest.mark.slow  # a training run of the autoencoder: 10 s alone, more under load
 def test_training_on_real_digits_lowers_reconstruction_error(digits_model):
   model, params, x = digits_model
-  tx = optax.adam(2e-3)
+  tx = optax.adam(3e-3)
 
   @jax.jit
   def step(params, opt_state, i):
