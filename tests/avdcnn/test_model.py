@@ -2,6 +2,7 @@
 scores, and the feature / enhancement pipeline of the experiment on fake utterances."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -165,9 +166,10 @@ def test_conv_impls_share_parameters_and_agree():
   outputs = {}
   for impl in avdcnn.CONV_IMPLS:
     model = avdcnn.AVDCNN(dataclasses.replace(avdcnn.PRESETS["paper"], conv_impl=impl, head="residual"))
-    params = model.init({"params": jax.random.key(0)}, *avdcnn.model_inputs(batch, model.config), train=False)["params"]
+    init = jax.jit(functools.partial(model.init, train=False))  # jit: one compile, not one an op
+    params = init({"params": jax.random.key(0)}, *avdcnn.model_inputs(batch, model.config))["params"]
     params = jax.tree.map(lambda p: p + 0.01, params)  # the residual head's zero weights would hide the CNNs
-    outputs[impl] = (params, avdcnn.apply_train(model, params, batch, jax.random.key(1)))
+    outputs[impl] = (params, jax.jit(functools.partial(avdcnn.apply_train, model))(params, batch, jax.random.key(1)))
   reference_params, reference = outputs["xla"]
   for impl in ("auto", "banded"):
     params, out = outputs[impl]
@@ -287,8 +289,9 @@ def test_compressed_loss_is_the_squared_error_of_compressed_magnitudes():
   model, _, params = _init(TINY)
   source = frames_lib.FrameSource(examples, floor=-4.0)
   batch = source.batch(np.arange(0, len(source), 3))
-  loss, parts = exp_losses.make_loss_fn(model, mu=0.5, loss="compressed")(params, batch, jax.random.key(0))
-  out = avdcnn.apply_train(model, params, batch, jax.random.key(0))
+  loss_fn = jax.jit(exp_losses.make_loss_fn(model, mu=0.5, loss="compressed"))
+  loss, parts = loss_fn(params, batch, jax.random.key(0))
+  out = _train_apply(model, params, batch)
 
   def magnitude(normalized):  # |S|^0.3 from the normalized log power |S|^2, by hand
     power = np.exp(np.asarray(normalized, np.float64) * batch["std"] + batch["mean"])
