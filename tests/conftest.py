@@ -44,29 +44,6 @@ import filelock
 import pytest
 from hypothesis import HealthCheck, settings
 
-# The longest files of the whole suite (the measured runs in docs/testing.md), longest first. Under `--dist
-# loadfile` a worker takes the next file in collection order when it finishes one, so these start first and
-# the short files fill in at the end; in directory order the bad-input table and the resharding check came
-# last and one worker ran them alone while the other had finished.
-LONGEST_FIRST = (
-  "test_bad_inputs.py",
-  "clip/test_accumulation.py",
-  "test_resharding.py",
-  "latent_diffusion/test_data.py",
-  "clip/test_run.py",
-  "latent_diffusion/test_run.py",
-  "avdcnn/test_model.py",
-  "clip/test_weights.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-  """Runs the LONGEST_FIRST files first, in that order, then the rest in collection order (each file's tests
-  stay together and in their order: the sort is stable)."""
-  tests = os.path.dirname(os.path.abspath(__file__))
-  rank = {os.path.join(tests, *name.split("/")): i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(str(item.path), len(rank)))
-
 
 def pytest_xdist_auto_num_workers(config):
   """`-n auto` (the default, pyproject.toml): one worker a core, at most 4. Every worker holds its own 8
