@@ -94,28 +94,11 @@ def _build(load, data_dir, what, **kw):
 
 @pytest.fixture(scope="session")
 def av_digits_dir(session_data_dir):
-  """The session's data dir, holding AV-digits (built once per session, ~20 s). The build also keeps the
-  in-memory splits it wrote, in AV_DIGITS_SPLITS, which tests/datasets/test_av_digits.py compares the
-  written records with (so it need not build the data a second time)."""
-  import numpy as np
+  """The session's data dir, holding AV-digits (built once per session, ~20 s), with the splits its build
+  wrote (tests/runs.py), which tests/datasets/test_av_digits.py compares the written records with."""
+  from tests import runs
 
-  from multimodal_jax.datasets import av_digits
-  from tests.runs import AV_DIGITS_SPLITS
-
-  make_splits = av_digits.make_splits
-
-  def load_keeping_the_splits(data_dir):
-    def keep(*args, **kwargs):
-      splits = make_splits(*args, **kwargs)
-      flat = {f"{split}/{key}": value for split, arrays in splits.items() for key, value in arrays.items()}
-      np.savez(os.path.join(data_dir, AV_DIGITS_SPLITS), **flat)
-      return splits
-
-    with pytest.MonkeyPatch.context() as mp:
-      mp.setattr(av_digits, "make_splits", keep)
-      av_digits.load(data_dir)
-
-  return _build(load_keeping_the_splits, session_data_dir, "the embedded data")
+  return _build(runs.load_av_digits_keeping_splits, session_data_dir, "the embedded data")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,10 @@
-"""The tiny trained run of each experiment that several test files read (`trained_runs` in conftest.py):
-its arguments, and the data fixture it trains on. A file that needs a trained run to read, evaluate,
-sample from or feed bad input to takes a copy of this one instead of training its own, so each is
-trained once a session."""
+"""What the session makes once and several test files read. The tiny trained run of each experiment
+(`trained_runs` in conftest.py): its arguments, and the data fixture it trains on; a file that needs a
+trained run to read, evaluate, sample from or feed bad input to takes a copy of this one instead of
+training its own. And the in-memory splits of the session's AV-digits build, which
+tests/datasets/test_av_digits.py compares the written records with."""
+
+import os
 
 TRAIN_ARGS = {
   "fusion": ["--config.steps=4", "--config.checkpoint_every=2", "--config.log_every=1", "--config.eval_every=0"],
@@ -19,9 +22,7 @@ TRAIN_ARGS = {
     "--config.final_eval=false", "--config.train_images=256",
   ],
 }  # fmt: skip
-# In the session's data dir: the in-memory splits its AV-digits build wrote (conftest.av_digits_dir), which
-# tests/datasets/test_av_digits.py compares the written records with.
-AV_DIGITS_SPLITS = "av_digits_splits.npz"
+AV_DIGITS_SPLITS = "av_digits_splits.npz"  # beside the data: the splits its AV-digits build wrote
 DATA_FIXTURE = {
   "fusion": "av_digits_dir",
   "clip": "captioned_dir",
@@ -35,3 +36,39 @@ def experiment(name):
   import importlib
 
   return importlib.import_module(f"multimodal_jax.{name}.run")
+
+
+def load_av_digits_keeping_splits(data_dir: str) -> None:
+  """`av_digits.load(data_dir)`; when it builds the data, the splits it writes are kept in AV_DIGITS_SPLITS."""
+  import numpy as np
+  import pytest
+
+  from multimodal_jax.datasets import av_digits
+
+  make_splits = av_digits.make_splits
+
+  def keep(*args, **kwargs):
+    splits = make_splits(*args, **kwargs)
+    flat = {f"{split}/{key}": value for split, arrays in splits.items() for key, value in arrays.items()}
+    np.savez(os.path.join(data_dir, AV_DIGITS_SPLITS), **flat)
+    return splits
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(av_digits, "make_splits", keep)
+    av_digits.load(data_dir)
+
+
+def kept_av_digits_splits(data_dir: str) -> dict | None:
+  """`{split: {key: array}}` as the AV-digits build in `data_dir` wrote them, or None where it kept none (data
+  built before, e.g. in an earlier MMJ_TEST_DATA_DIR)."""
+  import numpy as np
+
+  path = os.path.join(data_dir, AV_DIGITS_SPLITS)
+  if not os.path.exists(path):
+    return None
+  splits = {}
+  with np.load(path) as arrays:
+    for key in arrays.files:
+      split, name = key.split("/")
+      splits.setdefault(split, {})[name] = arrays[key]
+  return splits

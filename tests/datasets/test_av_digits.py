@@ -1,7 +1,6 @@
 """Tests for the embedded AV-digits dataset (the session's build: about 15-25 s, once)."""
 
 import hashlib
-import os
 
 import numpy as np
 import pytest
@@ -22,31 +21,17 @@ def packages():
 
 @pytest.fixture(scope="module")
 def built(av_digits_dir, tmp_path_factory):
-  """(data sources, in-memory splits that were written) of one build: the session's, whose splits conftest keeps,
-  or, where the session's data was built without them (an earlier MMJ_TEST_DATA_DIR), a build of this module's."""
-  kept = os.path.join(av_digits_dir, runs.AV_DIGITS_SPLITS)
-  if os.path.exists(kept):
-    splits = {}
-    with np.load(kept) as arrays:
-      for key in arrays.files:
-        split, name = key.split("/")
-        splits.setdefault(split, {})[name] = arrays[key]
-    return av_digits.load(av_digits_dir), splits
-  try:
-    digit_sources.check_packages(noise_sources.music_files())
-  except errors.MissingDataPackageError as e:
-    pytest.fail(str(e), pytrace=False)
-  captured = {}
-  make_splits = av_digits.make_splits
-
-  def spy(*args, **kwargs):
-    captured["splits"] = make_splits(*args, **kwargs)
-    return captured["splits"]
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(av_digits, "make_splits", spy)
-    sources = av_digits.load(str(tmp_path_factory.mktemp("tfds")))
-  return sources, captured["splits"]
+  """(data sources, in-memory splits that were written) of one build: the session's, or, where the session's
+  data was built without keeping its splits (an earlier MMJ_TEST_DATA_DIR), a build of this module's."""
+  data_dir = av_digits_dir
+  if runs.kept_av_digits_splits(data_dir) is None:
+    try:
+      digit_sources.check_packages(noise_sources.music_files())
+    except errors.MissingDataPackageError as e:
+      pytest.fail(str(e), pytrace=False)
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    runs.load_av_digits_keeping_splits(data_dir)
+  return av_digits.load(data_dir), runs.kept_av_digits_splits(data_dir)
 
 
 @pytest.fixture(scope="module")
