@@ -17,11 +17,11 @@ import os
 import shutil
 import tempfile
 
-from tests.xla_flags import OPTIMIZATION, device_count_flag
+from tests.xla_flags import QUICK_COMPILE, device_count_flag
 
-# The XLA flags of the session (tests/xla_flags.py: 8 devices for the meshes, -O0 for quick compiles); a flag
+# The XLA flags of the session (tests/xla_flags.py: 8 devices for the meshes, quick compiles); a flag
 # the caller already set is kept, and xdist workers inherit the result.
-for _flag in (device_count_flag(8), OPTIMIZATION):
+for _flag in (device_count_flag(8), *QUICK_COMPILE):
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

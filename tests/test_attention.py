@@ -194,7 +194,9 @@ def test_transformer_options_change_the_computation_not_the_function():
   ref, ref_grad = loss(model, params), jax.grad(lambda p: loss(model, p))(params)
   remat = layers.Transformer(3, 4, causal=True, options=layers.TransformerOptions("quick_gelu", remat=True, unroll=1))
   np.testing.assert_allclose(loss(remat, params), ref, rtol=1e-5)
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # a gradient leaf sums over the batch, positions and layers: recomputed in the backward pass (remat), its float32
+  # sums differ by ~1e-7 of the leaf's largest |value| (measured 3.2e-6 on 0.18 in a leaf reaching 18), not of each element
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=max(1e-6, 1e-6 * float(np.abs(b).max())))
   jax.tree.map(close, jax.grad(lambda p: loss(remat, p))(params), ref_grad)
   unscanned = layers.Transformer(3, 4, causal=True, options=layers.TransformerOptions("quick_gelu", scan=False))
   flat = _restacked(params, 3)
