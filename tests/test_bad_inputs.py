@@ -315,14 +315,17 @@ def _cli(workdir, data_dir, *args):
   return subprocess.run([*argv, *args], check=False, capture_output=True, text=True, env=env, timeout=600)
 
 
+SMALL_STEPS = ("--config.batch_size=32", "--config.checkpoint_every=2", "--config.eval_every=0")
+
+
 @pytest.mark.slow
 def test_disk_full_during_save_is_one_line_and_keeps_the_last_good_checkpoint(av_digits_dir, tmp_path):
   disk = tmp_path / "disk"
   if not _mount_tmpfs(disk, "9M"):
     pytest.skip("needs root to mount a small tmpfs")
   try:
-    done = _cli(disk / "run", av_digits_dir, "--config.steps=60", "--config.checkpoint_every=10",
-                "--config.keep_checkpoints=10", "--config.eval_every=0")  # fmt: skip
+    # checkpoints of ~3.9 MB every 2 steps (small batches: the steps are not what is tested): the third fills 9 MB
+    done = _cli(disk / "run", av_digits_dir, "--config.steps=20", "--config.keep_checkpoints=10", *SMALL_STEPS)
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(err) == 1, done.stderr[-3000:]
     steps = checkpoint.saved_steps(str(disk / "run"))
@@ -331,7 +334,7 @@ def test_disk_full_during_save_is_one_line_and_keeps_the_last_good_checkpoint(av
     shutil.copytree(disk / "run", tmp_path / "moved")  # more space: the run resumes from the last good step
   finally:
     subprocess.run(["umount", str(disk)], check=False)
-  done = _cli(tmp_path / "moved", av_digits_dir, f"--config.steps={steps[-1] + 10}", "--config.checkpoint_every=10")
+  done = _cli(tmp_path / "moved", av_digits_dir, f"--config.steps={steps[-1] + 2}", *SMALL_STEPS)
   assert done.returncode == 0 and f"resumed from the checkpoint at step {steps[-1]}" in done.stdout
 
 

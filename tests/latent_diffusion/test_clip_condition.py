@@ -1,12 +1,13 @@
 """Latent diffusion conditioned on a trained CLIP run's text tower: the locked token features
 restored from a CLIP workdir (on 8 devices) against the CLIP model's own text embeddings, the
 one-line errors, and a pulse through the command line on the session's CLIP run (tests/runs.py, 8
-devices): both LD stages with condition=clip (a subprocess on one CPU device, whose programs compile
-about twice as fast as the 8-device ones), then sampling from the LD workdir alone (in-process, 8
-devices)."""
+devices): LD's stage 2 with condition=clip on the autoencoder of the session's LD run (a subprocess on
+one CPU device, whose programs compile about twice as fast as the 8-device ones), then sampling from
+the LD workdir alone (in-process, 8 devices)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ LD_TINY = [
     "--config.autoencoder.steps=2", "--config.autoencoder.batch_size=16", "--config.autoencoder.checkpoint_every=2",
     "--config.denoiser.steps=2", "--config.denoiser.batch_size=16", "--config.denoiser.checkpoint_every=2",
     "--config.autoencoder.log_every=1", "--config.denoiser.log_every=1", "--config.final_eval=false",
-    "--config.train_images=64", "--config.dit=tiny", "--config.condition=clip",
+    "--config.train_images=256", "--config.dit=tiny", "--config.condition=clip",
 ]  # fmt: skip
 FAST_SAMPLING = ["--config.sample_steps=2", "--config.eval_batch_size=16"]
 
@@ -129,19 +130,23 @@ def test_missing_or_wrong_clip_workdir_is_one_line(clip_dir, captioned_dir, tmp_
 
 @pytest.mark.slow
 def test_pulse_trains_on_clip_features_and_samples_from_the_workdir_alone(
-  clip_dir, captioned_dir, tmp_path, capsys, monkeypatch
+  clip_dir, captioned_dir, trained_runs, capsys, monkeypatch
 ):  # fmt: skip
-  # A relative clip_workdir is recorded as an absolute path.
-  _one_device("latent_diffusion", tmp_path, captioned_dir, *LD_TINY, f"--config.clip_workdir={clip_dir.name}",
-              cwd=clip_dir.parent)  # fmt: skip
-  with open(tmp_path / "denoiser" / "metrics.jsonl") as f:
+  # Stage 2 alone (stage 1 takes no condition; its own tests train it), on the autoencoder of the session's LD run
+  # (tests/runs.py, whose latents of its 256 training images are cached). A relative clip_workdir is recorded as an
+  # absolute path.
+  workdir = trained_runs("latent_diffusion")
+  shutil.rmtree(workdir / "denoiser")
+  _one_device("latent_diffusion", workdir, captioned_dir, *LD_TINY, "--config.stage=denoiser",
+              f"--config.clip_workdir={clip_dir.name}", cwd=clip_dir.parent)  # fmt: skip
+  with open(workdir / "denoiser" / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2]
-  config = read_config(str(tmp_path / "denoiser"))
+  config = read_config(str(workdir / "denoiser"))
   assert config["clip_workdir"] == str(clip_dir) and config["clip_step"] == 2 and config["condition"] == "clip"
-  monkeypatch.chdir(tmp_path)
+  monkeypatch.chdir(workdir)
   prompts = "--config.prompt=a handwritten digit seven; the number two"
   status, _, err = _main(
-    ld, capsys, tmp_path, captioned_dir, "--mode=sample", prompts, "--config.num_samples=2", *FAST_SAMPLING
+    ld, capsys, workdir, captioned_dir, "--mode=sample", prompts, "--config.num_samples=2", *FAST_SAMPLING
   )
   assert status == 0, err
-  assert decode_png((tmp_path / "samples.png").read_bytes()).shape == (2 * 34 + 2, 2 * 34 + 2)
+  assert decode_png((workdir / "samples.png").read_bytes()).shape == (2 * 34 + 2, 2 * 34 + 2)
