@@ -23,6 +23,7 @@ AUDIO_ONLY = avdcnn.AVDCNNConfig(modalities=("audio",))
 EARLY = avdcnn.AVDCNNConfig(fusion="early")
 TINY = avdcnn.PRESETS["tiny"]
 from tests.avdcnn.test_frames import _fake_examples
+from tests.xla_flags import RUN_MANY
 
 
 def _batch(n, seed=0):
@@ -250,7 +251,7 @@ def test_a_few_hundred_steps_reduce_the_loss_on_a_tiny_problem():
   tx = optax.adam(2e-3)
   opt = tx.init(params)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=RUN_MANY)
   def step(params, opt, batch, key):
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
     updates, opt = tx.update(grads, opt)

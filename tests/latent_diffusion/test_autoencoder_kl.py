@@ -2,6 +2,7 @@
 the errors for mismatched weights and configs, the KL term, and a loss that falls on real digits."""
 
 import dataclasses
+import functools
 import json
 import sys
 
@@ -22,6 +23,7 @@ from multimodal_jax.latent_diffusion.autoencoder_kl import (
   kl_divergence,
   measure_scale_factor,
 )
+from tests.xla_flags import RUN_MANY
 
 try:  # the reference implementation, for the parity and conversion tests only
   import diffusers
@@ -331,7 +333,7 @@ def test_training_on_real_digits_lowers_reconstruction_error(digits_model):
   model, params, x = digits_model
   tx = optax.adam(3e-3)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=RUN_MANY)
   def step(params, opt_state, i):
     rng = jax.random.fold_in(jax.random.key(1), i)
     grads, aux = jax.grad(lambda p: autoencoder_loss(model, p, x, rng), has_aux=True)(params)
