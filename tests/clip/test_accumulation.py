@@ -25,12 +25,6 @@ from multimodal_jax.clip import run as clip_run
 
 BATCH = 32  # k = 4 microbatches of 8: one row per device on 8 devices
 FSDP = "data:4,fsdp:2"
-SHARDED = {
-  ("softmax", "gather"): losses.clip_softmax_loss_gathered,
-  ("softmax", "chunked"): losses.clip_softmax_loss_chunked,
-  ("sigmoid", "gather"): losses.sigmoid_loss_gathered,
-  ("sigmoid", "chunked"): losses.sigmoid_loss_chunked,
-}
 NORMALIZE = cdata.make_normalizer((0.5,), (0.25,))
 SHIFT = 3  # every test augments: the two passes of a microbatch must draw the same shifts
 
@@ -83,12 +77,17 @@ def config_of(loss, impl):
   return types.SimpleNamespace(loss=loss, loss_impl=impl, augment_shift=SHIFT)
 
 
+PLAIN = {"softmax": losses.clip_softmax_loss, "sigmoid": losses.sigmoid_loss}
+
+
 @functools.cache
-def reference(spec, loss, impl, k):
-  """jit(value_and_grad) of the loss of the whole batch, written out in one pass: model.apply and the sharded
-  loss, microbatch i (rows i, i + k, ...) shifted with fold_in(rng, i) as the trainer draws it, the whole batch
-  with rng itself when k = 1 (today's step)."""
-  model, mesh, sharded = model_of(loss), mesh_of(spec), SHARDED[loss, impl]
+def reference(loss, k):
+  """jit(value_and_grad) of the loss of the whole batch, written out in one pass on one device with the plain
+  (unsharded) loss: model.apply, microbatch i (rows i, i + k, ...) shifted with fold_in(rng, i) as the trainer draws
+  it, the whole batch with rng itself when k = 1 (today's step). Every mesh's and loss implementation's case compares
+  with it (the params and batch of `inputs` are the same on every mesh), so a sharded loss is checked against the
+  plain one too, and each (loss, k) compiles once."""
+  model = model_of(loss)
 
   def loss_fn(params, batch, rng):
     images = batch["image"]
@@ -98,10 +97,9 @@ def reference(spec, loss, impl, k):
       parts = [NORMALIZE(images[i::k], jax.random.fold_in(rng, i), SHIFT) for i in range(k)]
       images = jnp.stack(parts, axis=1).reshape(images.shape)
     img, txt, scale, bias = model.apply({"params": params}, images, batch["text"])
-    extra = (bias,) if loss == "sigmoid" else ()
-    return sharded(img, txt, scale, *extra, mesh, shd.BATCH_AXES)
+    return PLAIN[loss](img, txt, scale, *((bias,) if loss == "sigmoid" else ()))
 
-  return jax.jit(jax.value_and_grad(loss_fn))(*inputs(spec, loss))
+  return jax.device_get(jax.jit(jax.value_and_grad(loss_fn))(*inputs("one", loss)))
 
 
 def accumulated(spec, loss, impl, k, loss_fn=None):
@@ -112,8 +110,8 @@ def accumulated(spec, loss, impl, k, loss_fn=None):
 
 
 # (mesh, loss, impl, k): each mesh, loss and impl, and k = 1, 2, 4 on each mesh and for each loss (on one device
-# gather and chunked are the same plain loss). Every case is two compiles (~10 s of CPU each), so not every
-# product is here.
+# gather and chunked are the same plain loss). Every case compiles the accumulated gradient (seconds of CPU each) and
+# shares the one-device reference of its (loss, k) with other cases, so not every product is here.
 CASES = [
   ("one", "softmax", "gather", 1),
   ("one", "softmax", "gather", 4),
@@ -123,7 +121,7 @@ CASES = [
   (FSDP, "sigmoid", "gather", 1),
   (FSDP, "sigmoid", "chunked", 4),
 ]
-# Every case compiles two CLIP steps (tens of seconds on 2 cores): all in the whole suite; the fast subset keeps
+# Every case compiles one or two CLIP steps (tens of seconds on 2 cores): all in the whole suite; the fast subset keeps
 # test_train.py's exact accumulation on a small model. CHECKED is the case the control below reuses.
 CHECKED = (FSDP, "softmax", "gather", 2)
 
@@ -133,8 +131,9 @@ def test_accumulated_gradient_is_the_whole_batch_gradient(spec, loss, impl, k):
   # catches accumulation that trains each microbatch's own loss (its negatives only), a second pass that draws
   # other augmentation shifts than the first, a k = 1 step whose randomness is not today's, a microbatch's
   # embedding gradient pulled back through another's rows (split and merge orders that disagree), a lost or
-  # doubled logit scale/bias gradient, and a reported loss that is not the whole batch's
-  expected_loss, expected_grads = reference(spec, loss, impl, k)
+  # doubled logit scale/bias gradient, a reported loss that is not the whole batch's, and a sharded loss (gathered
+  # or chunked, on the FSDP mesh) that is not the plain one
+  expected_loss, expected_grads = reference(loss, k)
   loss_value, aux, grads = accumulated(spec, loss, impl, k)
   assert_close(loss_value, expected_loss)
   assert_close(grads, expected_grads)
@@ -153,7 +152,7 @@ def test_the_comparison_tells_other_gradients_apart():
   def embed_with_other_keys(params, batch, rng):
     return clip_loss.embed(params, batch, jax.random.fold_in(rng, next(traces)))
 
-  expected_loss, expected_grads = reference(spec, loss, impl, k)
+  expected_loss, expected_grads = reference(loss, k)
   mean_loss, _, mean_grads = accumulated(spec, loss, impl, k, loss_fn=lambda *a: clip_loss(*a))
   assert float(mean_loss) < float(expected_loss) - 0.1  # fewer negatives: an easier task
   other_keys = train.EmbeddingLoss(embed_with_other_keys, clip_loss.loss_from_embeddings)
@@ -181,10 +180,10 @@ def test_train_step_updates_with_the_whole_batch_gradient_and_logs_its_loss():
   step = train.make_train_step(loss_fn, tx, mesh, shardings, grad_accum_steps=k)  # seed 0: the reference's rng
   before = jax.device_get(params)
   state, metrics = step(state, batch)
-  expected_loss, expected_grads = reference(spec, loss, impl, k)
+  expected_loss, expected_grads = reference(loss, k)
   assert_close(metrics["loss"], expected_loss)
   assert_close(metrics["grad_norm"], optax.tree.norm(expected_grads))
-  assert_close(state.params, jax.tree.map(lambda p, g: p - g, before, jax.device_get(expected_grads)))
+  assert_close(state.params, jax.tree.map(lambda p, g: p - g, before, expected_grads))
 
 
 @pytest.mark.slow
