@@ -8,8 +8,6 @@ the LD workdir alone (in-process, 8 devices)."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -29,9 +27,8 @@ from multimodal_jax.eval.images import decode_png
 from multimodal_jax.latent_diffusion import config as ld_config
 from multimodal_jax.latent_diffusion import prompts as ldp
 from multimodal_jax.latent_diffusion import run as ld
-from tests.xla_flags import xla_flags
+from tests.one_device import run_mains
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LD_TINY = [
     "--config.autoencoder.steps=2", "--config.autoencoder.batch_size=16", "--config.autoencoder.checkpoint_every=2",
     "--config.denoiser.steps=2", "--config.denoiser.batch_size=16", "--config.denoiser.checkpoint_every=2",
@@ -39,16 +36,6 @@ LD_TINY = [
     "--config.train_images=256", "--config.dit=tiny", "--config.condition=clip",
 ]  # fmt: skip
 FAST_SAMPLING = ["--config.sample_steps=2", "--config.eval_batch_size=16"]
-
-
-def _one_device(module, workdir, data_dir, *args, cwd=ROOT):
-  """`python -m experiments.<module>` on one CPU device; its stderr when it fails."""
-  result = subprocess.run(
-      [sys.executable, "-m", f"experiments.{module}", "--workdir", str(workdir), f"--config.data_dir={data_dir}", *args],
-      cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(1)),
-      capture_output=True, text=True, timeout=300, check=False,
-  )  # fmt: skip
-  assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _main(module, capsys, workdir, data_dir, *args):
@@ -137,8 +124,11 @@ def test_pulse_trains_on_clip_features_and_samples_from_the_workdir_alone(
   # absolute path.
   workdir = trained_runs("latent_diffusion")
   shutil.rmtree(workdir / "denoiser")
-  _one_device("latent_diffusion", workdir, captioned_dir, *LD_TINY, "--config.stage=denoiser",
-              f"--config.clip_workdir={clip_dir.name}", cwd=clip_dir.parent)  # fmt: skip
+  args = ["--workdir", workdir, f"--config.data_dir={captioned_dir}", *LD_TINY, "--config.stage=denoiser"]
+  ((status, _, err),) = run_mains(
+    "latent_diffusion", [*args, f"--config.clip_workdir={clip_dir.name}"], cwd=clip_dir.parent
+  )
+  assert status == 0, err[-3000:]
   with open(workdir / "denoiser" / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2]
   config = read_config(str(workdir / "denoiser"))

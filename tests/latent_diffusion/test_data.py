@@ -23,6 +23,7 @@ from multimodal_jax.latent_diffusion import run as ld_run
 from multimodal_jax.latent_diffusion import stages as ldr
 from multimodal_jax.latent_diffusion.diffusers_vae import diffusers_config, load_diffusers_vae, save_diffusers_vae
 from multimodal_jax.latent_diffusion.generate import Generator
+from tests.one_device import run_mains
 
 TINY = [
     "--config.autoencoder.steps=2", "--config.autoencoder.batch_size=16", "--config.autoencoder.checkpoint_every=2",
@@ -103,23 +104,19 @@ def test_autoencoder_preset_follows_the_image_size():
 
 
 @pytest.mark.slow
-def test_cli_trains_samples_and_evaluates_on_a_folder(folder, tmp_path, capsys):
+def test_cli_trains_samples_and_evaluates_on_a_folder(folder, tmp_path):
+  # on one device (tests/one_device.py): this is about the folder's data, prompts and images, not the mesh
+  common = ["--workdir", tmp_path / "run", f"--config.data_dir={tmp_path}"]
   data = ["--config.dataset=folder:" + str(folder), "--config.channels=3", "--config.image_size=32"]
+  sample = ["--mode=sample", "--config.prompt=a dark ring; a bright square", "--config.num_samples=2", *FAST]
+  evaluate = ["--mode=eval", "--config.eval_samples_per_digit=2", "--config.eval_test_images=4", *FAST]
+  done = run_mains("latent_diffusion", [*common, *TINY, *data], [*common, *sample], [*common, *evaluate])
+  assert [status for status, _, _ in done] == [0, 0, 0], done[-1][2][-3000:]
   workdir = tmp_path / "run"
-  status, _, err = _main(capsys, workdir, tmp_path, *TINY, *data)
-  assert status == 0, err
-  status, _, err = _main(
-    capsys, workdir, tmp_path, "--mode=sample", "--config.prompt=a dark ring; a bright square", "--config.num_samples=2",
-    *FAST,
-  )  # fmt: skip
-  assert status == 0, err
   assert decode_png((workdir / "samples.png").read_bytes()).shape == (2 * 34 + 2, 2 * 34 + 2, 3)
   assert sorted(os.listdir(workdir / "samples")) == ["0000.png", "0001.png", "0002.png", "0003.png"]
   assert decode_png((workdir / "samples" / "0003.png").read_bytes()).shape == (32, 32, 3)
-  status, out, err = _main(capsys, workdir, tmp_path, "--mode=eval", "--config.eval_samples_per_digit=2",
-                           "--config.eval_test_images=4", *FAST)  # fmt: skip
-  assert status == 0, err
-  result = json.loads(out.strip().splitlines()[-1])
+  result = json.loads(done[2][1].strip().splitlines()[-1])
   assert result["num_generated"] == 4 and len(result["accuracy_per_class"]) == 2
   assert 0.0 <= result["conditional_accuracy"] <= 1.0 and result["fid"] >= 0.0
   assert f"labels of folder:{folder}" in result["fid_features"]
