@@ -1,8 +1,9 @@
 """An experiment's `main(argv)` run in a subprocess on one CPU device, for the tests about data, files and the
 command line rather than the mesh: their programs compile about twice as fast there as on the session's 8
-simulated devices (latent diffusion's folder run, train + sample + eval: 45 s in the pytest process, 31 s so,
-imports included). The argvs run one after another in the one process (one import, one data load), each with its
-own stdout and stderr, as a test in the pytest process reads them with capsys."""
+simulated devices (latent diffusion's folder run, train + sample + eval: 45 s in the pytest process, 37 s so,
+imports and the session's compile cache included). The argvs run one after another in the one process (one
+import, one data load), each with its own stdout and stderr, as a test in the pytest process reads them with
+capsys."""
 
 import json
 import os
@@ -13,8 +14,9 @@ from tests.xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCRIPT = """
-import contextlib, importlib, io, json, sys
-main = importlib.import_module(f"multimodal_jax.{sys.argv[1]}.run").main
+import contextlib, io, json, sys
+from tests import runs
+main = runs.experiment(sys.argv[1]).main
 results = []
 for argv in json.loads(sys.argv[2]):
   out, err = io.StringIO(), io.StringIO()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from multimodal_jax.arrays import batched_apply, l2_normalize, pad_rows, random_shift
-from multimodal_jax.data.pipeline import ArraySource, Rows, TextDecoded
+from multimodal_jax.data.pipeline import ArraySource, TextDecoded
 from multimodal_jax.text.featurisers import CachedTextFeatures
 
 
@@ -94,13 +94,3 @@ def test_sources_give_text_as_str():
   assert TextDecoded(ArraySource(caption=np.asarray([b"x"])), ("caption",))[0]["caption"] == "x"
   with pytest.raises(ValueError, match="one length"):
     ArraySource(a=np.zeros(2), b=np.zeros(3))
-
-
-def test_rows_is_the_chosen_records_in_order():
-  # catches a view that reads record i instead of indices[i], drops the last index, or accepts rows it cannot read
-  base = ArraySource(x=np.arange(10) * 10)
-  every_second = Rows(base, range(0, 10, 2))
-  assert len(every_second) == 5 and [every_second[i]["x"] for i in range(5)] == [0, 20, 40, 60, 80]
-  assert [r["x"] for r in (Rows(base, [9, 3])[0], Rows(base, [9, 3])[1])] == [90, 30] and len(Rows(base, [])) == 0
-  with pytest.raises(IndexError, match="outside 0..9"):
-    Rows(base, [3, 10])

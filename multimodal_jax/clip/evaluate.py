@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,7 @@ from multimodal_jax import files
 from multimodal_jax import sharding as shd
 from multimodal_jax.arrays import l2_normalize
 from multimodal_jax.clip import data as cdata
-from multimodal_jax.data.pipeline import Rows, eval_batches, load_on_every_process
+from multimodal_jax.data.pipeline import eval_batches, load_on_every_process
 from multimodal_jax.datasets import captioned_digits as cd
 from multimodal_jax.eval.retrieval import recall_at_k
 from multimodal_jax.eval.zero_shot import zero_shot_accuracy, zero_shot_classifier
@@ -154,7 +155,7 @@ def evaluate(model, params, config, settings, mesh, text_inputs, normalize, work
     data = load_on_every_process(lambda: cd.load(config.data_dir or None))
     transform = cdata.make_transform(text_inputs, size, chans)
     # The linear probe fits on every second training record (4,000 of the 8,000 pairs): only those are encoded.
-    sources = {"test": data["test"], "train": Rows(data["train"], range(0, len(data["train"]), 2))}
+    sources = {"test": data["test"], "train": grain.MapDataset.source(data["train"])[::2]}
     splits = {
       s: encode_split(lambda b: encode(params, b), source, config.eval_batch_size, mesh, transform)
       for s, source in sources.items()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -243,26 +243,6 @@ class ArraySource:
 
   def __repr__(self) -> str:
     return f"ArraySource({', '.join(f'{k}={v.shape}' for k, v in self._arrays.items())})"
-
-
-class Rows:
-  """The records `indices` of a random-access `source`, as a source of their own: record i is
-  `source[indices[i]]` (e.g. one record of each image where a split repeats images, one per caption)."""
-
-  def __init__(self, source: Any, indices: Sequence[int]):
-    self._source = source
-    self._indices = np.asarray(indices, np.int64)
-    if len(self._indices) and not (0 <= self._indices.min() and self._indices.max() < len(source)):
-      raise IndexError(f"Rows: indices outside 0..{len(source) - 1}")
-
-  def __len__(self) -> int:
-    return len(self._indices)
-
-  def __getitem__(self, i: int) -> dict:
-    return self._source[int(self._indices[i])]
-
-  def __repr__(self) -> str:
-    return f"Rows({self._source!r}, {len(self)} of {len(self._source)})"
 
 
 class TextDecoded:
