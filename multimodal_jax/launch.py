@@ -8,6 +8,14 @@ import sys
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 
+def with_tcmalloc(environ: dict[str, str]) -> dict[str, str] | None:
+  """`environ` with tcmalloc added to LD_PRELOAD, for a process about to start; None where it is not
+  installed, already preloaded, or MMJ_NO_TCMALLOC is set."""
+  if environ.get("MMJ_NO_TCMALLOC") or "tcmalloc" in environ.get("LD_PRELOAD", "") or not os.path.exists(TCMALLOC):
+    return None
+  return dict(environ, LD_PRELOAD=":".join(filter(None, [TCMALLOC, environ.get("LD_PRELOAD")])))
+
+
 def maybe_reexec_with_tcmalloc() -> None:
   """Restarts `python -m ...` with tcmalloc preloaded when it is installed and not yet in use.
 
@@ -16,10 +24,8 @@ def maybe_reexec_with_tcmalloc() -> None:
   the two allocators), which is why TPU VM images preload tcmalloc too. Set MMJ_NO_TCMALLOC=1 to
   keep the default allocator.
   """
-  if os.environ.get("MMJ_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+  env = with_tcmalloc(dict(os.environ))
+  if env is None or "jax" in sys.modules:
     return
-  if not os.path.exists(TCMALLOC) or "jax" in sys.modules:
-    return
-  env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [TCMALLOC, os.environ.get("LD_PRELOAD")])))
   sys.stdout.flush()
   os.execve(sys.executable, list(sys.orig_argv), env)

@@ -1,5 +1,5 @@
-"""Test setup: 8 simulated CPU devices and quick CPU compiles, forced before JAX starts; a compilation
-cache of the session's own; hypothesis profiles; the embedded data, built once.
+"""Test setup: 8 simulated CPU devices and quick CPU compiles, forced before JAX starts; tcmalloc for the
+processes the session starts; a compilation cache of the session's own; hypothesis profiles; the embedded data, built once.
 
 Compilation cache: experiments launched through `multimodal_jax.cli` turn on JAX's persistent cache,
 by default in the user's ~/.cache, and once on it stays on for the rest of the process. So the
@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 
+from multimodal_jax import launch  # imports nothing heavy: JAX is not loaded yet
 from tests.xla_flags import QUICK_COMPILE, device_count_flag
 
 # The XLA flags of the session (tests/xla_flags.py: 8 devices for the meshes, quick compiles); a flag
@@ -25,6 +26,13 @@ for _flag in (device_count_flag(8), *QUICK_COMPILE):
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# tcmalloc for the processes the session starts (pytest-xdist's workers, the tests' subprocesses) where it is
+# installed, as the experiments' launcher does: with glibc malloc XLA's CPU runtime spends much of its time in
+# page faults (docs/testing.md). The controller itself runs no test; `-n 0` runs with the caller's allocator.
+_preloaded = launch.with_tcmalloc(dict(os.environ))
+if _preloaded is not None:
+  os.environ["LD_PRELOAD"] = _preloaded["LD_PRELOAD"]
 
 SESSION_COMPILE_CACHE = os.environ.get("MMJ_TEST_COMPILE_CACHE", "").strip()
 if not SESSION_COMPILE_CACHE:

@@ -194,3 +194,18 @@ def test_checkpoint_import_and_use_leave_process_hooks(tmp_path):
   """)
   done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_tcmalloc_is_added_to_the_preload_list_once_and_never_against_the_users_choice(monkeypatch):
+  # catches a launcher (or the test session, conftest.py) that drops the caller's own LD_PRELOAD, preloads
+  # tcmalloc twice, or ignores MMJ_NO_TCMALLOC
+  from multimodal_jax import launch
+
+  monkeypatch.setattr(launch.os.path, "exists", lambda path: path == launch.TCMALLOC)
+  env = launch.with_tcmalloc({"LD_PRELOAD": "/opt/libmine.so", "HOME": "/h"})
+  assert env == {"LD_PRELOAD": f"{launch.TCMALLOC}:/opt/libmine.so", "HOME": "/h"}
+  assert launch.with_tcmalloc({}) == {"LD_PRELOAD": launch.TCMALLOC}
+  assert launch.with_tcmalloc(env) is None
+  assert launch.with_tcmalloc({"MMJ_NO_TCMALLOC": "1"}) is None
+  monkeypatch.setattr(launch.os.path, "exists", lambda path: False)  # not installed: nothing to preload
+  assert launch.with_tcmalloc({}) is None

@@ -165,9 +165,9 @@ def _control():
 CONTROL = "control"
 STEPS = {"clip_vit": lambda: _clip("vit"), "clip_resnet": lambda: _clip("resnet"), "dit": _dit}
 STEPS |= {"fusion": _fusion, "avdcnn": _avdcnn}
-# Kept from the caller's environment: what finds Python, its packages and a temp dir. Everything else
+# Kept from the caller's environment: what finds Python, its packages, its allocator and a temp dir. Everything else
 # (XLA_FLAGS, TF_CPP_* log levels, JAX_* settings such as JAX_COMPILATION_CACHE_DIR, MMJ_*) is set below.
-KEPT_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "TMPDIR")
+KEPT_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "LD_PRELOAD", "TMPDIR")
 
 
 def clean_env() -> dict[str, str]:
