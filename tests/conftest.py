@@ -18,13 +18,15 @@ import shutil
 import tempfile
 
 from multimodal_jax import launch  # imports nothing heavy: JAX is not loaded yet
-from tests.xla_flags import QUICK_COMPILE, device_count_flag
+from tests.xla_flags import QUICK_COMPILE, QUICK_COMPILE_ENV, device_count_flag
 
 # The XLA flags of the session (tests/xla_flags.py: 8 devices for the meshes, quick compiles); a flag
 # the caller already set is kept, and xdist workers inherit the result.
 for _flag in (device_count_flag(8), *QUICK_COMPILE):
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
+for _key, _value in QUICK_COMPILE_ENV.items():
+  os.environ.setdefault(_key, _value)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # tcmalloc for the processes the session starts (pytest-xdist's workers, the tests' subprocesses) where it is

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.xla_flags import xla_flags
+from tests.xla_flags import QUICK_COMPILE_ENV, xla_flags
 
 MESHES = ("data:8", "data:4,fsdp:2", "data:2,fsdp:2,tensor:2")
 WARNING = "Involuntary full rematerialization"
@@ -175,7 +175,7 @@ def clean_env() -> dict[str, str]:
   persistent compilation cache (JAX's and ours off)."""
   env = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
   # -O0 as everywhere in the tests: the warning comes from the SPMD partitioner, an HLO pass that runs either way.
-  env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(8)}
+  env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(8), **QUICK_COMPILE_ENV}
   env |= {"TF_CPP_MIN_LOG_LEVEL": "0", "JAX_ENABLE_COMPILATION_CACHE": "false", "MMJ_COMPILE_CACHE": "off"}
   return env
 

@@ -13,6 +13,7 @@ from multimodal_jax.clip import run as clip_run_mod
 from multimodal_jax.errors import UserError
 from multimodal_jax.eval.templates import OPENAI_IMAGENET_TEMPLATES, load_templates
 from multimodal_jax.text import ClipBPETokenizer, shipped_vocab
+from tests.xla_flags import optimized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -76,7 +77,8 @@ def test_train_on_a_csv_and_evaluate_on_a_folder(tmp_path, user_data, capsys):
   common = ["--workdir", str(tmp_path / "run"), f"--config.data_dir={tmp_path / 'data'}"]
   args = [*common, f"--config.dataset=csv:{user_data / 'pairs.tsv'}", "--config.image_size=16"]
   args += ["--config.steps=10", "--config.batch_size=16", "--config.log_every=1", "--config.eval_batch_size=8"]
-  assert clip_run_mod.main(args) == 0, capsys.readouterr().err
+  with optimized():  # 10 steps over the BPE vocabulary's embedding table: at -O0 the run is mostly these steps
+    assert clip_run_mod.main(args) == 0, capsys.readouterr().err
   evaluate = [*common, "--mode=eval", f"--config.eval_dataset=folder:{user_data / 'test'}"]
   evaluate += [f"--config.templates={user_data / 'templates.txt'}", "--config.eval_batch_size=8"]
   capsys.readouterr()
