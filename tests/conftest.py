@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices and quick CPU compiles, forced before JAX starts; tcmalloc for the
-processes the session starts; a compilation cache of the session's own; hypothesis profiles; the embedded data, built once.
+processes the session starts; a compilation cache of the session's own; hypothesis profiles; the embedded
+data, built once.
 
 Compilation cache: experiments launched through `multimodal_jax.cli` turn on JAX's persistent cache,
 by default in the user's ~/.cache, and once on it stays on for the rest of the process. So the

@@ -19,17 +19,16 @@ import contextlib
 
 QUICK_COMPILE = ("--xla_cpu_use_fusion_emitters=false",)
 QUICK_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # XLA's backend at -O0 (LLVM's cheap passes only)
-# A test's own step that runs hundreds of times (the AVDCNN and autoencoder learning checks) is the exception: LLVM at
-# -O2 for that one program (`jax.jit(step, compiler_options=RUN_MANY)`), which then runs about twice as fast
-# (AVDCNN's 300 steps 22.7 -> 10.8 s) for a compile a fraction of a second longer.
-RUN_MANY = {"xla_backend_optimization_level": 2}
 
 
 @contextlib.contextmanager
 def optimized():
   """XLA's default optimization (LLVM -O2) for what compiles inside, as a user's run has: for a test whose
-  library programs run many times (CLIP's big-vocabulary train step on a CSV, the digit classifier's 100 steps),
-  where a faster program pays for its longer compile (measured: 23 -> 16 s and 14 -> 9 s on one core)."""
+  programs run many times, where a faster program pays for its longer compile (docs/testing.md, one worker):
+  AVDCNN's 300 learning steps (22.7 -> 10.1 s), the autoencoder's 100 (15.3 -> 11.3 s), CLIP's CSV run of 10
+  steps over the BPE vocabulary's embedding table (23 -> 17.5 s), the digit classifier's 100 (14.9 -> 8.9 s).
+  Not for a block that initialises a model: a parameter init (a threefry draw a leaf) can take 10x longer to
+  compile at -O2."""
   import jax
 
   before = jax.config.read("jax_disable_most_optimizations")
