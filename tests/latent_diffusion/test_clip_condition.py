@@ -2,7 +2,7 @@
 restored from a CLIP workdir (on 8 devices) against the CLIP model's own text embeddings, the
 one-line errors, and a pulse through the command line on the session's CLIP run (tests/runs.py, 8
 devices): LD's stage 2 with condition=clip on the autoencoder of the session's LD run (a subprocess on
-one CPU device, whose programs compile about twice as fast as the 8-device ones), then sampling from
+one CPU device, tests/one_device.py), then sampling from
 the LD workdir alone (in-process, 8 devices)."""
 
 import json
