@@ -1,9 +1,9 @@
 """An experiment's `main(argv)` run in a subprocess on one CPU device, for the tests about data, files and the
 command line rather than the mesh: latent diffusion's folder run (train + sample + eval) took 45 s in the pytest
 process and 37 s so, imports and the session's compile cache included. Not every program compiles faster on one
-device (the digits autoencoder's train step: 10.6 s there, 7.9 s on 8; single timings vary by up to 40%). The argvs run one after another in the one process (one
-import, one data load), each with its own stdout and stderr, as a test in the pytest process reads them with
-capsys."""
+device (the digits autoencoder's train step: 10.6 s there, 7.9 s on 8; single timings vary by up to 40%).
+The argvs run one after another in the one process (one import, one data load), each with its own stdout and
+stderr, as a test in the pytest process reads them with capsys."""
 
 import json
 import os
