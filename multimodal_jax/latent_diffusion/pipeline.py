@@ -48,12 +48,20 @@ def split_arrays(source) -> tuple[np.ndarray, list[str], np.ndarray]:
 def unique_images(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """`(images, labels, index)` of the distinct images, in the order they first appear; `index[i]` is
   the row of record i's image."""
-  flat = images.reshape(len(images), -1)
-  _, first, index = np.unique(flat, axis=0, return_index=True, return_inverse=True)
-  order = np.argsort(first)
-  rank = np.empty_like(order)
-  rank[order] = np.arange(len(order))
-  return images[first[order]], labels[first[order]], rank[index.reshape(-1)]
+  # A dict keyed by each image's bytes: one pass, ~20 ms for the 8,000 digits where np.unique(axis=0)
+  # (a lexicographic sort of the rows) took 1.4 s at the start of every latent diffusion command.
+  seen: dict[bytes, int] = {}
+  first: list[int] = []
+  index = np.empty(len(images), np.int64)
+  for i, row in enumerate(np.ascontiguousarray(images).reshape(len(images), -1)):
+    key = row.tobytes()
+    j = seen.get(key)
+    if j is None:
+      j = seen[key] = len(first)
+      first.append(i)
+    index[i] = j
+  rows = np.asarray(first, np.int64)
+  return images[rows], labels[rows], index
 
 
 def training_set(source, limit: int = 0) -> dict:

@@ -5,7 +5,6 @@ the gradient of the loss over all the batch's pairs, computed here independently
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import types
 
@@ -21,7 +20,6 @@ from multimodal_jax import train
 from multimodal_jax.clip import data as cdata
 from multimodal_jax.clip import losses
 from multimodal_jax.clip import model as clip_model
-from multimodal_jax.clip import run as clip_run
 
 BATCH = 32  # k = 4 microbatches of 8: one row per device on 8 devices
 FSDP = "data:4,fsdp:2"
@@ -184,15 +182,3 @@ def test_train_step_updates_with_the_whole_batch_gradient_and_logs_its_loss():
   assert_close(metrics["loss"], expected_loss)
   assert_close(metrics["grad_norm"], optax.tree.norm(expected_grads))
   assert_close(state.params, jax.tree.map(lambda p, g: p - g, before, expected_grads))
-
-
-@pytest.mark.slow
-def test_a_run_with_accumulation_trains(tmp_path, captioned_dir):
-  # catches a run whose loss cannot be accumulated (run_train's loss wiring, the config key) or whose step fails
-  args = ["--workdir", str(tmp_path), f"--config.data_dir={captioned_dir}", "--config.mesh=data:4,fsdp:2"]
-  settings = ["--config.steps=3", "--config.batch_size=16", "--config.grad_accum_steps=2", "--config.log_every=1"]
-  assert clip_run.main(args + settings) == 0
-  with open(tmp_path / "metrics.jsonl") as f:
-    metrics = [json.loads(line) for line in f]
-  assert [m["step"] for m in metrics] == [1, 2, 3]
-  assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)

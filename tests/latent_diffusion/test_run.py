@@ -70,6 +70,19 @@ def test_fid_of_feature_sets():
   assert np.isfinite(generative.fid(dead, y))
 
 
+def test_unique_images_keep_the_order_of_first_appearance():
+  # catches distinct images in another order than their first appearance (sorted, as np.unique gives them), a
+  # record mapped to another row than its image's, or a duplicate kept: 5 records of 3 distinct 2x2 images
+  a, b, c = (np.full((2, 2, 1), v, np.uint8) for v in (9, 1, 5))
+  b[0, 0, 0] = 2  # differs from a constant image in one byte
+  images, labels = np.stack([a, b, a, c, b]), np.array([7, 3, 7, 0, 3])
+  distinct, distinct_labels, index = ldm.unique_images(images, labels)
+  np.testing.assert_array_equal(distinct, np.stack([a, b, c]))
+  np.testing.assert_array_equal(distinct_labels, [7, 3, 0])
+  np.testing.assert_array_equal(index, [0, 1, 0, 2, 1])
+  np.testing.assert_array_equal(distinct[index], images)
+
+
 @pytest.mark.slow
 def test_classifier_is_accurate_on_real_test_digits_and_cached(tmp_path, captioned_dir):
   from multimodal_jax.datasets import captioned_digits
