@@ -128,9 +128,10 @@ def export_open_clip(params: Any, config: ClipConfig, tokenizer: str, target: st
   if kind != "open_clip" or not file.endswith(".safetensors"):
     raise UserError(f"--config.export_to={target}: expected open_clip:FILE.safetensors")
   if config.vision.tower != "vit" or config.vision.pool != "token":
+    tower = config.vision.tower if config.vision.tower != "vit" else f"a ViT pooled by {config.vision.pool}"
     raise UserError(
-      f"--config.export_to={target}: this run's image tower is {config.vision.tower} (pooled by {config.vision.pool}), "
-      "and open_clip takes our ViT pooled by its class token only (train with --config.image_tower=vit)"
+      f"--config.export_to={target}: this run's image tower is {tower}, and open_clip takes our ViT pooled by its "
+      "class token only (train with --config.image_tower=vit)"
     )
   if config.text_tower != "transformer":
     raise UserError(f"--config.export_to={target}: this run's text tower is precomputed (minilm); open_clip needs clip")

@@ -230,34 +230,31 @@ def test_export_of_a_run_open_clip_cannot_use_is_one_line(tmp_path, trained_runs
   assert len(err) == 1 and "image tower is resnet" in err[0] and not out.exists()
 
 
-def _exportable(**changes):
-  """`_tiny_bpe()` (a model open_clip takes) with `changes` to its vision config, text tower or text config."""
+def _exportable(vision=None, text=None, **top):
+  """`_tiny_bpe()` (a model open_clip takes) with changes to its vision config, text config and top-level fields."""
   cfg = _tiny_bpe()
-  vision = dataclasses.replace(cfg.vision, **{k: v for k, v in changes.items() if k in ("tower", "pool", "channels")})
-  text = dataclasses.replace(cfg.text, **{k: v for k, v in changes.items() if k == "vocab_size"})
-  return dataclasses.replace(cfg, vision=vision, text=text, text_tower=changes.get("text_tower", cfg.text_tower))
+  vision, text = dataclasses.replace(cfg.vision, **(vision or {})), dataclasses.replace(cfg.text, **(text or {}))
+  return dataclasses.replace(cfg, vision=vision, text=text, **top)
 
 
 @pytest.mark.parametrize(
-  "changes, tokenizer, needle",
+  "changes, tokenizer, file, needle",
   [
-    ({"tower": "resnet"}, "clip_bpe", "image tower is resnet (pooled by token)"),
-    ({"pool": "mean"}, "clip_bpe", "image tower is vit (pooled by mean)"),
-    ({"text_tower": "precomputed"}, "clip_bpe", "text tower is precomputed"),
-    ({}, "words", "tokenizer is words"),
-    ({"vocab_size": 1000}, "clip_bpe", "tokenizer is clip_bpe"),
-    ({"channels": 1}, "clip_bpe", "3-channel images"),
-    ({}, "clip_bpe", "expected open_clip:FILE.safetensors"),
+    ({"vision": {"tower": "resnet"}}, "clip_bpe", "x.safetensors", "image tower is resnet,"),
+    ({"vision": {"pool": "mean"}}, "clip_bpe", "x.safetensors", "image tower is a ViT pooled by mean"),
+    ({"text_tower": "precomputed"}, "clip_bpe", "x.safetensors", "text tower is precomputed"),
+    ({}, "words", "x.safetensors", "tokenizer is words"),
+    ({"text": {"vocab_size": 1000}}, "clip_bpe", "x.safetensors", "tokenizer is clip_bpe"),
+    ({"vision": {"channels": 1}}, "clip_bpe", "x.safetensors", "3-channel images"),
+    ({}, "clip_bpe", "x.pt", "expected open_clip:FILE.safetensors"),
   ],
 )
-def test_export_refuses_what_open_clip_cannot_use(tmp_path, changes, tokenizer, needle):
+def test_export_refuses_what_open_clip_cannot_use(tmp_path, changes, tokenizer, file, needle):
   # catches a refusal that is dropped (a file open_clip cannot load, or that gives other features, is written),
   # that names the wrong setting, or that comes after the file is written; the last row: a target that is not
   # open_clip:FILE.safetensors. No params are needed: every refusal comes before they are read.
-  out = tmp_path / "x.safetensors"
-  target = f"open_clip:{out}" if changes or tokenizer != "clip_bpe" else f"open_clip:{tmp_path / 'x.pt'}"
   with pytest.raises(UserError, match=re.escape(needle)):
-    clip_weights.export_open_clip(None, _exportable(**changes), tokenizer, target)
+    clip_weights.export_open_clip(None, _exportable(**changes), tokenizer, f"open_clip:{tmp_path / file}")
   assert not os.listdir(tmp_path)
 
 
