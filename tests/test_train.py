@@ -213,3 +213,49 @@ def test_non_finite_loss_skips_the_update_and_reports_it():
   assert not bool(metrics["finite"])
   chex.assert_trees_all_equal(toy.params_of(state), before)
   assert int(state.step) == 1
+
+
+def _norm(tree) -> float:
+  return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
+
+
+def test_logged_norms_are_those_of_the_gradient_the_new_params_and_the_update():
+  # catches a swapped pair (param_norm reporting the update's), the old params' norm instead of the new ones',
+  # the gradient's norm logged as the update's, and a norm that leaves out leaves: on the 3-D mesh, where every
+  # leaf's sum of squares is a partial sum on each device
+  mesh = shd.make_mesh("data:2,fsdp:2,tensor:2")
+  tx, _ = toy.optimizer(lr=0.1)  # a large step: old and new params' norms differ by far more than the tolerance
+  _, shardings = train.abstract_train_state(toy.init_params, tx, mesh)
+  state = train.init_train_state(toy.init_params, tx, shardings, jax.random.key(0))
+  step = train.make_train_step(toy.loss_fn, tx, mesh, shardings)
+  grad_fn = jax.jit(jax.grad(lambda p, b, r: toy.loss_fn(p, b, r)[0]))
+  for i in range(2):
+    before = toy.params_of(state)  # the step donates its state: read it on the host first
+    batch = _batch(offset=32 * i)
+    grads = grad_fn(before, batch, jax.random.fold_in(jax.random.key(0), i))  # the step's rng (seed 0)
+    state, metrics = step(state, shd.host_to_global_batch(batch, mesh))
+    after = toy.params_of(state)
+    expected = {
+      "grad_norm": _norm(grads),
+      "param_norm": _norm(after),
+      "update_norm": _norm(jax.tree.map(np.subtract, after, before)),
+    }
+    assert abs(_norm(after) - _norm(before)) > 1e-3 * _norm(after)  # the control: old and new norms differ
+    for name, value in expected.items():
+      np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-5, err_msg=name)
+
+
+def test_tree_norms_of_mixed_ranks_and_dtypes_are_the_float64_norms():
+  # catches a leaf left out (the scalar, say), a reduction over one axis instead of all, squares summed in
+  # bfloat16 (8 mantissa bits: the sum of 4096 squares drifts by ~1e-2), and norms returned in another order
+  rng = np.random.default_rng(0)
+  a = {"w": rng.normal(size=(64, 64)).astype(np.float32), "s": np.float32(3.0), "v": rng.normal(size=7)}
+  b = {"w": rng.normal(size=(64, 64)).astype(jnp.bfloat16), "s": np.float32(-1.0), "v": np.arange(7.0)}
+  a["v"] = a["v"].astype(np.float32)
+  b["v"] = b["v"].astype(np.float32)
+  got = jax.jit(train.tree_norms)(a, b)
+  np.testing.assert_allclose([float(g) for g in got], [_norm(a), _norm(b)], rtol=1e-5)  # float32 sums: ~1e-6
+  assert all(g.dtype == jnp.float32 for g in got)
+  (alone,) = train.tree_norms(b)
+  np.testing.assert_allclose(float(alone), _norm(b), rtol=1e-5)
+  assert float(train.tree_norms({})[0]) == 0.0
