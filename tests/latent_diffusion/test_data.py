@@ -19,6 +19,7 @@ from multimodal_jax.eval.images import decode_png
 from multimodal_jax.latent_diffusion import autoencoder_kl as akl
 from multimodal_jax.latent_diffusion import config as ld_config
 from multimodal_jax.latent_diffusion import data as ldd
+from multimodal_jax.latent_diffusion import pipeline as ldm
 from multimodal_jax.latent_diffusion import run as ld_run
 from multimodal_jax.latent_diffusion import stages as ldr
 from multimodal_jax.latent_diffusion.diffusers_vae import diffusers_config, load_diffusers_vae, save_diffusers_vae
@@ -88,6 +89,49 @@ def test_folder_images_get_class_prompts_and_a_held_out_split(folder, tmp_path):
   assert two.images.shape == (36, 32, 32, 1)  # channels=1 by default
   limited = two.limited(5)
   assert len(limited.images) == 5 and len(limited.captions) == 10 and limited.index.max() == 4
+
+
+def test_the_embedded_digits_are_decoded_once_a_build(monkeypatch):
+  # catches a cache that outlives a rebuild (the old images after the data changed), shared arrays a caller can
+  # write into, and shared caption lists that one caller's edit changes for the next; and no cache at all
+  rng = np.random.default_rng(0)
+
+  def split(n):
+    return [
+      {"image": rng.integers(0, 256, (32, 32, 1), np.uint8), "caption": f"c{i}", "label": i % 10} for i in range(n)
+    ]
+
+  records = {"train": split(12), "test": split(4)}
+  signature = [("digits.array_record", 10, 1)]
+  decoded = []
+  monkeypatch.setattr(ldd.cd, "load", lambda data_dir: records)
+  monkeypatch.setattr(ldd.cd, "prepared_signature", lambda data_dir: tuple(signature))
+  monkeypatch.setattr(ldd, "split_arrays", lambda source: decoded.append(len(source)) or ldm.split_arrays(source))
+  monkeypatch.setattr(ldd, "_DECODED_DIGITS", {})
+  first, second = ldd._digits("d"), ldd._digits("d")
+  assert decoded == [12, 4]  # the second call decodes nothing
+  assert second.images is first.images and np.array_equal(
+    second.test_images, np.stack([r["image"] for r in records["test"]])
+  )
+  with pytest.raises(ValueError, match="read-only"):
+    second.images[0, 0, 0, 0] = 1
+  first.captions.append("mine")
+  assert second.captions == [f"c{i}" for i in range(12)]
+  signature[0] = ("digits.array_record", 10, 2)  # rebuilt: same name and size, a new modification time
+  records["train"] = split(12)
+  third = ldd._digits("d")
+  assert decoded == [12, 4, 12, 4] and np.array_equal(third.images[0], records["train"][0]["image"])
+
+
+@pytest.mark.slow
+def test_the_signature_of_the_prepared_digits_names_their_files(captioned_dir):
+  # catches a signature of nothing (every build would look the same) or one that changes between two reads of
+  # the same build (nothing would be kept)
+  signature = ldd.cd.prepared_signature(captioned_dir)
+  assert sum(".array_record" in path for path, _, _ in signature) >= 2  # a train and a test file at least
+  assert ldd.cd.prepared_signature(captioned_dir) == signature
+  config = _config(data_dir=captioned_dir)
+  assert ldd.load_image_set(config).images is ldd.load_image_set(config).images
 
 
 def test_autoencoder_preset_follows_the_image_size():
