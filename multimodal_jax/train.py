@@ -265,24 +265,6 @@ def make_grad_fn(
   return whole_batch if isinstance(loss_fn, EmbeddingLoss) else mean_of_microbatches
 
 
-def tree_norms(*trees: Any) -> tuple[jax.Array, ...]:
-  """The global L2 norm of each of `trees` (same structure), in float32: one variadic reduction a leaf
-  computes every tree's sum of squares at once. Written out per tree, as separate norms, the step holds two
-  reductions a leaf, which XLA:CPU compiles one by one: with ~150 leaves the pairs cost ~20% of the digits
-  autoencoder's step compile (docs/testing.md)."""
-  zero = jnp.zeros((), jnp.float32)
-
-  def add(a, b):
-    return tuple(x + y for x, y in zip(a, b, strict=True))
-
-  def squares(*leaves):
-    operands = tuple(jnp.square(leaf.astype(jnp.float32)) for leaf in leaves)
-    return jax.lax.reduce(operands, (zero,) * len(leaves), add, tuple(range(leaves[0].ndim)))
-
-  per_leaf = [squares(*leaves) for leaves in zip(*map(jax.tree.leaves, trees), strict=True)]
-  return tuple(jnp.sqrt(sum((s[i] for s in per_leaf), zero)) for i in range(len(trees)))
-
-
 def make_train_step(
   loss_fn: LossFn | EmbeddingLoss,
   tx: optax.GradientTransformation,
@@ -321,12 +303,11 @@ def make_train_step(
     ema = state.ema_params
     if ema is not None:
       ema = jax.tree.map(lambda e, p: e * ema_decay + (1.0 - ema_decay) * p, ema, params)
-    param_norm, update_norm = tree_norms(params, updates)
     metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
-      "param_norm": param_norm,
-      "update_norm": update_norm,
+      "param_norm": optax.tree.norm(params),
+      "update_norm": optax.tree.norm(updates),
       "finite": finite,
       **aux,
     }
