@@ -8,7 +8,7 @@ session sets its own before anything compiles: a fresh temporary directory (remo
 on from the first test to the last whatever the order, and named in $MMJ_COMPILE_CACHE, which
 `profiling.setup_compile_cache("")` (the CLI's default) and child processes read, so no test reads
 or writes the user's cache. `MMJ_TEST_COMPILE_CACHE=DIR` reuses DIR across sessions (a warm cache,
-as for the timings in docs/testing.md); `MMJ_TEST_COMPILE_CACHE=off` runs without one. A
+as for the timings in docs/testing_times.md); `MMJ_TEST_COMPILE_CACHE=off` runs without one. A
 JAX_COMPILATION_CACHE_DIR of the caller's is dropped. Tests that need fresh compiles (the
 involuntary-rematerialization check) turn it off in their own subprocess.
 """
@@ -32,7 +32,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # tcmalloc for the processes the session starts (pytest-xdist's workers, the tests' subprocesses) where it is
 # installed, as the experiments' launcher does: with glibc malloc XLA's CPU runtime spends much of its time in
-# page faults (docs/testing.md). The controller itself runs no test; `-n 0` runs with the caller's allocator.
+# page faults (docs/testing_times.md). The controller itself runs no test; `-n 0` runs with the caller's allocator.
 _preloaded = launch.with_tcmalloc(dict(os.environ))
 if _preloaded is not None:
   os.environ["LD_PRELOAD"] = _preloaded["LD_PRELOAD"]
