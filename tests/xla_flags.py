@@ -9,10 +9,8 @@ speed of compiling (docs/testing.md has the measurements):
 - `--xla_cpu_use_fusion_emitters=false`: fusions emitted element by element, not through XLA:CPU's MLIR fusion
   emitters, whose pipeline is most of a compile at -O0: compiles of the tiny train steps take 45-60% less
   (CLIP-ViT 4.0 -> 2.3 s, DiT 3.4 -> 2.0 s, AVDCNN 2.9 -> 1.1 s), with no slower steps.
-- `--xla_backend_optimization_level=1`: what `optimized()` compiles with (outside it JAX sets 0). Level 1
-  runs these programs about as fast as XLA's default level 3 and compiles them much faster (the autoencoder test's step:
-  compiled in 7.8 s instead of 13.3 s, then 99 steps in 6.0 s instead of 6.4 s); the four tests that use it, one
-  worker, no compile cache: 111 s at level 3, 94 and 98 s at level 1 (docs/testing.md).
+- `--xla_backend_optimization_level=1`: what `optimized()` compiles with (outside it JAX sets 0). Level 1 runs
+  those programs about as fast as XLA's default level 3 and compiles them in much less time.
 The HLO passes (fusion, SPMD partitioning, buffer assignment: what the memory, resharding and plan tests read)
 run as always. Floats can differ in the last bit from the default build (a value recomputed in two fusions, a
 sum taken in another order): every value test's tolerance holds, PyTorch parity included. No JAX import at the top:
